@@ -1,0 +1,31 @@
+"""Segment recommendations on Apache Beam: batch, streaming, training and reports."""
+import setuptools
+
+# One pinned set: the Flex Template image installs exactly these, and a test
+# checks that the image's Beam version equals BEAM_VERSION.
+BEAM_VERSION = "2.77.0"
+
+setuptools.setup(
+    name="segment-recs",
+    version="0.1.0",
+    description="Keeps e-commerce recommendations fresh with Apache Beam.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["models", "models.*", "transforms",
+                                               "transforms.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        f"apache-beam[gcp]=={BEAM_VERSION}",
+        "duckdb==1.5.5",
+        "numpy==2.4.6",
+        "orjson==3.13.0",
+        "pandas==3.1.1",
+        "pyarrow==25.0.1",
+    ],
+    extras_require={
+        "test": [
+            "hypothesis==6.170.15",
+            "pytest==9.2.0",
+            "pytest-xdist==3.8.0",
+            "scipy==1.17.1",
+        ],
+    },
+)
