@@ -19,13 +19,13 @@ setuptools.setup(
         "orjson==3.13.0",
         "pandas==3.1.1",
         "pyarrow==25.0.1",
+        "scipy==1.17.1",
     ],
     extras_require={
         "test": [
             "hypothesis==6.170.15",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
-            "scipy==1.17.1",
         ],
     },
 )

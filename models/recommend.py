@@ -1,0 +1,220 @@
+"""Pick each user's recommendations from segment popularity, intent and the rules (SPEC §3).
+
+Work is done per vehicle: candidates, blended popularity and the default
+top-N are computed once and shared by every owner of that vehicle; only users
+with their own signals (recent purchases to exclude, views or carts to boost)
+get a personal pass over a short prefix of the ranking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from models.catalog import CatalogArrays
+from models.config import RecsConfig
+from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
+                               popularity_score, segment_keys)
+
+SIGNAL_COLUMNS = ("bought", "carted", "viewed")
+UNSERVED_REASON = "fewer eligible parts than recommendations at every level"
+
+
+def rec_columns(n: int) -> List[str]:
+    """The SPEC §3 recommendation columns for ``n`` recommendations, in table order."""
+    cols = ["user_id", "email_lower", "make", "model", "year", "segment"]
+    cols += [f"rec_part_{i}" for i in range(1, n + 1)]
+    for field in ("price", "score", "image_url", "part_type"):
+        cols += [f"rec{i}_{field}" for i in range(1, n + 1)]
+    return cols + ["source"]
+
+
+def greedy_pick(order: np.ndarray, part_type: np.ndarray, variant_key: np.ndarray,
+                n: int, max_per_type: int) -> List[int]:
+    """First ``n`` items of ``order`` that keep rules 3 and 9.
+
+    At most ``max_per_type`` per part type and one per variant group (a SKU
+    without a group is its own group, so a specialised variant is never
+    merged with its base SKU).
+
+    >>> greedy_pick(np.arange(4), np.array(["a", "a", "a", "b"]),
+    ...             np.array(["1", "2", "3", "4"]), 3, 2)
+    [0, 1, 3]
+    """
+    picks: List[int] = []
+    per_type: Dict[str, int] = {}
+    seen_variants = set()
+    for i in order:
+        kind, variant = part_type[i], variant_key[i]
+        if variant in seen_variants or per_type.get(kind, 0) >= max_per_type:
+            continue
+        picks.append(int(i))
+        seen_variants.add(variant)
+        per_type[kind] = per_type.get(kind, 0) + 1
+        if len(picks) == n:
+            break
+    return picks
+
+
+class Picks(NamedTuple):
+    """Recommendations of a group of users: candidate-catalogue positions and scores."""
+
+    served: np.ndarray   # bool per user
+    items: np.ndarray    # (users, n) catalogue positions, -1 where unserved
+    scores: np.ndarray   # (users, n)
+    source: np.ndarray   # level name per user, None where unserved
+
+
+@dataclass
+class _Level:
+    """One level's ranking for a vehicle, shared by all its users."""
+
+    scores: LevelScores
+    base: np.ndarray        # popularity + specificity score per candidate
+    order: np.ndarray       # candidates sorted best first (ties by SKU)
+    support: int            # candidates ordered in this very segment
+    default: Optional[List[int]] = None
+
+
+class Recommender:
+    """Ranks candidates for users of one vehicle at a time; pure numpy, no Beam."""
+
+    def __init__(self, catalog: CatalogArrays, popularity: PopularityIndex, config: RecsConfig):
+        self.catalog = catalog
+        self.popularity = popularity
+        self.config = config
+        self.universal = np.flatnonzero(catalog.eligible & catalog.is_universal)
+
+    def candidates(self, fitting: np.ndarray) -> np.ndarray:
+        """Eligible catalogue positions that fit the vehicle or are universal (rule 8)."""
+        fitting = np.asarray(fitting, dtype=np.int64)
+        fitting = fitting[(fitting >= 0)]
+        fitting = fitting[self.catalog.eligible[fitting]]
+        return np.union1d(fitting, self.universal)
+
+    def _levels(self, vehicle: pd.DataFrame, cand: np.ndarray) -> List[_Level]:
+        segments = [segment_keys(vehicle.iloc[:1], level).iloc[0] for level in self.config.levels]
+        specific = ~self.catalog.is_universal[cand]
+        levels = []
+        for scores in blended_levels(self.popularity, segments, cand):
+            if scores.segment is None:
+                continue
+            base = popularity_score(scores.rate, self.config) + (
+                self.config.scoring.specific_bonus * specific)
+            order = np.argsort(-base, kind="stable")  # cand is SKU-sorted: ties go by SKU
+            levels.append(_Level(scores, base, order, int(scores.observed.sum())))
+        return levels
+
+    def recommend(self, users: pd.DataFrame, fitting: np.ndarray) -> Picks:
+        """Recommendations for users who share one vehicle.
+
+        ``users`` has the segment attributes and, per user, tuples of SKUs
+        bought (to exclude), carted and viewed (to boost), already restricted
+        to the configured windows.
+        """
+        n = self.config.rules.recs_per_user
+        cap = self.config.rules.max_per_part_type
+        cand = self.candidates(fitting)
+        part_type = self.catalog.part_type[cand]
+        variant = self.catalog.variant_key[cand]
+        levels = self._levels(users, cand)
+        count = len(users)
+        items = np.full((count, n), -1, dtype=np.int64)
+        scores = np.zeros((count, n))
+        source = np.full(count, None, dtype=object)
+        signals = {c: users[c].to_numpy(object) if c in users.columns else np.full(count, ())
+                   for c in SIGNAL_COLUMNS}
+        weights = self.config.scoring
+        for u in range(count):
+            bought = self._positions(cand, signals["bought"][u])
+            boost: Dict[int, float] = {}
+            for column, weight in (("viewed", weights.view_weight),
+                                   ("carted", weights.cart_weight)):
+                for p in self._positions(cand, signals[column][u]):
+                    boost[int(p)] = max(boost.get(int(p), 0.0), weight)
+            for level in levels:
+                excluded_observed = int(level.scores.observed[bought].sum()) if len(bought) else 0
+                if level.scores.name != levels[-1].scores.name and (
+                        level.support - excluded_observed < n):
+                    continue  # rule 12: too thin here, fall back to the next level
+                if not len(bought) and not boost:
+                    if level.default is None:
+                        level.default = greedy_pick(level.order, part_type, variant, n, cap)
+                    picked, picked_scores = level.default, level.base[level.default]
+                else:
+                    picked, picked_scores = self._personal(level, part_type, variant,
+                                                           bought, boost, n, cap)
+                if len(picked) == n:
+                    items[u] = cand[picked]
+                    scores[u] = picked_scores
+                    source[u] = level.scores.name
+                    break
+        return Picks(source != None, items, scores, source)  # noqa: E711
+
+    def _positions(self, cand: np.ndarray, skus) -> np.ndarray:
+        """Positions within ``cand`` of a signal's SKUs (SKUs not among them ignored)."""
+        if skus is None or len(skus) == 0:
+            return np.array([], dtype=np.int64)
+        idx = self.catalog.index_of(list(skus))
+        where = np.clip(np.searchsorted(cand, idx), 0, max(len(cand) - 1, 0))
+        return where[cand[where] == idx] if len(cand) else np.array([], dtype=np.int64)
+
+    @staticmethod
+    def _personal(level: _Level, part_type, variant, bought: np.ndarray,
+                  boost: Dict[int, float], n: int, cap: int) -> Tuple[List[int], np.ndarray]:
+        """Greedy pick over a prefix of the shared ranking plus the user's boosted items.
+
+        Every item outside the prefix scores no more than the prefix's last one
+        and has no boost, so a pick completed inside the prefix is the same as a
+        pick over all candidates; otherwise the prefix grows to everything.
+        """
+        prefix = 8 * n + len(bought)
+        while True:
+            head = level.order[:prefix]
+            boosted = np.fromiter(boost.keys(), dtype=np.int64, count=len(boost))
+            pool = np.union1d(head, boosted)
+            pool = pool[~np.isin(pool, bought)]
+            score = level.base[pool] + np.array([boost.get(int(p), 0.0) for p in pool])
+            order = pool[np.lexsort((pool, -score))]
+            picked = greedy_pick(order, part_type, variant, n, cap)
+            if len(picked) == n or prefix >= len(level.order):
+                bonus = np.array([boost.get(p, 0.0) for p in picked])
+                return picked, level.base[picked] + bonus
+            prefix = len(level.order)
+
+
+def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,
+                config: RecsConfig) -> pd.DataFrame:
+    """The served users' recommendation rows with SPEC §3 columns (before run metadata)."""
+    n = config.rules.recs_per_user
+    served = users.loc[picks.served].reset_index(drop=True)
+    items, scores = picks.items[picks.served], picks.scores[picks.served]
+    full_level = config.levels[0]
+    out = {
+        "user_id": served["user_id"].to_numpy(object),
+        "email_lower": served["email_lower"].to_numpy(object),
+    }
+    for attr in ("make", "model", "year"):
+        out[attr] = served[attr].to_numpy(object) if attr in served.columns else None
+    out["segment"] = segment_keys(served, full_level).to_numpy(object)
+    for i in range(n):
+        out[f"rec_part_{i + 1}"] = catalog.sku[items[:, i]]
+    for field, values in (("price", catalog.price), ("score", None),
+                          ("image_url", catalog.image_url), ("part_type", catalog.part_type)):
+        for i in range(n):
+            column = scores[:, i] if values is None else values[items[:, i]]
+            out[f"rec{i + 1}_{field}"] = column
+    out["source"] = picks.source[picks.served]
+    frame = pd.DataFrame(out)
+    return frame[rec_columns(n)]
+
+
+def vehicle_groups(users: pd.DataFrame, attributes: Sequence[str]):
+    """Users grouped by their segment attributes; a missing value is a value of its own."""
+    keys = pd.Series([""] * len(users), index=users.index, dtype=object)
+    for attr in attributes:
+        keys = keys + KEY_SEPARATOR + users[attr].astype(object).where(
+            users[attr].notna(), "\x00").astype(str)
+    return users.groupby(keys.to_numpy(object), sort=True)

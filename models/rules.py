@@ -1,0 +1,185 @@
+"""QA checks: the 14 business rules of SPEC §3 counted on the output (plus low-value types).
+
+Each check re-derives its answer from the published rows and the raw
+context (catalogue, fitment, purchases, popularity) instead of trusting the
+selection code, so a bug in selection shows up as a violation, and publishing
+is gated on the total.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, NamedTuple, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from models.catalog import is_low_value, is_service_sku
+from models.config import RecsConfig
+from models.popularity import PopularityIndex, segment_keys
+
+
+class Rule(NamedTuple):
+    id: int
+    name: str
+
+
+RULES: Tuple[Rule, ...] = (
+    Rule(1, "price at least the floor"),
+    Rule(2, "exactly {n} recommendations per user"),
+    Rule(3, "at most {k} SKUs of one part type"),
+    Rule(4, "nothing bought in the exclusion window"),
+    Rule(5, "nothing tagged refurbished"),
+    Rule(6, "no service SKUs"),
+    Rule(7, "image URL is https"),
+    Rule(8, "every SKU fits the vehicle or is universal"),
+    Rule(9, "no duplicate SKU or variant group"),
+    Rule(10, "scores non-increasing"),
+    Rule(11, "scores within the formula's range"),
+    Rule(12, "thin segments fall back"),
+    Rule(13, "emails lowercased"),
+    Rule(14, "one row per email"),
+    Rule(15, "no low-value part types"),
+)
+
+
+@dataclass
+class QAContext:
+    """What the checks need beyond the rows: canonical catalogue and each user's facts.
+
+    Attributes:
+      catalog: resolved catalogue indexed by ``sku``.
+      fitting: vehicle segment key → SKUs that fit it.
+      bought: user_id → SKUs bought inside the exclusion window.
+      popularity: segment popularity over ``catalog_skus`` positions (rule 12).
+      catalog_skus: the sorted SKU array the popularity positions refer to.
+      eligible_skus: SKUs that pass the catalogue rules (rule 12 counts only those).
+    """
+
+    catalog: pd.DataFrame
+    fitting: Mapping[str, frozenset]
+    bought: Mapping[str, Sequence[str]]
+    popularity: PopularityIndex
+    catalog_skus: np.ndarray
+    eligible_skus: frozenset
+
+
+def _long(recs: pd.DataFrame, n: int) -> pd.DataFrame:
+    """One row per (user, position) with the SKU, score, price, image and part type."""
+    parts = []
+    for i in range(1, n + 1):
+        parts.append(pd.DataFrame({
+            "row": np.arange(len(recs)), "pos": i,
+            "user_id": recs["user_id"].to_numpy(object),
+            "sku": recs[f"rec_part_{i}"].to_numpy(object),
+            "score": recs[f"rec{i}_score"].to_numpy(float),
+            "image_url": recs[f"rec{i}_image_url"].to_numpy(object),
+            "part_type": recs[f"rec{i}_part_type"].to_numpy(object),
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, int]:
+    """Violations per rule id on a batch of recommendation rows.
+
+    Rule 14 counts duplicates within the batch; route rows so that one e-mail
+    always lands in one batch (the pipeline shards by e-mail) to make it global.
+    """
+    rules, n = config.rules, config.rules.recs_per_user
+    counts = {rule.id: 0 for rule in RULES}
+    if recs.empty:
+        return counts
+    long = _long(recs, n)
+    known = long["sku"].isin(ctx.catalog.index)
+    cat = ctx.catalog.reindex(long["sku"].where(known, None))
+    price, tags = cat["price"].to_numpy(float), cat["tags"].to_numpy(object)
+
+    def per_row(mask) -> int:
+        return int(pd.Series(np.asarray(mask, bool)).groupby(long["row"]).any().sum())
+
+    counts[1] = per_row(~(price >= rules.min_price))
+    counts[2] = int((long.assign(bad=long["sku"].isna() | ~known)
+                     .groupby("row")["bad"].any()).sum())
+    types = cat["part_type"].to_numpy(object)
+    mismatch = types != long["part_type"].to_numpy(object)
+    over = (pd.DataFrame({"row": long["row"], "t": types}).groupby(["row", "t"]).size()
+            > rules.max_per_part_type).groupby(level=0).any()
+    counts[3] = int((over | pd.Series(mismatch).groupby(long["row"]).any()).sum())
+    counts[4] = per_row([sku in ctx.bought.get(user, ()) for user, sku in
+                         zip(long["user_id"], long["sku"])])
+    excluded = set(rules.excluded_tags)
+    counts[5] = per_row([bool(excluded.intersection(t)) if isinstance(t, tuple) else False
+                         for t in tags])
+    counts[6] = per_row(long["sku"].map(lambda s: is_service_sku(s, rules)))
+    counts[7] = per_row(~long["image_url"].map(
+        lambda u: isinstance(u, str) and u.lower().startswith("https://")))
+    vehicle = segment_keys(recs, config.levels[0]).to_numpy(object)[long["row"].to_numpy()]
+    universal = cat["is_universal"].fillna(False).to_numpy(bool)
+    counts[8] = per_row([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v in
+                         zip(universal, long["sku"], vehicle)])
+    group = np.where(cat["variant_group"].notna().to_numpy(bool),
+                     cat["variant_group"].to_numpy(object), long["sku"].to_numpy(object))
+    dup = pd.DataFrame({"row": long["row"], "g": group, "s": long["sku"]})
+    counts[9] = int(((dup.groupby("row")["g"].nunique() < n)
+                     | (dup.groupby("row")["s"].nunique() < n)).sum())
+    score = recs[[f"rec{i}_score" for i in range(1, n + 1)]].to_numpy(float)
+    counts[10] = int((np.diff(score, axis=1) > 1e-12).any(axis=1).sum())
+    counts[11] = int((~np.isfinite(score) | (score < 0)
+                      | (score > config.scoring.max_score + 1e-9)).any(axis=1).sum())
+    counts[12] = _thin_segments_served(recs, ctx, config)
+    email = recs["email_lower"].astype(object)
+    counts[13] = int((~email.map(lambda e: isinstance(e, str) and e == e.strip().lower()
+                                 and "@" in e)).sum())
+    counts[14] = duplicate_emails(email)
+    counts[15] = per_row(pd.Series(types).map(lambda t: is_low_value(t, rules)))
+    return counts
+
+
+def duplicate_emails(emails: pd.Series) -> int:
+    """Rule 14: rows whose lower-case e-mail already appeared."""
+    return int(emails.astype(object).duplicated(keep="first").sum())
+
+
+def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> int:
+    """Rule 12: rows served from a level that had fewer than N eligible ordered parts.
+
+    A level may serve a user only if at least N parts that were ordered in the
+    user's segment at that level are eligible, fit the vehicle (or are
+    universal) and were not bought by the user.
+    """
+    n = config.rules.recs_per_user
+    names = {config.level_name(level): level for level in config.levels}
+    full = segment_keys(recs, config.levels[0]).to_numpy(object)
+    violations = 0
+    supported_cache: Dict[Tuple[str, object], np.ndarray] = {}
+    universal = ctx.catalog["is_universal"]
+    for row, (source, user) in enumerate(zip(recs["source"], recs["user_id"])):
+        level = names.get(source)
+        if level is None:
+            violations += 1
+            continue
+        if not level:
+            continue
+        key = (source, full[row])
+        if key not in supported_cache:
+            segment = segment_keys(recs.iloc[row:row + 1], level).iloc[0]
+            skus = ctx.catalog_skus[ctx.popularity.observed(source, segment)]
+            fits = ctx.fitting.get(full[row], frozenset())
+            supported_cache[key] = np.array([
+                s for s in skus if s in ctx.eligible_skus and (s in fits or universal.get(s, False))],
+                dtype=object)
+        supported = supported_cache[key]
+        bought = set(ctx.bought.get(user, ()))
+        if len(supported) - sum(1 for s in supported if s in bought) < n:
+            violations += 1
+    return violations
+
+
+def qa_table(counts: Mapping[int, int], config: RecsConfig) -> pd.DataFrame:
+    """The ``qa_checks`` table: one row per rule with its violations."""
+    names = {r.id: r.name.format(n=config.rules.recs_per_user, k=config.rules.max_per_part_type)
+             for r in RULES}
+    return pd.DataFrame({
+        "rule_id": [r.id for r in RULES],
+        "name": [names[r.id] for r in RULES],
+        "violations": [int(counts.get(r.id, 0)) for r in RULES],
+    })
