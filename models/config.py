@@ -104,9 +104,12 @@ class RecsConfig:
     ``segment_attributes`` lists user attributes from the coarsest to the finest;
     each prefix is one segment level, so the default gives the levels
     make+model+year → make+model → make → global, most specific first.
+    ``fitment_attributes`` name the user's vehicle in the fitment table; they
+    restrict candidates whatever levels score them (empty: no fitment).
     """
 
     segment_attributes: Tuple[str, ...] = ("make", "model", "year")
+    fitment_attributes: Tuple[str, ...] = ("make", "model", "year")
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
 
@@ -115,6 +118,19 @@ class RecsConfig:
         _require(isinstance(attrs, tuple) and all(isinstance(a, str) and a for a in attrs),
                  "segment_attributes must be a tuple of attribute names")
         _require(len(set(attrs)) == len(attrs), "segment_attributes has a repeated name")
+        fit = self.fitment_attributes
+        _require(isinstance(fit, tuple) and all(isinstance(a, str) and a for a in fit),
+                 "fitment_attributes must be a tuple of attribute names")
+
+    @property
+    def group_attributes(self) -> Tuple[str, ...]:
+        """Attributes that make two users interchangeable for scoring: segment and vehicle."""
+        return tuple(dict.fromkeys(self.segment_attributes + self.fitment_attributes))
+
+    @property
+    def shard_attributes(self) -> Tuple[str, ...]:
+        """Key that brings a user and the fitment rows of their vehicle together."""
+        return self.fitment_attributes or self.group_attributes
 
     @property
     def levels(self) -> Tuple[Tuple[str, ...], ...]:

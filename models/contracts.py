@@ -95,34 +95,38 @@ def parse_json_line(line: str | bytes) -> Tuple[Optional[dict], Optional[str]]:
 def records_frame(table: str, records: Sequence[dict]) -> pd.DataFrame:
     """Column-wise frame of parsed records, contract columns first (extras kept)."""
     names = [c.name for c in SCHEMAS[table]]
-    frame = pd.DataFrame.from_records(list(records)) if records else pd.DataFrame()
-    for name in names:
-        if name not in frame.columns:
-            frame[name] = None
-    return frame
+    names += sorted(set().union(*map(dict.keys, records)).difference(names))
+    # Object columns keep None (absent) apart from NaN (a bad value).
+    return pd.DataFrame({n: pd.Series([r.get(n) for r in records], dtype=object)
+                         for n in names})
+
+
+def _missing(value) -> bool:
+    """None, NaN, pd.NA or NaT: a value that is simply absent."""
+    return value is None or value is pd.NA or value is pd.NaT or (
+        isinstance(value, float) and math.isnan(value))
 
 
 def _as_text(values: pd.Series) -> Tuple[pd.Series, np.ndarray]:
     """Strings stripped of surrounding space; mask of values that are not strings."""
-    obj = values.astype(object)
-    is_text = obj.map(lambda v: isinstance(v, str)).to_numpy(bool)
-    present = obj.notna().to_numpy(bool)
-    text = obj.where(is_text, None).map(lambda v: v.strip() if isinstance(v, str) else v)
-    text = text.where(text != "", None)
-    return text.astype(object), present & ~is_text
+    raw = values.to_numpy(object)
+    text = np.array([(v.strip() or None) if isinstance(v, str) else None for v in raw] or [],
+                    dtype=object)
+    wrong = np.array([not isinstance(v, str) and not _missing(v) for v in raw] or [], dtype=bool)
+    return pd.Series(text, index=values.index, dtype=object), wrong
 
 
 def _as_number(values: pd.Series) -> Tuple[pd.Series, np.ndarray, np.ndarray]:
     """Float values; masks of wrong types (text, bools) and of non-finite numbers."""
     obj = values.astype(object)
-    present = obj.notna().to_numpy(bool)
+    # NaN is a value here (a NaN price is an error); only None is missing.
+    present = obj.map(lambda v: v is not None).to_numpy(bool)
     # bool is an int in Python, but True is not a price.
     numeric = obj.map(lambda v: isinstance(v, (int, float, np.integer, np.floating))
                       and not isinstance(v, (bool, np.bool_))).to_numpy(bool)
     number = pd.to_numeric(obj.where(numeric, None), errors="coerce").astype(float)
     finite = np.isfinite(number.to_numpy())
     nonfinite = numeric & ~finite & present
-    # A NaN read from Parquet is "present" to pandas only as NaN: count it as non-finite.
     return number, present & ~numeric, nonfinite
 
 
@@ -210,7 +214,9 @@ def validate(table: str, frame: pd.DataFrame) -> Validated:
             typed, wrong = _as_bool(values)
         reasons.add(wrong, f"wrong type for {column.name}")
         if column.required:
-            reasons.add(typed.isna().to_numpy(bool), f"missing {column.name}")
+            missing = values.astype(object).map(lambda v: v is None).to_numpy(bool) | (
+                typed.isna().to_numpy(bool) & ~wrong)
+            reasons.add(missing, f"missing {column.name}")
         out[column.name] = typed
     _check_table_rules(table, out, reasons)
     bad = reasons.bad

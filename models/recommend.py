@@ -191,14 +191,13 @@ def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,
     n = config.rules.recs_per_user
     served = users.loc[picks.served].reset_index(drop=True)
     items, scores = picks.items[picks.served], picks.scores[picks.served]
-    full_level = config.levels[0]
     out = {
         "user_id": served["user_id"].to_numpy(object),
         "email_lower": served["email_lower"].to_numpy(object),
     }
     for attr in ("make", "model", "year"):
         out[attr] = served[attr].to_numpy(object) if attr in served.columns else None
-    out["segment"] = segment_keys(served, full_level).to_numpy(object)
+    out["segment"] = segment_keys(served, config.group_attributes).to_numpy(object)
     for i in range(n):
         out[f"rec_part_{i + 1}"] = catalog.sku[items[:, i]]
     for field, values in (("price", catalog.price), ("score", None),

@@ -112,7 +112,8 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     counts[6] = per_row(long["sku"].map(lambda s: is_service_sku(s, rules)))
     counts[7] = per_row(~long["image_url"].map(
         lambda u: isinstance(u, str) and u.lower().startswith("https://")))
-    vehicle = segment_keys(recs, config.levels[0]).to_numpy(object)[long["row"].to_numpy()]
+    vehicle = segment_keys(recs, config.fitment_attributes).to_numpy(object)[
+        long["row"].to_numpy()]
     universal = cat["is_universal"].fillna(False).to_numpy(bool)
     counts[8] = per_row([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v in
                          zip(universal, long["sku"], vehicle)])
@@ -148,7 +149,7 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
     """
     n = config.rules.recs_per_user
     names = {config.level_name(level): level for level in config.levels}
-    full = segment_keys(recs, config.levels[0]).to_numpy(object)
+    full = segment_keys(recs, config.fitment_attributes).to_numpy(object)
     violations = 0
     supported_cache: Dict[Tuple[str, object], np.ndarray] = {}
     universal = ctx.catalog["is_universal"]
@@ -159,9 +160,9 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
             continue
         if not level:
             continue
-        key = (source, full[row])
+        segment = segment_keys(recs.iloc[row:row + 1], level).iloc[0]
+        key = (source, segment, full[row])
         if key not in supported_cache:
-            segment = segment_keys(recs.iloc[row:row + 1], level).iloc[0]
             skus = ctx.catalog_skus[ctx.popularity.observed(source, segment)]
             fits = ctx.fitting.get(full[row], frozenset())
             supported_cache[key] = np.array([

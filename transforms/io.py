@@ -6,7 +6,7 @@ plus a dead-letter collection carrying the original record and the reason.
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, NamedTuple, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -79,6 +79,10 @@ class ValidateArrowFn(beam.DoFn):
 
     def process(self, table: pa.Table) -> Iterator:
         frame = table.to_pandas()
+        for name in table.column_names:  # Arrow nulls → None, so a NaN stays a bad value
+            nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
+            if nulls.any():
+                frame[name] = frame[name].astype(object).where(~nulls, None)
         yield count(f"{self._table}.read", len(frame))
         checked = contracts.validate(self._table, frame)
         yield from _emit(self._table, checked,
@@ -91,6 +95,30 @@ def _emit(table: str, checked: contracts.Validated, bad_records: Sequence[str]) 
             table, "Validate", checked.bad_reasons, bad_records))
     if len(checked.rows):
         yield checked.rows
+
+
+def read_frame(directory: str, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+    """A whole local table validated in memory (for small reports), with rejects by reason."""
+    path = find_table(directory, table)
+    rejected: Dict[str, int] = {}
+    if path.endswith(".parquet"):
+        frame = pd.read_parquet(path)
+    else:
+        records = []
+        with beam.io.filesystems.FileSystems.open(path) as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                record, reason = contracts.parse_json_line(line)
+                if record is None:
+                    rejected[reason] = rejected.get(reason, 0) + 1
+                else:
+                    records.append(record)
+        frame = contracts.records_frame(table, records)
+    checked = contracts.validate(table, frame)
+    for reason in checked.bad_reasons:
+        rejected[reason] = rejected.get(reason, 0) + 1
+    return checked.rows, rejected
 
 
 class ReadTable(beam.PTransform):

@@ -291,7 +291,7 @@ class RecommendShardFn(beam.DoFn):
     def process(self, element, catalog: pd.DataFrame, pop: pd.DataFrame) -> Iterator:
         _, groups = element
         users, fitment = groups["users"], groups["fitment"]
-        attrs = list(self._config.segment_attributes)
+        attrs = list(self._config.fitment_attributes)
         if len(fitment):
             deduped = fitment.drop_duplicates(["sku"] + attrs)
             yield count("fitment.deduplicated", len(fitment) - len(deduped))
@@ -302,14 +302,15 @@ class RecommendShardFn(beam.DoFn):
         models = self._models(catalog, pop)
         fitting = _fitting_by_vehicle(fitment, attrs)
         frames, unserved = [], []
-        for key, group in recommend.vehicle_groups(users, attrs):
+        for key, group in recommend.vehicle_groups(users, self._config.group_attributes):
             vehicle = popularity.segment_keys(group.iloc[:1], attrs).iloc[0]
             skus = fitting.get(vehicle, frozenset())
             picks = models.recommender.recommend(
                 group, models.catalog.index_of(sorted(skus)))
             frames.append(recommend.picks_frame(group, picks, models.catalog, self._config))
             if (~picks.served).any():
-                unserved.append(group.loc[~picks.served, ["user_id"] + attrs])
+                unserved.append(group.loc[~picks.served,
+                                          ["user_id", *self._config.group_attributes]])
         recs = concat(frames)
         if unserved:
             missed = concat(unserved)
@@ -361,10 +362,10 @@ class RecommendPerVehicle(beam.PTransform):
         self._num_shards = num_shards
 
     def expand(self, inputs: Dict[str, beam.PCollection]) -> RecommendationsOut:
-        attrs = list(self._config.segment_attributes)
+        key = list(self._config.shard_attributes)
         result = (inputs
                   | "ShardByVehicle" >> CoGroupFrames(
-                      {"users": attrs, "fitment": attrs}, self._num_shards)
+                      {"users": key, "fitment": key}, self._num_shards)
                   | "ScoreAndCheck" >> beam.ParDo(
                       RecommendShardFn(self._config, self._cache_tag),
                       beam.pvalue.AsSingleton(self._catalog),
