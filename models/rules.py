@@ -150,9 +150,12 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
     n = config.rules.recs_per_user
     names = {config.level_name(level): level for level in config.levels}
     full = segment_keys(recs, config.fitment_attributes).to_numpy(object)
+    level_keys = {name: segment_keys(recs, level).to_numpy(object)
+                  for name, level in names.items()}
     violations = 0
-    supported_cache: Dict[Tuple[str, object], np.ndarray] = {}
-    universal = ctx.catalog["is_universal"]
+    supported_cache: Dict[Tuple[str, object, object], frozenset] = {}
+    universal = frozenset(ctx.catalog.index[ctx.catalog["is_universal"].fillna(False)
+                                            .to_numpy(bool)])
     for row, (source, user) in enumerate(zip(recs["source"], recs["user_id"])):
         level = names.get(source)
         if level is None:
@@ -160,17 +163,15 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
             continue
         if not level:
             continue
-        segment = segment_keys(recs.iloc[row:row + 1], level).iloc[0]
+        segment = level_keys[source][row]
         key = (source, segment, full[row])
         if key not in supported_cache:
             skus = ctx.catalog_skus[ctx.popularity.observed(source, segment)]
             fits = ctx.fitting.get(full[row], frozenset())
-            supported_cache[key] = np.array([
-                s for s in skus if s in ctx.eligible_skus and (s in fits or universal.get(s, False))],
-                dtype=object)
+            supported_cache[key] = frozenset(
+                s for s in skus if s in ctx.eligible_skus and (s in fits or s in universal))
         supported = supported_cache[key]
-        bought = set(ctx.bought.get(user, ()))
-        if len(supported) - sum(1 for s in supported if s in bought) < n:
+        if len(supported) - len(supported.intersection(ctx.bought.get(user, ()))) < n:
             violations += 1
     return violations
 
