@@ -6,6 +6,7 @@ value fails at start-up with a message, never halfway through a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Tuple
 
@@ -15,6 +16,20 @@ GLOBAL_LEVEL = "global"
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"invalid configuration: {message}")
+
+
+def _finite(owner, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+
+
+def _whole(owner, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        _require(isinstance(value, int) and not isinstance(value, bool),
+                 f"{name} must be an integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class ScoringConfig:
     specific_bonus: float = 0.25
 
     def __post_init__(self) -> None:
+        _whole(self, "intent_window_days")
         _require(self.half_life_days > 0, "half_life_days must be > 0")
         _require(self.popularity_scale > 0, "popularity_scale must be > 0")
         _require(self.shrinkage_orders >= 0, "shrinkage_orders must be >= 0")
@@ -50,12 +66,13 @@ class ScoringConfig:
         _require(self.cart_weight >= self.view_weight >= 0,
                  "need cart_weight >= view_weight >= 0 (cart update outranks a view)")
         _require(self.specific_bonus >= 0, "specific_bonus must be >= 0")
+        _finite(self, "half_life_days", "popularity_scale", "shrinkage_orders", "cart_weight",
+                "view_weight", "specific_bonus")
 
     @property
     def max_score(self) -> float:
-        """Upper end of the score formula's range (QA rule 11)."""
-        import math
-        return (math.log1p(self.popularity_scale) + self.cart_weight + self.view_weight
+        """Upper end of the score formula's range (QA rule 11); a SKU gets one intent boost."""
+        return (math.log1p(self.popularity_scale) + max(self.cart_weight, self.view_weight)
                 + self.specific_bonus)
 
 
@@ -86,7 +103,9 @@ class RulesConfig:
     low_value_exceptions: Tuple[str, ...] = ("engine bolt kit", "distributor cap")
 
     def __post_init__(self) -> None:
+        _whole(self, "recs_per_user", "max_per_part_type", "exclusion_days")
         _require(self.min_price >= 0, "min_price must be >= 0")
+        _finite(self, "min_price")
         _require(self.recs_per_user >= 1, "recs_per_user must be >= 1")
         _require(self.max_per_part_type >= 1, "max_per_part_type must be >= 1")
         _require(self.exclusion_days >= 0, "exclusion_days must be >= 0")

@@ -53,7 +53,8 @@ def segment_keys(frame: pd.DataFrame, level: Sequence[str]) -> pd.Series:
     text = parts[0].astype(str)
     for part in parts[1:]:
         text = text + KEY_SEPARATOR + part.astype(str)
-    return text.where(complete, None).astype(object)
+    return pd.Series(np.where(complete, text.to_numpy(object), None), index=frame.index,
+                     dtype=object)
 
 
 def partial_popularity(lines: pd.DataFrame, as_of: pd.Timestamp,

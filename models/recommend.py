@@ -124,7 +124,9 @@ class Recommender:
         items = np.full((count, n), -1, dtype=np.int64)
         scores = np.zeros((count, n))
         source = np.full(count, None, dtype=object)
-        signals = {c: users[c].to_numpy(object) if c in users.columns else np.full(count, ())
+        no_signal = np.empty(count, dtype=object)
+        no_signal[:] = [()] * count
+        signals = {c: users[c].to_numpy(object) if c in users.columns else no_signal
                    for c in SIGNAL_COLUMNS}
         weights = self.config.scoring
         for u in range(count):
@@ -166,22 +168,24 @@ class Recommender:
                   boost: Dict[int, float], n: int, cap: int) -> Tuple[List[int], np.ndarray]:
         """Greedy pick over a prefix of the shared ranking plus the user's boosted items.
 
-        Every item outside the prefix scores no more than the prefix's last one
-        and has no boost, so a pick completed inside the prefix is the same as a
-        pick over all candidates; otherwise the prefix grows to everything.
+        Every candidate outside the pool scores no more than the prefix's last
+        item, so when every pick scores strictly above that, the greedy walk
+        never reached an item it could not see and equals a walk over all
+        candidates; otherwise the prefix grows to everything.
         """
         prefix = 8 * n + len(bought)
+        boosted = np.fromiter(boost.keys(), dtype=np.int64, count=len(boost))
         while True:
-            head = level.order[:prefix]
-            boosted = np.fromiter(boost.keys(), dtype=np.int64, count=len(boost))
-            pool = np.union1d(head, boosted)
+            complete = prefix >= len(level.order)
+            pool = np.union1d(level.order[:prefix], boosted)
             pool = pool[~np.isin(pool, bought)]
             score = level.base[pool] + np.array([boost.get(int(p), 0.0) for p in pool])
-            order = pool[np.lexsort((pool, -score))]
-            picked = greedy_pick(order, part_type, variant, n, cap)
-            if len(picked) == n or prefix >= len(level.order):
-                bonus = np.array([boost.get(p, 0.0) for p in picked])
-                return picked, level.base[picked] + bonus
+            ranked = np.lexsort((pool, -score))
+            picked = greedy_pick(pool[ranked], part_type, variant, n, cap)
+            picked_scores = level.base[picked] + np.array([boost.get(p, 0.0) for p in picked])
+            if complete or (len(picked) == n and picked_scores[-1]
+                            > level.base[level.order[prefix - 1]]):
+                return picked, picked_scores
             prefix = len(level.order)
 
 

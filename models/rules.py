@@ -89,18 +89,19 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     if recs.empty:
         return counts
     long = _long(recs, n)
-    known = long["sku"].isin(ctx.catalog.index)
+    # A missing or unknown SKU is a rule-2 violation only; rules that read the
+    # catalogue skip it instead of blaming its absent price, type or fitment.
+    known = long["sku"].isin(ctx.catalog.index).to_numpy(bool)
     cat = ctx.catalog.reindex(long["sku"].where(known, None))
     price, tags = cat["price"].to_numpy(float), cat["tags"].to_numpy(object)
 
     def per_row(mask) -> int:
         return int(pd.Series(np.asarray(mask, bool)).groupby(long["row"]).any().sum())
 
-    counts[1] = per_row(~(price >= rules.min_price))
-    counts[2] = int((long.assign(bad=long["sku"].isna() | ~known)
-                     .groupby("row")["bad"].any()).sum())
+    counts[1] = per_row(known & ~(price >= rules.min_price))
+    counts[2] = per_row(long["sku"].isna().to_numpy(bool) | ~known)
     types = cat["part_type"].to_numpy(object)
-    mismatch = types != long["part_type"].to_numpy(object)
+    mismatch = known & (types != long["part_type"].to_numpy(object))
     over = (pd.DataFrame({"row": long["row"], "t": types}).groupby(["row", "t"]).size()
             > rules.max_per_part_type).groupby(level=0).any()
     counts[3] = int((over | pd.Series(mismatch).groupby(long["row"]).any()).sum())
@@ -115,13 +116,13 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     vehicle = segment_keys(recs, config.fitment_attributes).to_numpy(object)[
         long["row"].to_numpy()]
     universal = cat["is_universal"].fillna(False).to_numpy(bool)
-    counts[8] = per_row([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v in
-                         zip(universal, long["sku"], vehicle)])
+    counts[8] = per_row(known & np.array([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v
+                                          in zip(universal, long["sku"], vehicle)], dtype=bool))
     group = np.where(cat["variant_group"].notna().to_numpy(bool),
                      cat["variant_group"].to_numpy(object), long["sku"].to_numpy(object))
-    dup = pd.DataFrame({"row": long["row"], "g": group, "s": long["sku"]})
-    counts[9] = int(((dup.groupby("row")["g"].nunique() < n)
-                     | (dup.groupby("row")["s"].nunique() < n)).sum())
+    dup = pd.DataFrame({"row": long["row"], "g": group, "s": long["sku"]}).loc[known]
+    counts[9] = per_row(pd.Series(dup.duplicated(["row", "g"]) | dup.duplicated(["row", "s"]))
+                        .reindex(long.index, fill_value=False))
     score = recs[[f"rec{i}_score" for i in range(1, n + 1)]].to_numpy(float)
     counts[10] = int((np.diff(score, axis=1) > 1e-12).any(axis=1).sum())
     counts[11] = int((~np.isfinite(score) | (score < 0)

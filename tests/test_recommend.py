@@ -309,9 +309,6 @@ def test_unserved_when_part_type_cap_leaves_too_few():
     assert picks.served.tolist() == [False]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Recommender.recommend crashes with ValueError when users lack a signal column: "
-    "np.full(count, ()) cannot broadcast an empty tuple"))
 def test_users_without_signal_columns_get_default_picks():
     world = base_world()
     users = world.users([{}, {}]).drop(columns=["bought", "carted", "viewed"])
@@ -320,10 +317,6 @@ def test_users_without_signal_columns_get_default_picks():
     assert world.skus(picks) == ["H1", "H2", "RA003B", "IGN-COIL-100HO"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Recommender._personal returns a pick completed with a boosted item from outside "
-    "the prefix even when a better-scored non-prefix item was allowed; the fast path then "
-    "differs from a full sort (here [H00, B] instead of [H00, X])"))
 def test_fast_path_with_crowded_prefix_and_weak_boosted_item():
     config = RecsConfig(rules=RulesConfig(recs_per_user=2, max_per_part_type=1))
     rows = [cat_row(f"H{i:02d}", "Header", universal=True) for i in range(16)]
@@ -550,9 +543,6 @@ def _crowded_prefix_example():
             "vehicle": VEHICLES[0], "users": [{"bought": (), "carted": (), "viewed": ("S17",)}]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Recommender._personal fast path differs from a full sort when the prefix is "
-    "crowded by part-type/variant caps and a weak boosted item completes the pick"))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(scn=_crowded_prefix_example())
 @given(scn=scenarios(crowded=True))

@@ -169,10 +169,6 @@ def test_rule_2_counts_an_unknown_sku():
     assert _violations(recs).get(2) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a missing (None) or unknown recommendation is counted under rule 2 and also "
-    "under rules 1, 3 and 8 (and 9 for None): the absent SKU's NaN catalogue price, part "
-    "type and fitment are checked as if it were a real part"))
 @pytest.mark.parametrize("sku", [None, "GHOST-SKU"])
 def test_rule_2_violation_counts_only_under_rule_2(sku):
     recs = clean_recs()
