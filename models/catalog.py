@@ -74,21 +74,32 @@ def ineligibility_reasons(catalog: pd.DataFrame, rules: RulesConfig) -> np.ndarr
     excluded = set(rules.excluded_tags)
     mark(catalog["tags"].map(lambda tags: bool(excluded.intersection(tags or ()))),
          "excluded tag")
-    mark(catalog["sku"].map(lambda s: is_service_sku(s, rules)), "service SKU")
-    mark(~catalog["image_url"].map(is_https_url), "image URL not https")
-    mark(catalog["part_type"].map(lambda t: is_low_value(t, rules)), "low-value part type")
+    mark(service_sku_mask(catalog["sku"], rules), "service SKU")
+    mark(~https_mask(catalog["image_url"]), "image URL not https")
+    mark(low_value_mask(catalog["part_type"], rules), "low-value part type")
     return reasons
 
 
-def is_service_sku(sku: str, rules: RulesConfig) -> bool:
-    """Rule 6: the SKU matches a configured service pattern (case-insensitive)."""
-    upper = str(sku).upper()
-    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in rules.service_sku_patterns)
+def service_sku_mask(skus: pd.Series, rules: RulesConfig) -> np.ndarray:
+    """Rule 6: SKUs matching a configured ``fnmatch`` service pattern (case-insensitive)."""
+    if not rules.service_sku_patterns:
+        return np.zeros(len(skus), dtype=bool)
+    pattern = "|".join(fnmatch.translate(p) for p in rules.service_sku_patterns)
+    return skus.astype(object).astype(str).str.match(
+        f"(?i:{pattern})").fillna(False).to_numpy(bool)
 
 
-def is_https_url(url) -> bool:
-    """Rule 7: an image URL that a mail client loads without a mixed-content warning."""
-    return isinstance(url, str) and url.lower().startswith("https://") and len(url) > 8
+def https_mask(urls: pd.Series) -> np.ndarray:
+    """Rule 7: image URLs a mail client loads without a mixed-content warning."""
+    text = urls.astype(object).where(urls.notna(), "").astype(str).str.lower()
+    return (text.str.startswith("https://") & (text.str.len() > 8)).to_numpy(bool)
+
+
+def low_value_mask(part_types: pd.Series, rules: RulesConfig) -> np.ndarray:
+    """Low-value part types (decided once per distinct type, not per row)."""
+    values = part_types.astype(object)
+    verdict = {t: is_low_value(t, rules) for t in values.dropna().unique()}
+    return values.map(verdict).fillna(False).to_numpy(bool)
 
 
 def is_low_value(part_type, rules: RulesConfig) -> bool:

@@ -244,10 +244,9 @@ def _check_table_rules(table: str, frame: pd.DataFrame, reasons: _Reasons) -> No
         reasons.add(frame["price"].to_numpy() == 0, "zero price")
 
 
-def unknown_sku_mask(skus: pd.Series, known: np.ndarray) -> np.ndarray:
-    """Rows whose SKU is not in the (sorted, unique) catalogue SKU array."""
-    values = skus.astype(object).to_numpy()
-    return ~np.isin(values, known)
+def unknown_sku_mask(skus: pd.Series, known) -> np.ndarray:
+    """Rows whose SKU is not among the catalogue's SKUs (a hash lookup per row)."""
+    return ~skus.isin(known).to_numpy(bool)
 
 
 def to_record_json(frame: pd.DataFrame, positions: np.ndarray) -> List[str]:

@@ -57,6 +57,17 @@ def segment_keys(frame: pd.DataFrame, level: Sequence[str]) -> pd.Series:
                      dtype=object)
 
 
+def segment_key(values: Sequence) -> Optional[str]:
+    """One row's segment key from its attribute values; None if any is missing.
+
+    >>> segment_key(["Ford", "Mustang", 2015]), segment_key(["Ford", None])
+    ('Ford|Mustang|2015', None)
+    """
+    if any(v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) for v in values):
+        return None
+    return KEY_SEPARATOR.join(str(v) for v in values)
+
+
 def partial_popularity(lines: pd.DataFrame, as_of: pd.Timestamp,
                        config: RecsConfig) -> pd.DataFrame:
     """Decayed order counts per (level, segment, sku) for one batch of order lines.

@@ -8,7 +8,7 @@ get a personal pass over a short prefix of the ranking.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ import pandas as pd
 from models.catalog import CatalogArrays
 from models.config import RecsConfig
 from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
-                               popularity_score, segment_keys)
+                               popularity_score, segment_key, segment_keys)
 
 SIGNAL_COLUMNS = ("bought", "carted", "viewed")
 UNSERVED_REASON = "fewer eligible parts than recommendations at every level"
@@ -95,7 +95,8 @@ class Recommender:
         return np.union1d(fitting, self.universal)
 
     def _levels(self, vehicle: pd.DataFrame, cand: np.ndarray) -> List[_Level]:
-        segments = [segment_keys(vehicle.iloc[:1], level).iloc[0] for level in self.config.levels]
+        first = vehicle.iloc[0]
+        segments = [segment_key([first[a] for a in level]) for level in self.config.levels]
         specific = ~self.catalog.is_universal[cand]
         levels = []
         for scores in blended_levels(self.popularity, segments, cand):
@@ -187,6 +188,31 @@ class Recommender:
                             > level.base[level.order[prefix - 1]]):
                 return picked, picked_scores
             prefix = len(level.order)
+
+
+def recommend_all(recommender: Recommender, users: pd.DataFrame,
+                  fitting: Mapping[str, Iterable[str]]) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Recommendation rows for many users, vehicle by vehicle, and the users left unserved.
+
+    ``fitting`` maps a vehicle's fitment key to the SKUs that fit it.
+    """
+    config = recommender.config
+    groups, all_picks = [], []
+    for _, group in vehicle_groups(users, config.group_attributes):
+        first = group.iloc[0]
+        vehicle = segment_key([first[a] for a in config.fitment_attributes])
+        fits = recommender.catalog.index_of(sorted(fitting.get(vehicle, ())))
+        groups.append(group)
+        all_picks.append(recommender.recommend(group, fits))
+    if not groups:
+        return picks_frame(users, Picks(*(np.empty((0,) + s, dtype=t) for s, t in (
+            ((), bool), ((config.rules.recs_per_user,), np.int64),
+            ((config.rules.recs_per_user,), float), ((), object)))),
+            recommender.catalog, config), users
+    ordered = pd.concat(groups, ignore_index=True)
+    picks = Picks(*(np.concatenate(parts) for parts in zip(*all_picks)))
+    frame = picks_frame(ordered, picks, recommender.catalog, config)
+    return frame, ordered.loc[~picks.served].reset_index(drop=True)
 
 
 def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,

@@ -13,7 +13,7 @@ from typing import Dict, Mapping, NamedTuple, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from models.catalog import is_low_value, is_service_sku
+from models.catalog import https_mask, low_value_mask, service_sku_mask
 from models.config import RecsConfig
 from models.popularity import PopularityIndex, segment_keys
 
@@ -91,7 +91,7 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     long = _long(recs, n)
     # A missing or unknown SKU is a rule-2 violation only; rules that read the
     # catalogue skip it instead of blaming its absent price, type or fitment.
-    known = long["sku"].isin(ctx.catalog.index).to_numpy(bool)
+    known = ctx.catalog.index.get_indexer(long["sku"]) >= 0
     cat = ctx.catalog.reindex(long["sku"].where(known, None))
     price, tags = cat["price"].to_numpy(float), cat["tags"].to_numpy(object)
 
@@ -110,9 +110,8 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     excluded = set(rules.excluded_tags)
     counts[5] = per_row([bool(excluded.intersection(t)) if isinstance(t, tuple) else False
                          for t in tags])
-    counts[6] = per_row(long["sku"].map(lambda s: is_service_sku(s, rules)))
-    counts[7] = per_row(~long["image_url"].map(
-        lambda u: isinstance(u, str) and u.lower().startswith("https://")))
+    counts[6] = per_row(service_sku_mask(long["sku"], rules))
+    counts[7] = per_row(~https_mask(long["image_url"]))
     vehicle = segment_keys(recs, config.fitment_attributes).to_numpy(object)[
         long["row"].to_numpy()]
     universal = cat["is_universal"].fillna(False).to_numpy(bool)
@@ -132,7 +131,7 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     counts[13] = int((~email.map(lambda e: isinstance(e, str) and e == e.strip().lower()
                                  and "@" in e)).sum())
     counts[14] = duplicate_emails(email)
-    counts[15] = per_row(pd.Series(types).map(lambda t: is_low_value(t, rules)))
+    counts[15] = per_row(low_value_mask(pd.Series(types), rules))
     return counts
 
 

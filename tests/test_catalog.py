@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from models.catalog import (CatalogArrays, ineligibility_reasons, is_https_url, is_low_value,
-                            is_service_sku, resolve_conflicts)
+from models.catalog import (CatalogArrays, https_mask, ineligibility_reasons, is_low_value,
+                            low_value_mask, resolve_conflicts, service_sku_mask)
 from models.config import RulesConfig
 
 RULES = RulesConfig()
@@ -133,9 +133,12 @@ def test_rules_follow_configuration():
 
 
 def test_predicates():
-    assert is_service_sku("service-12", RULES) and not is_service_sku("SERV-1", RULES)
-    assert is_https_url("https://a/b.png") and not is_https_url(None)
-    assert not is_https_url("ftp://a/b.png")
+    skus = pd.Series(["service-12", "SERV-1", "svc-9", None, "XSVC-1"])
+    assert service_sku_mask(skus, RULES).tolist() == [True, False, True, False, False]
+    urls = pd.Series(["https://a/b.png", None, "ftp://a/b.png", "HTTPS://A/B.PNG", "https://"])
+    assert https_mask(urls).tolist() == [True, False, False, True, False]
+    types = pd.Series(["Valve Cover Gasket", "Engine Bolt Kit", None, "Intake"])
+    assert low_value_mask(types, RULES).tolist() == [True, False, False, False]
     assert is_low_value("Valve Cover Gasket", RULES)
     assert not is_low_value("Cold Air Intake", RULES)
 

@@ -74,8 +74,7 @@ class DropUnknownSkusFn(beam.DoFn):
         self._table = table
 
     def process(self, frame: pd.DataFrame, catalog: pd.DataFrame) -> Iterator:
-        known = np.sort(catalog["sku"].to_numpy(str)) if len(catalog) else np.array([], str)
-        unknown = contracts.unknown_sku_mask(frame["sku"], known)
+        unknown = contracts.unknown_sku_mask(frame["sku"], catalog["sku"])
         if unknown.any():
             positions = np.flatnonzero(unknown)
             yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
@@ -301,19 +300,9 @@ class RecommendShardFn(beam.DoFn):
             return
         models = self._models(catalog, pop)
         fitting = _fitting_by_vehicle(fitment, attrs)
-        frames, unserved = [], []
-        for key, group in recommend.vehicle_groups(users, self._config.group_attributes):
-            vehicle = popularity.segment_keys(group.iloc[:1], attrs).iloc[0]
-            skus = fitting.get(vehicle, frozenset())
-            picks = models.recommender.recommend(
-                group, models.catalog.index_of(sorted(skus)))
-            frames.append(recommend.picks_frame(group, picks, models.catalog, self._config))
-            if (~picks.served).any():
-                unserved.append(group.loc[~picks.served,
-                                          ["user_id", *self._config.group_attributes]])
-        recs = concat(frames)
-        if unserved:
-            missed = concat(unserved)
+        recs, unserved = recommend.recommend_all(models.recommender, users, fitting)
+        if len(unserved):
+            missed = unserved[["user_id", *self._config.group_attributes]]
             yield count("users.unserved", len(missed))
             yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
                 "users", "Recommend", [recommend.UNSERVED_REASON] * len(missed),
