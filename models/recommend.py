@@ -88,7 +88,13 @@ class Recommender:
         self.universal = np.flatnonzero(catalog.eligible & catalog.is_universal)
 
     def candidates(self, fitting: np.ndarray) -> np.ndarray:
-        """Eligible catalogue positions that fit the vehicle or are universal (rule 8)."""
+        """Eligible catalogue positions that fit the vehicle or are universal (rule 8).
+
+        Without fitment attributes (a retailer with no fitment data) every
+        eligible item is a candidate for every user.
+        """
+        if not self.config.fitment_attributes:
+            return np.flatnonzero(self.catalog.eligible)
         fitting = np.asarray(fitting, dtype=np.int64)
         fitting = fitting[(fitting >= 0)]
         fitting = fitting[self.catalog.eligible[fitting]]

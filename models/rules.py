@@ -114,7 +114,9 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     counts[7] = per_row(~https_mask(long["image_url"]))
     vehicle = segment_keys(recs, config.fitment_attributes).to_numpy(object)[
         long["row"].to_numpy()]
-    universal = cat["is_universal"].fillna(False).to_numpy(bool)
+    # Without fitment attributes every item fits every user.
+    universal = (cat["is_universal"].fillna(False).to_numpy(bool)
+                 | (not config.fitment_attributes))
     counts[8] = per_row(known & np.array([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v
                                           in zip(universal, long["sku"], vehicle)], dtype=bool))
     group = np.where(cat["variant_group"].notna().to_numpy(bool),
@@ -155,7 +157,7 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
     violations = 0
     supported_cache: Dict[Tuple[str, object, object], frozenset] = {}
     universal = frozenset(ctx.catalog.index[ctx.catalog["is_universal"].fillna(False)
-                                            .to_numpy(bool)])
+                                            .to_numpy(bool) | (not config.fitment_attributes)])
     for row, (source, user) in enumerate(zip(recs["source"], recs["user_id"])):
         level = names.get(source)
         if level is None:
