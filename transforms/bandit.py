@@ -34,7 +34,7 @@ _ONE_SECOND = pd.Timedelta(seconds=1)
 
 
 class BanditStateOut(NamedTuple):
-    """`bandit_state` frames (one per window), refused counts and counters, all in the global window."""
+    """`bandit_state` frames (one per window), refused counts, counters; in the global window."""
 
     rows: beam.PCollection
     dead_letters: beam.PCollection

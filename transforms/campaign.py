@@ -1,4 +1,4 @@
-"""Composites of the campaign and bandit report jobs; each adapts pure logic from models/campaign.py.
+"""Composites of the campaign and bandit report jobs, adapting models/campaign.py to Beam.
 
 Reading order: treatment events deduplicated by ``event_id`` → checked per
 recipient against its send (`CleanTreatmentEvents`); order events kept and
@@ -10,7 +10,7 @@ HTML (`PublishReport`).
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -85,7 +85,7 @@ class CheckFunnelFn(beam.DoFn):
 
 
 class CleanTreatmentEvents(beam.PTransform):
-    """Validated treatment-event frames → deduplicated, funnel-consistent frames per user shard."""
+    """Validated treatment-event frames → deduplicated, funnel-consistent frames."""
 
     def __init__(self, num_shards: int = DEFAULT_SHARDS):
         super().__init__()
@@ -157,16 +157,27 @@ def _build_tables(parts: List[campaign.CampaignPartials],
     return campaign.campaign_tables(campaign.merge_partials(parts), window)
 
 
+class CampaignReportOut(NamedTuple):
+    """A singleton dict of the five report tables, and the report's counters."""
+
+    tables: beam.PCollection
+    counts: beam.PCollection
+
+
 class CampaignReport(beam.PTransform):
-    """``{"treatment_events", "orders"}`` frames → (a singleton dict of the five tables, counters)."""
+    """``{"treatment_events", "orders"}`` frames → the five report tables.
+
+    Both inputs meet per user shard, so a user's sends and orders are
+    attributed together; the shards' partial sums are small (per treatment,
+    per reason, per order) and are gathered on one worker to finish the tables.
+    """
 
     def __init__(self, attribution_window: pd.Timedelta, num_shards: int = DEFAULT_SHARDS):
         super().__init__()
         self._window = attribution_window
         self._num_shards = num_shards
 
-    def expand(self, inputs: Dict[str, beam.PCollection]
-               ) -> Tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, inputs: Dict[str, beam.PCollection]) -> CampaignReportOut:
         partials = (inputs
                     | "ShardByUser" >> CoGroupFrames(
                         {"treatment_events": ["user_id"], "orders": ["user_id"]},
@@ -177,7 +188,7 @@ class CampaignReport(beam.PTransform):
         tables = (partials[Tag.ROWS.value]
                   | "GatherPartials" >> beam.combiners.ToList()
                   | "BuildTables" >> beam.Map(_build_tables, self._window))
-        return tables, partials[Tag.COUNTS.value]
+        return CampaignReportOut(tables, partials[Tag.COUNTS.value])
 
 
 def split_tables(tables: beam.PCollection) -> Dict[str, beam.PCollection]:

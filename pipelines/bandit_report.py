@@ -1,0 +1,206 @@
+"""Bandit state: views and clicks per treatment in sliding event-time windows (SPEC §4).
+
+    python -m pipelines.bandit_report --input_dir out/demo_world \\
+        --warehouse out/warehouse.duckdb --window_days 7 --period_days 1
+
+Reads ``treatment_events`` (and ``users`` with ``--segment_by``), drops
+duplicate event ids and events that contradict their send, counts the funnel
+kinds per treatment in sliding windows and writes, per window and treatment
+(and segment), the Beta posterior, its 95% interval, P(best) and the
+allocation weight to the ``bandit_state`` table. Exit status 0 means
+published; 1 means the run was gated (nothing counted, or counts that do not
+reconcile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import uuid
+from typing import List, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models import health
+from models.bandit import BanditConfig
+from models.campaign import ALL, complete_windows
+from pipelines.batch_recommendations import BatchOptions
+from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
+from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
+from transforms.health import DeadLetterCounts, SumCounts
+from transforms.io import ReadTable, find_table
+from transforms.recommend import Cleaned
+from transforms.warehouse import LocalWarehouse
+
+JOB = "bandit_report"
+
+
+class BanditOptions(PipelineOptions):
+    """Options of the bandit job's windows and model.
+
+    The flags every job shares (--input_dir, --warehouse, --staging_dir,
+    --as_of, --run_id, --num_shards) are read through
+    ``view_as(BatchOptions)``: two option classes declaring one flag break
+    Beam's option parsing in any process that imports both.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--window_days", type=int, default=7,
+                            help="Length of each sliding event-time window, in days.")
+        parser.add_argument("--period_days", type=int, default=1,
+                            help="A new window starts every this many days.")
+        parser.add_argument("--segment_by", default="",
+                            help="Comma-separated user attributes (e.g. make,model) to also "
+                                 "keep counts per segment; empty: per treatment only.")
+        parser.add_argument("--prior_alpha", type=float, default=BanditConfig.alpha0,
+                            help="Prior pseudo-clicks of Beta(alpha0, beta0).")
+        parser.add_argument("--prior_beta", type=float, default=BanditConfig.beta0,
+                            help="Prior pseudo-non-clicks of Beta(alpha0, beta0).")
+        parser.add_argument("--bandit_draws", type=int, default=BanditConfig.draws,
+                            help="Monte Carlo draws for P(best).")
+        parser.add_argument("--bandit_seed", type=int, default=BanditConfig.seed,
+                            help="Seed of the P(best) draws (published state is reproducible).")
+        parser.add_argument("--exploration_floor", type=float,
+                            default=BanditConfig.exploration_floor,
+                            help="Minimum allocation weight of every treatment.")
+
+
+class BanditContext(NamedTuple):
+    """What identifies one run and its windows: fixed before the graph is built."""
+
+    run_id: str
+    as_of: pd.Timestamp
+    started_at: pd.Timestamp
+    staging_dir: str
+    config: BanditConfig
+    window: pd.Timedelta
+    period: pd.Timedelta
+    segment_by: Tuple[str, ...]
+
+
+def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext:
+    """Resolve defaults and fail fast on bad options, before any data is read."""
+    now = pd.Timestamp.now(tz="UTC")
+    shared = pipeline_options.view_as(BatchOptions)
+    options = pipeline_options.view_as(BanditOptions)
+    if not os.path.isdir(shared.input_dir):
+        raise SystemExit(f"--input_dir {shared.input_dir!r} is not a directory")
+    if shared.num_shards < 1:
+        raise SystemExit("--num_shards must be >= 1")
+    if not 1 <= options.period_days <= options.window_days:
+        raise SystemExit(f"need 1 <= --period_days ({options.period_days}) <= --window_days "
+                         f"({options.window_days})")
+    try:
+        config = BanditConfig(alpha0=options.prior_alpha, beta0=options.prior_beta,
+                              draws=options.bandit_draws, seed=options.bandit_seed,
+                              exploration_floor=options.exploration_floor)
+        as_of = pd.Timestamp(shared.as_of) if shared.as_of else now
+    except ValueError as err:
+        raise SystemExit(f"bad option: {err}")
+    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+    run_id = shared.run_id or f"{job}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    staging = shared.staging_dir or os.path.join(
+        os.path.dirname(os.path.abspath(shared.warehouse)), "staging", run_id)
+    segment_by = tuple(a.strip() for a in options.segment_by.split(",") if a.strip())
+    return BanditContext(run_id, as_of, now, staging, config,
+                         pd.Timedelta(days=options.window_days),
+                         pd.Timedelta(days=options.period_days), segment_by)
+
+
+def read_treatment_events(pipeline: beam.Pipeline, options: BatchOptions) -> Cleaned:
+    """Treatment events read, validated, deduplicated and checked against their sends."""
+    read = pipeline | "ReadTreatmentEvents" >> ReadTable(
+        "treatment_events", find_table(options.input_dir, "treatment_events"))
+    clean = read.rows | "CleanTreatmentEvents" >> CleanTreatmentEvents(options.num_shards)
+    return Cleaned(clean.rows,
+                   (read.dead_letters, clean.dead_letters)
+                   | "FlattenTreatmentDeadLetters" >> beam.Flatten(),
+                   (read.counts, clean.counts) | "FlattenTreatmentCounts" >> beam.Flatten())
+
+
+def bandit_state(events: beam.PCollection, ctx: BanditContext) -> BanditStateOut:
+    """Checked treatment-event frames (with ``segment`` when segmenting) → windowed state."""
+    return (events
+            | "TreatmentCounts" >> TreatmentCounts(ctx.window, ctx.period, bool(ctx.segment_by))
+            | "BanditState" >> BanditState(ctx.config, ctx.window, ctx.period))
+
+
+def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: BanditContext
+          ) -> beam.PCollection:
+    """The bandit graph; returns the singleton ``pipeline_runs`` row."""
+    options = pipeline_options.view_as(BatchOptions)
+    treatments = read_treatment_events(pipeline, options)
+    events, dead, counts = treatments.rows, [treatments.dead_letters], [treatments.counts]
+    if ctx.segment_by:
+        users = pipeline | "ReadUsers" >> ReadTable(
+            "users", find_table(options.input_dir, "users"))
+        events = events | "AttachSegments" >> AttachSegments(
+            users.rows, ctx.segment_by, options.num_shards)
+        dead.append(users.dead_letters)
+        counts.append(users.counts)
+    state = bandit_state(events, ctx)
+    dead_letters = dead + [state.dead_letters] | "FlattenDeadLetters" >> beam.Flatten()
+    counters = (counts + [state.counts,
+                          dead_letters | "CountDeadLetters" >> DeadLetterCounts()]
+                | "FlattenCounters" >> beam.Flatten()
+                | "SumCounters" >> SumCounts())
+    run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
+               "started_at": ctx.started_at}
+    return ({"counters": counters, "dead_letter": dead_letters, "bandit_state": state.rows}
+            | "GateAndPublish" >> PublishReport(
+                LocalWarehouse(options.warehouse), run_row, ctx.staging_dir,
+                {"bandit_state": BANDIT_STATE}, gate_counter="bandit_state.rows",
+                reconciled=("treatment_events",)))
+
+
+def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
+    """A short human summary of one run, read back from the warehouse."""
+    run = warehouse.query("SELECT * FROM pipeline_runs WHERE run_id = ?", [run_id]).iloc[0]
+    counters = json.loads(run["counters"])
+    lines = [f"run {run_id}: {run['status'].upper()} — {run['message']}"]
+    r = health.reconcile(counters, ("treatment_events",))["treatment_events"]
+    lines.append(f"treatment_events read {r['read']:,} = processed {r['processed']:,} + "
+                 f"dead-lettered {r['dead_lettered']:,} + deduplicated {r['deduplicated']:,} "
+                 f"(unexplained {r['unexplained']}); clicks capped at views "
+                 f"{counters.get('bandit.clicks_capped', 0):,}")
+    if run["status"] == health.PUBLISHED:
+        state = complete_windows(warehouse.query(
+            "SELECT * FROM bandit_state WHERE segment = ?", [ALL]))
+        end = state["window_end"].max()
+        latest = state.loc[state["window_end"] == end].sort_values("p_best", ascending=False)
+        lines.append(f"{state['window_end'].nunique()} windows within the data; the last, "
+                     f"{latest['window_start'].iloc[0]:%Y-%m-%d} to {end:%Y-%m-%d}, ranks:")
+        for s in latest.head(5).itertuples(index=False):
+            lines.append(f"  {s.treatment_id:>12s}  views {s.views:>6,}  clicks {s.clicks:>5,}  "
+                         f"CTR {s.mean:6.2%} [{s.ci_low:.2%}, {s.ci_high:.2%}]  "
+                         f"P(best) {s.p_best:.3f}  weight {s.weight:.3f}")
+    lines.append(f"warehouse: {os.path.abspath(warehouse.path)}")
+    return "\n".join(lines)
+
+
+def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
+    """Run the job; returns 0 when published, 1 when gated."""
+    options = BanditOptions(argv)
+    ctx = bandit_context(options, JOB)
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    build(pipeline, options, ctx)
+    pipeline.run().wait_until_finish()
+    warehouse = LocalWarehouse(options.view_as(BatchOptions).warehouse)
+    print(summarise(warehouse, ctx.run_id))
+    status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
+                             [ctx.run_id])["status"].iloc[0]
+    return 0 if status == health.PUBLISHED else 1
+
+
+def main() -> None:
+    logging.getLogger().setLevel(logging.WARNING)
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
