@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
-from pipelines.batch_recommendations import BatchOptions
+from pipelines.options import CommonOptions
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
 from transforms.health import DeadLetterCounts, SumCounts
@@ -44,7 +44,7 @@ class BanditOptions(PipelineOptions):
 
     The flags every job shares (--input_dir, --warehouse, --staging_dir,
     --as_of, --run_id, --num_shards) are read through
-    ``view_as(BatchOptions)``: two option classes declaring one flag break
+    ``view_as(CommonOptions)``: two option classes declaring one flag break
     Beam's option parsing in any process that imports both.
     """
 
@@ -86,7 +86,7 @@ class BanditContext(NamedTuple):
 def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext:
     """Resolve defaults and fail fast on bad options, before any data is read."""
     now = pd.Timestamp.now(tz="UTC")
-    shared = pipeline_options.view_as(BatchOptions)
+    shared = pipeline_options.view_as(CommonOptions)
     options = pipeline_options.view_as(BanditOptions)
     if not os.path.isdir(shared.input_dir):
         raise SystemExit(f"--input_dir {shared.input_dir!r} is not a directory")
@@ -112,7 +112,7 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
                          pd.Timedelta(days=options.period_days), segment_by)
 
 
-def read_treatment_events(pipeline: beam.Pipeline, options: BatchOptions) -> Cleaned:
+def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions) -> Cleaned:
     """Treatment events read, validated, deduplicated and checked against their sends."""
     read = pipeline | "ReadTreatmentEvents" >> ReadTable(
         "treatment_events", find_table(options.input_dir, "treatment_events"))
@@ -133,7 +133,7 @@ def bandit_state(events: beam.PCollection, ctx: BanditContext) -> BanditStateOut
 def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: BanditContext
           ) -> beam.PCollection:
     """The bandit graph; returns the singleton ``pipeline_runs`` row."""
-    options = pipeline_options.view_as(BatchOptions)
+    options = pipeline_options.view_as(CommonOptions)
     treatments = read_treatment_events(pipeline, options)
     events, dead, counts = treatments.rows, [treatments.dead_letters], [treatments.counts]
     if ctx.segment_by:
@@ -190,7 +190,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()
-    warehouse = LocalWarehouse(options.view_as(BatchOptions).warehouse)
+    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
     print(summarise(warehouse, ctx.run_id))
     status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
                              [ctx.run_id])["status"].iloc[0]

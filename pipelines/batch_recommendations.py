@@ -23,9 +23,9 @@ import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import health
-from models.config import DEFAULT_CONFIG, GLOBAL_LEVEL, RecsConfig
+from models.config import DEFAULT_CONFIG, RecsConfig
+from pipelines.options import CommonOptions
 from transforms import schemas
-from transforms.frames import DEFAULT_SHARDS
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, WriteFrames, find_table
 from transforms.publish import PublishRunFn
@@ -41,27 +41,13 @@ STRATEGIES = ("segment", "global")
 
 
 class BatchOptions(PipelineOptions):
-    """Options of the batch recommendations job."""
+    """Options of the batch recommendations job (shared ones are in CommonOptions)."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--input_dir", default="out/demo_world",
-                            help="Directory with catalog, fitment, users and events "
-                                 "(.jsonl, .jsonl.gz or .parquet).")
-        parser.add_argument("--warehouse", default="out/warehouse.duckdb",
-                            help="DuckDB file that receives the output tables.")
-        parser.add_argument("--staging_dir", default=None,
-                            help="Where staged Parquet files go (default: beside the "
-                                 "warehouse, under staging/<run_id>).")
-        parser.add_argument("--as_of", default=None,
-                            help="Reference time (RFC 3339) for windows and decay; "
-                                 "default now. Fix it for reproducible runs.")
-        parser.add_argument("--run_id", default=None, help="Run id (default: time + random).")
         parser.add_argument("--strategy", default="segment", choices=STRATEGIES,
                             help="segment: segment popularity with fallbacks; global: "
                                  "global popularity only (the baseline).")
-        parser.add_argument("--num_shards", type=int, default=DEFAULT_SHARDS,
-                            help="Hash shards for the batched joins.")
         parser.add_argument("--min_ratio_vs_last_run", type=float, default=0.5,
                             help="Gate the run when it writes fewer than this share of "
                                  "the last published run's rows.")
@@ -77,8 +63,10 @@ class RunContext(NamedTuple):
     config: RecsConfig
 
 
-def context_from(options: BatchOptions) -> RunContext:
+def context_from(options: PipelineOptions) -> RunContext:
     """Resolve defaults and fail fast on bad options (before any data is read)."""
+    batch = options.view_as(BatchOptions)
+    options = options.view_as(CommonOptions)
     now = pd.Timestamp.now(tz="UTC")
     try:
         as_of = pd.Timestamp(options.as_of) if options.as_of else now
@@ -93,13 +81,16 @@ def context_from(options: BatchOptions) -> RunContext:
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)
     config = DEFAULT_CONFIG
-    if options.strategy == "global":
+    if batch.strategy == "global":
         config = config.replace(segment_attributes=())
     return RunContext(run_id, as_of, now, staging, config)
 
 
-def build(pipeline: beam.Pipeline, options: BatchOptions, ctx: RunContext) -> beam.PCollection:
+def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
+          ) -> beam.PCollection:
     """The batch graph; returns the singleton run-summary row."""
+    batch = options.view_as(BatchOptions)
+    options = options.view_as(CommonOptions)
     config, n_shards = ctx.config, options.num_shards
     read = {table: pipeline | f"Read{table.capitalize()}" >> ReadTable(
         table, find_table(options.input_dir, table))
@@ -150,7 +141,7 @@ def build(pipeline: beam.Pipeline, options: BatchOptions, ctx: RunContext) -> be
                "started_at": ctx.started_at}
     return counters | "GateAndPublish" >> beam.ParDo(
         PublishRunFn(LocalWarehouse(options.warehouse), run_row, config,
-                     options.min_ratio_vs_last_run),
+                     batch.min_ratio_vs_last_run),
         beam.pvalue.AsSingleton(violations),
         beam.pvalue.AsList(staged["recommendations"]),
         beam.pvalue.AsList(staged["segment_popularity"]),
@@ -185,12 +176,12 @@ def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
     """Run the job; returns 0 when published, 1 when gated."""
-    options = BatchOptions(argv)
+    options = PipelineOptions(argv)
     ctx = context_from(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()
-    warehouse = LocalWarehouse(options.warehouse)
+    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
     print(summarise(warehouse, ctx.run_id))
     status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
                              [ctx.run_id])["status"].iloc[0]

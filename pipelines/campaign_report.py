@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from pipelines.bandit_report import (BanditContext, BanditOptions, bandit_context,
                                      bandit_state, read_treatment_events)
-from pipelines.batch_recommendations import BatchOptions
+from pipelines.options import CommonOptions
 from transforms.campaign import (BANDIT_STATE, REPORT_TABLES, CampaignReport, OrderEvents,
                                  PublishReport, split_tables)
 from transforms.health import DeadLetterCounts, SumCounts
@@ -41,7 +41,7 @@ class CampaignOptions(PipelineOptions):
     """Options of the campaign report.
 
     The bandit's window and model options (`BanditOptions`) shape its CTR
-    charts; the shared flags are read through ``view_as(BatchOptions)``.
+    charts; the shared flags are read through ``view_as(CommonOptions)``.
     """
 
     @classmethod
@@ -66,7 +66,7 @@ def campaign_context(options: PipelineOptions) -> BanditContext:
 def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: BanditContext
           ) -> beam.PCollection:
     """The campaign report graph; returns the singleton ``pipeline_runs`` row."""
-    options = pipeline_options.view_as(BatchOptions)
+    options = pipeline_options.view_as(CommonOptions)
     report = pipeline_options.view_as(CampaignOptions)
     window = pd.Timedelta(days=report.attribution_days)
     treatments = read_treatment_events(pipeline, options)
@@ -132,7 +132,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()
-    warehouse = LocalWarehouse(options.view_as(BatchOptions).warehouse)
+    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
     print(summarise(warehouse, ctx.run_id, options.report_html))
     status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
                              [ctx.run_id])["status"].iloc[0]
