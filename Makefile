@@ -24,6 +24,9 @@ demo: $(WORLD)/world.json
 	    --warehouse $(WAREHOUSE) --as_of $(AS_OF)
 	$(BIN)/python -m pipelines.backtest --input_dir $(WORLD) --warehouse $(WAREHOUSE) \
 	    --as_of $(AS_OF)
+	$(BIN)/python -m pipelines.bandit_report --input_dir $(WORLD) --warehouse $(WAREHOUSE)
+	$(BIN)/python -m pipelines.campaign_report --input_dir $(WORLD) --warehouse $(WAREHOUSE) \
+	    --report_html out/campaign_report.html
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2
