@@ -92,12 +92,15 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     batch = options.view_as(BatchOptions)
     options = options.view_as(CommonOptions)
     config, n_shards = ctx.config, options.num_shards
+    # Fitment is optional: a retailer without fitment data configures no fitment attributes.
+    tables = ("catalog", "users", "events") + (("fitment",) if config.fitment_attributes else ())
     read = {table: pipeline | f"Read{table.capitalize()}" >> ReadTable(
-        table, find_table(options.input_dir, table))
-        for table in ("catalog", "fitment", "users", "events")}
+        table, find_table(options.input_dir, table)) for table in tables}
 
     catalog = read["catalog"].rows | "CleanCatalog" >> CleanCatalog()
-    fitment = read["fitment"].rows | "FitmentSkus" >> DropUnknownSkus("fitment", catalog.rows)
+    fitment_rows = (read["fitment"].rows if "fitment" in read
+                    else pipeline | "NoFitment" >> beam.Create([]))
+    fitment = fitment_rows | "FitmentSkus" >> DropUnknownSkus("fitment", catalog.rows)
     events = read["events"].rows | "EventSkus" >> DropUnknownSkus("events", catalog.rows)
     unique_events = events.rows | "DedupeEvents" >> DedupeEvents("events", n_shards)
     users = read["users"].rows | "DedupeEmails" >> MarkDuplicateEmails(n_shards)
