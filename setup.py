@@ -19,6 +19,7 @@ setuptools.setup(
         "orjson==3.13.0",
         "pandas==3.1.1",
         "pyarrow==25.0.1",
+        "PyYAML==6.0.3",
         "scipy==1.17.1",
     ],
     extras_require={

@@ -243,7 +243,12 @@ def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,
             out[f"rec{i + 1}_{field}"] = column
     out["source"] = picks.source[picks.served]
     frame = pd.DataFrame(out)
-    return frame[rec_columns(n)]
+    # Segment attributes beyond the vehicle (e.g. income) ride along for the QA
+    # checks; the output schema keeps only the SPEC columns.
+    extra = [a for a in config.group_attributes if a not in frame.columns]
+    for attr in extra:
+        frame[attr] = served[attr].to_numpy(object)
+    return frame[rec_columns(n) + extra]
 
 
 def vehicle_groups(users: pd.DataFrame, attributes: Sequence[str]):

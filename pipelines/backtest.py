@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from models import metrics
-from models.config import DEFAULT_CONFIG
+from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
 from pipelines import batch_recommendations
 from transforms.io import read_frame
@@ -34,19 +34,20 @@ def holdout_purchases(input_dir: str) -> Dict[str, frozenset]:
     return order_lines(events).groupby("user_id")["sku"].agg(frozenset).to_dict()
 
 
-def evaluate_strategies(input_dir: str, as_of: str, num_shards: int,
-                        scratch: str) -> pd.DataFrame:
+def evaluate_strategies(input_dir: str, as_of: str, num_shards: int, scratch: str,
+                        config_path: Optional[str] = None) -> pd.DataFrame:
     """Run each strategy and score it on the holdout; one row per strategy."""
     future = holdout_purchases(input_dir)
     catalogue_size = read_frame(input_dir, "catalog")[0]["sku"].nunique()
-    k = DEFAULT_CONFIG.rules.recs_per_user
+    k = load_config(config_path).rules.recs_per_user
+    config_args = ["--config", config_path] if config_path else []
     rows = []
     for strategy in ("global", "segment"):
         warehouse = os.path.join(scratch, f"{strategy}.duckdb")
         code = batch_recommendations.run([
             "--input_dir", input_dir, "--warehouse", warehouse, "--as_of", as_of,
             "--strategy", strategy, "--num_shards", str(num_shards),
-            "--run_id", f"backtest_{strategy}"])
+            "--run_id", f"backtest_{strategy}", *config_args])
         if code != 0:
             raise SystemExit(f"the {strategy} run was gated; see its summary above")
         recs = LocalWarehouse(warehouse).query("SELECT * FROM recommendations")
@@ -71,9 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warehouse", default="out/warehouse.duckdb",
                         help="Receives the `backtest` table.")
     parser.add_argument("--num_shards", type=int, default=8)
+    parser.add_argument("--config", default=None, help="Retailer config (YAML/JSON).")
     args = parser.parse_args(argv)
+    try:
+        load_config(args.config)
+    except ConfigError as err:
+        raise SystemExit(f"--config: {err}")
     with tempfile.TemporaryDirectory(prefix="backtest_") as scratch:
-        table = evaluate_strategies(args.input_dir, args.as_of, args.num_shards, scratch)
+        table = evaluate_strategies(args.input_dir, args.as_of, args.num_shards, scratch,
+                                    args.config)
     table.insert(0, "as_of", pd.Timestamp(args.as_of))
     LocalWarehouse(args.warehouse).publish(
         "backtest", {}, {"backtest": pa.Table.from_pandas(table, preserve_index=False)},

@@ -23,7 +23,9 @@ import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import health
-from models.config import DEFAULT_CONFIG, RecsConfig
+from models.stability import format_report
+from models.config import RecsConfig
+from models.config_file import ConfigError, load_config
 from pipelines.options import CommonOptions
 from transforms import schemas
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
@@ -80,7 +82,10 @@ def context_from(options: PipelineOptions) -> RunContext:
     run_id = options.run_id or f"{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)
-    config = DEFAULT_CONFIG
+    try:
+        config = load_config(options.config)
+    except ConfigError as err:
+        raise SystemExit(f"--config: {err}")
     if batch.strategy == "global":
         config = config.replace(segment_attributes=())
     return RunContext(run_id, as_of, now, staging, config)
@@ -151,7 +156,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         beam.pvalue.AsList(staged["dead_letter"]))
 
 
-def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
+def summarise(warehouse: LocalWarehouse, run_id: str, n: int) -> str:
     """A short human summary of one run, read back from the warehouse."""
     run = warehouse.query("SELECT * FROM pipeline_runs WHERE run_id = ?", [run_id]).iloc[0]
     qa = warehouse.query("SELECT rule_id, name, violations FROM qa_checks WHERE run_id = ? "
@@ -173,6 +178,12 @@ def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
         lines.append(f"  {table:8s} read {r['read']:>9,} = processed {r['processed']:>9,} "
                      f"+ dead-lettered {r['dead_lettered']:>6,} + deduplicated "
                      f"{r['deduplicated']:>6,} (unexplained {r['unexplained']})")
+    stability = warehouse.query("SELECT * FROM stability_report WHERE run_id = ?", [run_id]) if (
+        run["status"] == health.PUBLISHED) else None
+    if stability is not None and len(stability):
+        lines.append("stability vs the previous output:")
+        lines += ["  " + line for line in format_report(stability.iloc[0].to_dict(), n)
+                  .splitlines()]
     lines.append(f"warehouse: {os.path.abspath(warehouse.path)}")
     return "\n".join(lines)
 
@@ -185,7 +196,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()
     warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    print(summarise(warehouse, ctx.run_id))
+    print(summarise(warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
     status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
                              [ctx.run_id])["status"].iloc[0]
     return 0 if status == health.PUBLISHED else 1

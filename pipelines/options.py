@@ -32,3 +32,6 @@ class CommonOptions(PipelineOptions):
         parser.add_argument("--run_id", default=None, help="Run id (default: time + random).")
         parser.add_argument("--num_shards", type=int, default=DEFAULT_SHARDS,
                             help="Hash shards for the batched joins.")
+        parser.add_argument("--config", default=None,
+                            help="Retailer config (YAML/JSON); keys it does not name keep "
+                                 "the SPEC defaults (configs/default.yaml).")

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from models import health, rules
+from models.stability import stability_report
 from models.config import RecsConfig
 from transforms import schemas
 from transforms.warehouse import LocalWarehouse, read_staged
@@ -60,11 +61,17 @@ class PublishRunFn(beam.DoFn):
                                                                  pa.string())),
             "pipeline_runs": pa.Table.from_pylist([row], schema=schemas.PIPELINE_RUNS),
         }
+        n = self._config.rules.recs_per_user
         published = {
-            "recommendations": read_staged(
-                recs_files, schemas.recommendations(self._config.rules.recs_per_user)),
+            "recommendations": read_staged(recs_files, schemas.recommendations(n)),
             "segment_popularity": read_staged(popularity_files, schemas.SEGMENT_POPULARITY),
         }
+        if verdict.status == health.PUBLISHED:
+            previous = self._warehouse.read("recommendations")
+            current = published["recommendations"].to_pandas()
+            report = stability_report(current.iloc[:0] if previous is None else previous,
+                                      current, n)
+            logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}])
         self._warehouse.publish(run_id, published, logs,
                                 swap=verdict.status == health.PUBLISHED)
         yield row

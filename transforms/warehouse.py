@@ -55,6 +55,15 @@ class LocalWarehouse:
                 "AND job = 'batch_recommendations' ORDER BY finished_at DESC LIMIT 1").fetchone()
         return int(row[0]) if row else None
 
+    def read(self, name: str) -> Optional[pd.DataFrame]:
+        """A whole table, or None when it does not exist yet."""
+        if not os.path.exists(self.path):
+            return None
+        with duckdb.connect(self.path, read_only=True) as con:
+            if not _exists(con, name):
+                return None
+            return con.execute(f"SELECT * FROM {identifier(name)}").df()
+
     def publish(self, run_id: str, published: Mapping[str, pa.Table],
                 logs: Mapping[str, pa.Table], swap: bool) -> Optional[str]:
         """Append run logs; when ``swap``, back up and replace the published tables.
