@@ -40,7 +40,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from models.contracts import MAX_QUANTITY, SCHEMAS
+from models.contracts import SCHEMAS
 
 DATASET = "completejourney"
 TIMEZONE = "America/New_York"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-import numpy as np
 import pandas as pd
 
 from models.config import RecsConfig

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 import uuid
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -28,6 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
+from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
@@ -189,17 +188,12 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     ctx = bandit_context(options, JOB)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
-    pipeline.run().wait_until_finish()
     warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    print(summarise(warehouse, ctx.run_id))
-    status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
-                             [ctx.run_id])["status"].iloc[0]
-    return 0 if status == health.PUBLISHED else 1
+    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id))
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(run(sys.argv[1:]))
+    entry_point(run)
 
 
 if __name__ == "__main__":

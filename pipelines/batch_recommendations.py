@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 import uuid
-from typing import Dict, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import apache_beam as beam
 import pandas as pd
@@ -26,6 +24,7 @@ from models import health
 from models.stability import format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
+from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions
 from transforms import schemas
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
@@ -194,17 +193,12 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     ctx = context_from(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
-    pipeline.run().wait_until_finish()
     warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    print(summarise(warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
-    status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
-                             [ctx.run_id])["status"].iloc[0]
-    return 0 if status == health.PUBLISHED else 1
+    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(run(sys.argv[1:]))
+    entry_point(run)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
@@ -27,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from pipelines.bandit_report import (BanditContext, BanditOptions, bandit_context,
                                      bandit_state, read_treatment_events)
+from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions
 from transforms.campaign import (BANDIT_STATE, REPORT_TABLES, CampaignReport, OrderEvents,
                                  PublishReport, split_tables)
@@ -131,17 +130,12 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     ctx = campaign_context(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
-    pipeline.run().wait_until_finish()
     warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    print(summarise(warehouse, ctx.run_id, options.report_html))
-    status = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
-                             [ctx.run_id])["status"].iloc[0]
-    return 0 if status == health.PUBLISHED else 1
+    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id, options.report_html))
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(run(sys.argv[1:]))
+    entry_point(run)
 
 
 if __name__ == "__main__":

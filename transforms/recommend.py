@@ -7,7 +7,7 @@ popularity → recommend per vehicle (with QA checks on what was produced).
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -18,8 +18,7 @@ from apache_beam.utils import shared
 from models import contracts, popularity, profiles, recommend, rules
 from models.catalog import CatalogArrays, resolve_conflicts
 from models.config import RecsConfig
-from transforms.frames import (DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames,
-                               concat)
+from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames
 from transforms.health import Tag, count, dead_letters
 
 Shard = int
