@@ -27,7 +27,7 @@ from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
 from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions
+from pipelines.options import CommonOptions, require_input_dir
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
 from transforms.health import DeadLetterCounts, SumCounts
@@ -87,8 +87,7 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
     now = pd.Timestamp.now(tz="UTC")
     shared = pipeline_options.view_as(CommonOptions)
     options = pipeline_options.view_as(BanditOptions)
-    if not os.path.isdir(shared.input_dir):
-        raise SystemExit(f"--input_dir {shared.input_dir!r} is not a directory")
+    require_input_dir(shared.input_dir)
     if shared.num_shards < 1:
         raise SystemExit("--num_shards must be >= 1")
     if not 1 <= options.period_days <= options.window_days:

@@ -25,7 +25,7 @@ from models.stability import format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions
+from pipelines.options import CommonOptions, require_input_dir
 from transforms import schemas
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, WriteFrames, find_table
@@ -76,8 +76,7 @@ def context_from(options: PipelineOptions) -> RunContext:
     as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
     if options.num_shards < 1:
         raise SystemExit("--num_shards must be >= 1")
-    if not os.path.isdir(options.input_dir):
-        raise SystemExit(f"--input_dir {options.input_dir!r} is not a directory")
+    require_input_dir(options.input_dir)
     run_id = options.run_id or f"{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)

@@ -7,10 +7,17 @@ Jobs read these through ``options.view_as(CommonOptions)``.
 from __future__ import annotations
 
 import argparse
+import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.frames import DEFAULT_SHARDS
+
+
+def require_input_dir(path: str) -> None:
+    """Fail at start-up when a local ``--input_dir`` is missing (remote ones are checked per table)."""
+    if "://" not in path and not os.path.isdir(path):
+        raise SystemExit(f"--input_dir {path!r} is not a directory")
 
 
 class CommonOptions(PipelineOptions):

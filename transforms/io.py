@@ -5,13 +5,13 @@ plus a dead-letter collection carrying the original record and the reason.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
 from apache_beam import typehints
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquetBatched, WriteToParquetBatched
 
 from models import contracts
@@ -32,8 +32,8 @@ class TableRead(NamedTuple):
 def find_table(directory: str, table: str) -> str:
     """The file holding ``table`` in an input directory (first of the known suffixes)."""
     for suffix in SOURCE_SUFFIXES:
-        path = os.path.join(directory, table + suffix)
-        if os.path.exists(path):
+        path = FileSystems.join(directory, table + suffix)
+        if FileSystems.exists(path):
             return path
     raise FileNotFoundError(
         f"no input for table {table!r} in {directory!r} (looked for {table}"
@@ -105,7 +105,7 @@ def read_frame(directory: str, table: str) -> Tuple[pd.DataFrame, Dict[str, int]
         frame = pd.read_parquet(path)
     else:
         records = []
-        with beam.io.filesystems.FileSystems.open(path) as handle:
+        with FileSystems.open(path) as handle:
             for line in handle:
                 if not line.strip():
                     continue
