@@ -24,6 +24,10 @@ setuptools.setup(
     ],
     extras_require={
         "test": [
+            # The real BigQuery API locally; DuckDB's spatial extension from PyPI keeps it offline.
+            "bqemulator==1.4.0",
+            "duckdb-extension-spatial==1.5.5",
+            "duckdb-extensions==1.5.5",
             "hypothesis==6.170.15",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
