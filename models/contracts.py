@@ -25,6 +25,11 @@ TREATMENT_KINDS = ("SENT", "DELIVERED", "DELIVERY_FAILED", "VIEWED", "CLICKED")
 # Largest plausible unit price and quantity; beyond them a value is a typo or an attack.
 MAX_PRICE = 1_000_000.0
 MAX_QUANTITY = 10_000
+# A contract record is a few hundred bytes; a megabyte is an attack or a broken export.
+MAX_RECORD_BYTES = 1_000_000
+# Event times outside this range are clock errors, not history.
+EARLIEST_TIME = pd.Timestamp("1990-01-01", tz="UTC")
+LATEST_TIME = pd.Timestamp("2100-01-01", tz="UTC")
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,16 @@ def parse_json_line(line: str | bytes) -> Tuple[Optional[dict], Optional[str]]:
 
     orjson is fast but strict; the standard library is tried second so that a
     ``NaN`` price is reported as a bad price rather than as malformed JSON.
+    Bytes that are not UTF-8 and records over ``MAX_RECORD_BYTES`` are refused
+    before parsing.
     """
+    if len(line) > MAX_RECORD_BYTES:
+        return None, "oversized record"
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not UTF-8 text"
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -208,6 +222,9 @@ def validate(table: str, frame: pd.DataFrame) -> Validated:
                 typed = typed.round().astype("Int64")
         elif column.kind == "time":
             typed, wrong = _as_time(values)
+            reasons.add(typed.notna().to_numpy(bool)
+                        & ((typed < EARLIEST_TIME) | (typed >= LATEST_TIME)).to_numpy(bool),
+                        f"implausible {column.name}")
         elif column.kind == "tags":
             typed, wrong = _as_tags(values)
         else:

@@ -10,7 +10,7 @@ from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
-from apache_beam import typehints
+from apache_beam import coders, typehints
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquetBatched, WriteToParquetBatched
 
@@ -40,7 +40,7 @@ def find_table(directory: str, table: str) -> str:
         f"{{{','.join(SOURCE_SUFFIXES)}}})")
 
 
-@typehints.with_input_types(List[str])
+@typehints.with_input_types(List[bytes])
 @typehints.with_output_types(pd.DataFrame)
 class ParseJsonLinesFn(beam.DoFn):
     """Parses a batch of JSON lines and validates it against the table's contract."""
@@ -48,14 +48,14 @@ class ParseJsonLinesFn(beam.DoFn):
     def __init__(self, table: str):
         self._table = table
 
-    def process(self, lines: List[str]) -> Iterator:
+    def process(self, lines: List[bytes]) -> Iterator:
         records, raw, bad_lines, bad_reasons = [], [], [], []
         for line in lines:
             if not line.strip():
                 continue
             record, reason = contracts.parse_json_line(line)
             if record is None:
-                bad_lines.append(line)
+                bad_lines.append(_text(line))
                 bad_reasons.append(reason)
             else:
                 records.append(record)
@@ -66,7 +66,8 @@ class ParseJsonLinesFn(beam.DoFn):
                 self._table, "Parse", bad_reasons, bad_lines))
         if records:
             checked = contracts.validate(self._table, contracts.records_frame(self._table, records))
-            yield from _emit(self._table, checked, [raw[i] for i in checked.bad_positions])
+            yield from _emit(self._table, checked,
+                             [_text(raw[i]) for i in checked.bad_positions])
 
 
 @typehints.with_input_types(pa.Table)
@@ -87,6 +88,12 @@ class ValidateArrowFn(beam.DoFn):
         checked = contracts.validate(self._table, frame)
         yield from _emit(self._table, checked,
                          contracts.to_record_json(frame, checked.bad_positions))
+
+
+def _text(line: bytes, limit: int = 10_000) -> str:
+    """A raw line as storable text: undecodable bytes escaped, huge lines cut."""
+    text = line.decode("utf-8", errors="backslashreplace") if isinstance(line, bytes) else line
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text):,} chars]"
 
 
 def _emit(table: str, checked: contracts.Validated, bad_records: Sequence[str]) -> Iterator:
@@ -138,7 +145,9 @@ class ReadTable(beam.PTransform):
                              Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
         else:
             validated = (pbegin
-                         | "ReadLines" >> beam.io.ReadFromText(self._path)
+                         # Bytes, not str: a line that is not UTF-8 is a dead letter, not a crash.
+                         | "ReadLines" >> beam.io.ReadFromText(self._path,
+                                                               coder=coders.BytesCoder())
                          | "BatchLines" >> beam.BatchElements(
                              min_batch_size=self._batch_rows, max_batch_size=self._batch_rows)
                          | "ParseAndValidate" >> beam.ParDo(
