@@ -19,6 +19,7 @@ from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blen
                                popularity_score, segment_key, segment_keys)
 
 SIGNAL_COLUMNS = ("bought", "carted", "viewed")
+_NONE = np.array([], dtype=np.int64)
 UNSERVED_REASON = "fewer eligible parts than recommendations at every level"
 
 
@@ -131,17 +132,15 @@ class Recommender:
         items = np.full((count, n), -1, dtype=np.int64)
         scores = np.zeros((count, n))
         source = np.full(count, None, dtype=object)
-        no_signal = np.empty(count, dtype=object)
-        no_signal[:] = [()] * count
-        signals = {c: users[c].to_numpy(object) if c in users.columns else no_signal
-                   for c in SIGNAL_COLUMNS}
+        signals = {c: self._signal_positions(cand, users[c].to_numpy(object))
+                   if c in users.columns else [_NONE] * count for c in SIGNAL_COLUMNS}
         weights = self.config.scoring
         for u in range(count):
-            bought = self._positions(cand, signals["bought"][u])
+            bought = signals["bought"][u]
             boost: Dict[int, float] = {}
             for column, weight in (("viewed", weights.view_weight),
                                    ("carted", weights.cart_weight)):
-                for p in self._positions(cand, signals[column][u]):
+                for p in signals[column][u]:
                     boost[int(p)] = max(boost.get(int(p), 0.0), weight)
             for level in levels:
                 excluded_observed = int(level.scores.observed[bought].sum()) if len(bought) else 0
@@ -162,13 +161,20 @@ class Recommender:
                     break
         return Picks(source != None, items, scores, source)  # noqa: E711
 
-    def _positions(self, cand: np.ndarray, skus) -> np.ndarray:
-        """Positions within ``cand`` of a signal's SKUs (SKUs not among them ignored)."""
-        if skus is None or len(skus) == 0:
-            return np.array([], dtype=np.int64)
-        idx = self.catalog.index_of(list(skus))
-        where = np.clip(np.searchsorted(cand, idx), 0, max(len(cand) - 1, 0))
-        return where[cand[where] == idx] if len(cand) else np.array([], dtype=np.int64)
+    def _signal_positions(self, cand: np.ndarray, signal: np.ndarray) -> List[np.ndarray]:
+        """Per user, positions within ``cand`` of the SKUs in one signal column.
+
+        One catalogue lookup for the whole vehicle group, not one per user;
+        SKUs that are not candidates are dropped.
+        """
+        lengths = np.fromiter((len(t) if t is not None else 0 for t in signal),
+                              dtype=np.int64, count=len(signal))
+        if not lengths.any() or not len(cand):
+            return [_NONE] * len(signal)
+        idx = self.catalog.index_of([sku for t in signal if t is not None for sku in t])
+        where = np.clip(np.searchsorted(cand, idx), 0, len(cand) - 1)
+        found = np.where((idx >= 0) & (cand[where] == idx), where, -1)
+        return [part[part >= 0] for part in np.split(found, np.cumsum(lengths)[:-1])]
 
     @staticmethod
     def _personal(level: _Level, part_type, variant, bought: np.ndarray,
