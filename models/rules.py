@@ -105,8 +105,7 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     over = (pd.DataFrame({"row": long["row"], "t": types}).groupby(["row", "t"]).size()
             > rules.max_per_part_type).groupby(level=0).any()
     counts[3] = int((over | pd.Series(mismatch).groupby(long["row"]).any()).sum())
-    counts[4] = per_row([sku in ctx.bought.get(user, ()) for user, sku in
-                         zip(long["user_id"], long["sku"])])
+    counts[4] = per_row(_pairs_in(long["user_id"], long["sku"], ctx.bought))
     excluded = set(rules.excluded_tags)
     counts[5] = per_row([bool(excluded.intersection(t)) if isinstance(t, tuple) else False
                          for t in tags])
@@ -117,8 +116,8 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     # Without fitment attributes every item fits every user.
     universal = (cat["is_universal"].fillna(False).to_numpy(bool)
                  | (not config.fitment_attributes))
-    counts[8] = per_row(known & np.array([not (u or sku in ctx.fitting.get(v, ())) for u, sku, v
-                                          in zip(universal, long["sku"], vehicle)], dtype=bool))
+    fits = _pairs_in(pd.Series(vehicle), long["sku"], ctx.fitting)
+    counts[8] = per_row(known & ~universal & ~fits)
     group = np.where(cat["variant_group"].notna().to_numpy(bool),
                      cat["variant_group"].to_numpy(object), long["sku"].to_numpy(object))
     dup = pd.DataFrame({"row": long["row"], "g": group, "s": long["sku"]}).loc[known]
@@ -135,6 +134,18 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     counts[14] = duplicate_emails(email)
     counts[15] = per_row(low_value_mask(pd.Series(types), rules))
     return counts
+
+
+def _pairs_in(keys: pd.Series, skus: pd.Series, sets: Mapping[object, Sequence[str]]
+              ) -> np.ndarray:
+    """Whether each (key, sku) pair is listed in ``sets[key]``, by one hash join."""
+    listed = pd.Series(sets, dtype=object).explode().dropna()
+    if listed.empty:
+        return np.zeros(len(skus), dtype=bool)
+    table = pd.MultiIndex.from_arrays([listed.index.to_numpy(object),
+                                       listed.to_numpy(object)])
+    probe = pd.MultiIndex.from_arrays([keys.to_numpy(object), skus.to_numpy(object)])
+    return probe.isin(table)
 
 
 def duplicate_emails(emails: pd.Series) -> int:
