@@ -2,11 +2,14 @@
 
     python -m pipelines.batch_recommendations --input_dir out/demo_world \\
         --warehouse out/warehouse.duckdb --as_of 2026-06-30T00:00:00Z
+    python -m pipelines.batch_recommendations --source bigquery --sink bigquery \\
+        --bigquery_project my-project --bigquery_dataset recs --as_of 2026-06-30T00:00:00Z
 
-Reads the five SPEC §2 inputs from local files, computes time-decayed segment
-popularity with fallback levels, applies intent and every business rule, runs
-the QA checks on the output, and publishes to the warehouse only when the run
-is clean. Exit status 0 means published; 1 means the run was gated.
+Reads the SPEC §2 inputs from local files or BigQuery tables, computes
+time-decayed segment popularity with fallback levels, applies intent and every
+business rule, runs the QA checks on the output, and publishes to the warehouse
+(DuckDB or BigQuery) only when the run is clean, keeping the previous output as
+a backup. Exit status 0 means published; 1 means the run was gated.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import argparse
 import json
 import os
 import uuid
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 import pandas as pd
@@ -27,14 +30,18 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions, require_input_dir
 from transforms import schemas
+from transforms.bigquery import apply_options
+from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceSinkOptions,
+                                    WINDOWED_TABLE, settings_from)
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
-from transforms.io import ReadTable, WriteFrames, find_table
-from transforms.publish import PublishRunFn
+from transforms.io import ReadTable, find_table
+from transforms.publish import PublishRunFn, StageOutput
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
                                   sum_violations)
-from transforms.warehouse import LocalWarehouse
+from transforms.warehouse import (PUBLISHED_TABLES, BigQueryWarehouse, LocalWarehouse,
+                                  backup_id, backup_table)
 
 JOB = "batch_recommendations"
 MODEL_VERSION = "segment-popularity-v1"
@@ -52,6 +59,12 @@ class BatchOptions(PipelineOptions):
         parser.add_argument("--min_ratio_vs_last_run", type=float, default=0.5,
                             help="Gate the run when it writes fewer than this share of "
                                  "the last published run's rows.")
+        parser.add_argument("--keep_backups", type=int, default=7,
+                            help="Backups of earlier outputs kept after a publish (at least "
+                                 "1); older ones are dropped.")
+
+
+Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
 
 
 class RunContext(NamedTuple):
@@ -62,6 +75,8 @@ class RunContext(NamedTuple):
     started_at: pd.Timestamp
     staging_dir: str
     config: RecsConfig
+    warehouse: Warehouse
+    bigquery: Optional[BigQuerySettings] = None
 
 
 def context_from(options: PipelineOptions) -> RunContext:
@@ -76,7 +91,19 @@ def context_from(options: PipelineOptions) -> RunContext:
     as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
     if options.num_shards < 1:
         raise SystemExit("--num_shards must be >= 1")
-    require_input_dir(options.input_dir)
+    if batch.keep_backups < 1:
+        raise SystemExit("--keep_backups must be >= 1: the previous output is kept as a backup")
+    io_options = options.view_as(SourceSinkOptions)
+    bigquery = None
+    if "bigquery" in (io_options.source, io_options.sink) or io_options.events_since or (
+            io_options.events_until):
+        try:
+            bigquery = settings_from(options)
+        except ValueError as err:
+            raise SystemExit(str(err))
+        apply_options(options)  # --bigquery_endpoint: every BigQuery client of this process
+    if io_options.source == "local":
+        require_input_dir(options.input_dir)
     run_id = options.run_id or f"{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)
@@ -86,7 +113,50 @@ def context_from(options: PipelineOptions) -> RunContext:
         raise SystemExit(f"--config: {err}")
     if batch.strategy == "global":
         config = config.replace(segment_attributes=())
-    return RunContext(run_id, as_of, now, staging, config)
+    warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
+                 if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
+    _check_connections(warehouse, bigquery, run_id, config)
+    return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery)
+
+
+def input_tables(config: RecsConfig) -> Tuple[str, ...]:
+    """The SPEC §2 inputs this job reads: fitment only when the config names fitment attributes
+    (a retailer without fitment data configures none)."""
+    return ("catalog", "users", "events") + (("fitment",) if config.fitment_attributes else ())
+
+
+def _check_connections(warehouse: Warehouse, bigquery: Optional[BigQuerySettings],
+                       run_id: str, config: RecsConfig) -> None:
+    """Fail at start-up, not after the run: a missing dataset or input, a reused run id."""
+    try:  # the run's backups are named after it
+        for name in PUBLISHED_TABLES:
+            backup_table(name, backup_id(run_id))
+    except ValueError as err:
+        raise SystemExit(f"--run_id {run_id!r} is too long for its backup names: {err}")
+    if warehouse.run_exists(run_id):
+        raise SystemExit(f"run id {run_id!r} is already recorded in pipeline_runs; give each "
+                         f"run its own --run_id (its backups are named after it)")
+    if isinstance(warehouse, BigQueryWarehouse):
+        if not warehouse.dataset_exists():
+            raise SystemExit(f"BigQuery dataset {warehouse.project}.{warehouse.dataset} does "
+                             f"not exist; create it first (bq mk --dataset ...)")
+        try:
+            leftovers = [t for t in warehouse.run_tables(run_id) if warehouse.exists(t)]
+        except ValueError as err:
+            raise SystemExit(f"--run_id {run_id!r}: {err}")
+        if leftovers:  # an earlier attempt of this run id crashed: never append to its rows
+            raise SystemExit(f"tables of an earlier attempt of run {run_id!r} exist "
+                             f"({', '.join(leftovers)}); drop them or use a new --run_id")
+    if bigquery is not None and bigquery.inputs:
+        from google.api_core.exceptions import NotFound
+        from transforms.bigquery import client
+        bq = client(bigquery.project, bigquery.endpoint)
+        for table in input_tables(config):
+            try:
+                bq.get_table(bigquery.inputs[table].id)
+            except NotFound:
+                raise SystemExit(f"BigQuery input {bigquery.inputs[table].id} ({table}) "
+                                 f"does not exist") from None
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
@@ -95,10 +165,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     batch = options.view_as(BatchOptions)
     options = options.view_as(CommonOptions)
     config, n_shards = ctx.config, options.num_shards
-    # Fitment is optional: a retailer without fitment data configures no fitment attributes.
-    tables = ("catalog", "users", "events") + (("fitment",) if config.fitment_attributes else ())
-    read = {table: pipeline | f"Read{table.capitalize()}" >> ReadTable(
-        table, find_table(options.input_dir, table)) for table in tables}
+    read = {table: pipeline | f"Read{table.capitalize()}" >> _source(table, options, ctx)
+            for table in input_tables(config)}
 
     catalog = read["catalog"].rows | "CleanCatalog" >> CleanCatalog()
     fitment_rows = (read["fitment"].rows if "fitment" in read
@@ -133,28 +201,40 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                 | "FlattenCounters" >> beam.Flatten()
                 | "SumCounters" >> SumCounts())
 
+    outputs = schemas.outputs(config.rules.recs_per_user)
+
+    def stage(name: str) -> StageOutput:
+        return StageOutput(ctx.warehouse, ctx.run_id, name, outputs[name], ctx.staging_dir)
+
+    logged_dead = dead | "StampDeadLetters" >> beam.Map(
+        lambda frame, run_id: frame.assign(run_id=run_id), ctx.run_id)
     staged = {
-        "recommendations": stamped | "StageRecommendations" >> WriteFrames(
-            os.path.join(ctx.staging_dir, "recommendations", "part"),
-            schemas.recommendations(config.rules.recs_per_user)),
-        "segment_popularity": popularity | "StagePopularity" >> WriteFrames(
-            os.path.join(ctx.staging_dir, "segment_popularity", "part"),
-            schemas.SEGMENT_POPULARITY),
-        "dead_letter": dead | "StageDeadLetters" >> WriteFrames(
-            os.path.join(ctx.staging_dir, "dead_letter", "part"), schemas.DEAD_LETTER),
+        "recommendations": stamped | "StageRecommendations" >> stage("recommendations"),
+        "segment_popularity": popularity | "StagePopularity" >> stage("segment_popularity"),
+        "dead_letter": logged_dead | "StageDeadLetters" >> stage("dead_letter"),
     }
     run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
                "started_at": ctx.started_at}
     return counters | "GateAndPublish" >> beam.ParDo(
-        PublishRunFn(LocalWarehouse(options.warehouse), run_row, config,
-                     batch.min_ratio_vs_last_run),
+        PublishRunFn(ctx.warehouse, run_row, config, batch.min_ratio_vs_last_run,
+                     batch.keep_backups),
         beam.pvalue.AsSingleton(violations),
         beam.pvalue.AsList(staged["recommendations"]),
         beam.pvalue.AsList(staged["segment_popularity"]),
         beam.pvalue.AsList(staged["dead_letter"]))
 
 
-def summarise(warehouse: LocalWarehouse, run_id: str, n: int) -> str:
+def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransform:
+    """The reader of one input: its local file, or its BigQuery table (windowed for events)."""
+    if ctx.bigquery is not None and ctx.bigquery.inputs:
+        return ReadBigQueryTable(
+            table, ctx.bigquery.inputs[table],
+            ctx.bigquery.events_window if table == WINDOWED_TABLE else None,
+            ctx.bigquery.endpoint)
+    return ReadTable(table, find_table(options.input_dir, table))
+
+
+def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
     """A short human summary of one run, read back from the warehouse."""
     run = warehouse.query("SELECT * FROM pipeline_runs WHERE run_id = ?", [run_id]).iloc[0]
     qa = warehouse.query("SELECT rule_id, name, violations FROM qa_checks WHERE run_id = ? "
@@ -182,7 +262,7 @@ def summarise(warehouse: LocalWarehouse, run_id: str, n: int) -> str:
         lines.append("stability vs the previous output:")
         lines += ["  " + line for line in format_report(stability.iloc[0].to_dict(), n)
                   .splitlines()]
-    lines.append(f"warehouse: {os.path.abspath(warehouse.path)}")
+    lines.append(f"warehouse: {warehouse.location}")
     return "\n".join(lines)
 
 
@@ -192,8 +272,8 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     ctx = context_from(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
-    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
+    return finish_run(pipeline, ctx.warehouse, ctx.run_id, lambda: summarise(
+        ctx.warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
 
 
 def main() -> None:

@@ -1,44 +1,97 @@
-"""The last step of a batch run: gate on QA and run health, then publish or refuse.
+"""The last steps of a batch run: stage the outputs, gate on QA and run health, publish or refuse.
 
-It runs inside the pipeline, after every staged write has finished (their file
-lists are its side inputs), because a Dataflow template's launcher exits long
-before the job ends: nothing may depend on code after ``run()``.
+The gate runs inside the pipeline, after every staged write has finished
+(their outputs are its side inputs), because a Dataflow template's launcher
+exits long before the job ends: nothing may depend on code after ``run()``.
+The same DoFn publishes to either warehouse (``transforms.warehouse``): the
+local one stages Parquet files and swaps inside one DuckDB transaction; the
+BigQuery one stages tables with ``WriteToBigQuery`` and swaps with copy jobs.
 """
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterator, List
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
 
 from models import health, rules
-from models.stability import stability_report
 from models.config import RecsConfig
+from models.stability import stability_report
 from transforms import schemas
-from transforms.warehouse import LocalWarehouse, read_staged
+from transforms.bigquery_io import WriteFramesToBigQuery
+from transforms.io import WriteFrames
+from transforms.warehouse import BigQueryWarehouse, LocalWarehouse, Staged
+
+Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
+STAGED = ("recommendations", "segment_popularity", "dead_letter")
+
+
+class StageOutput(beam.PTransform):
+    """Writes one output where ``warehouse`` publishes it from.
+
+    Local: Parquet files under ``staging_dir/<name>/`` (output: the file names).
+    BigQuery: the run's staging table, or the log table itself for dead letters
+    (output: the rows BigQuery refused). Either output, taken as a side input,
+    makes the gate wait for the write.
+    """
+
+    def __init__(self, warehouse: Warehouse, run_id: str, name: str, schema: pa.Schema,
+                 staging_dir: str):
+        super().__init__()
+        self._warehouse = warehouse
+        self._run_id = run_id
+        self._name = name
+        self._schema = schema
+        self._staging_dir = staging_dir
+
+    def expand(self, frames: beam.PCollection) -> beam.PCollection:
+        if isinstance(self._warehouse, BigQueryWarehouse):
+            ref = self._warehouse.ref(self._warehouse.sink_table(self._run_id, self._name))
+            return frames | "WriteBigQuery" >> WriteFramesToBigQuery(ref, self._name,
+                                                                     self._schema)
+        return frames | "WriteParquet" >> WriteFrames(
+            os.path.join(self._staging_dir, self._name, "part"), self._schema)
 
 
 class PublishRunFn(beam.DoFn):
-    """Writes run logs, and swaps in the new output only when the run is clean."""
+    """Writes run logs, and swaps in the new output only when the run is clean.
 
-    def __init__(self, warehouse: LocalWarehouse, run: Dict[str, object], config: RecsConfig,
-                 min_ratio_vs_last: float):
+    A clean run is one that passes every QA rule and the run-health checks
+    (``models.health.verdict``) and whose staged outputs are complete (the
+    warehouse refused none of their rows). Publishing also writes the stability
+    report against the output it replaces, and prunes backups beyond
+    ``keep_backups``.
+    """
+
+    def __init__(self, warehouse: Warehouse, run: Dict[str, object], config: RecsConfig,
+                 min_ratio_vs_last: float, keep_backups: Optional[int] = None):
         self._warehouse = warehouse
         self._run = run
         self._config = config
         self._min_ratio = min_ratio_vs_last
+        self._keep_backups = keep_backups
 
     def process(self, counters: Dict[str, int], violations: Dict[int, int],
-                recs_files: List[str], popularity_files: List[str],
-                dead_letter_files: List[str]) -> Iterator[Dict[str, object]]:
+                recs_staged: List[Any], popularity_staged: List[Any],
+                dead_letter_staged: List[Any]) -> Iterator[Dict[str, object]]:
         run_id = self._run["run_id"]
+        n = self._config.rules.recs_per_user
+        tables = schemas.outputs(n)
+        staged = {name: self._warehouse.staged(run_id, name, tables[name], outputs)
+                  for name, outputs in zip(STAGED, (recs_staged, popularity_staged,
+                                                    dead_letter_staged))}
+        refused = {name: s.refused for name, s in staged.items() if s.refused}
+        if refused:
+            logging.warning("run %s: the warehouse refused rows %s", run_id, refused)
+        counters = {**counters, **{f"{name}.refused": k for name, k in refused.items()}}
         written = int(counters.get("recommendations.written", 0))
-        verdict = health.verdict(violations, written, self._warehouse.last_published_rows(),
-                                 self._min_ratio, counters)
+        verdict = _verdict(violations, written, self._warehouse.last_published_rows(),
+                           self._min_ratio, counters, refused)
         qa = rules.qa_table(violations, self._config).assign(run_id=run_id)
-        dead = read_staged(dead_letter_files, schemas.DEAD_LETTER)
         row = {
             **self._run,
             "finished_at": pd.Timestamp.now(tz="UTC"),
@@ -55,23 +108,35 @@ class PublishRunFn(beam.DoFn):
             "qa_violations": int(sum(violations.values())),
             "counters": json.dumps(dict(sorted(counters.items()))),
         }
-        logs = {
+        logs: Dict[str, Union[pa.Table, Staged]] = {
             "qa_checks": pa.Table.from_pandas(qa, schema=schemas.QA_CHECKS, preserve_index=False),
-            "dead_letter": dead.append_column("run_id", pa.array([run_id] * dead.num_rows,
-                                                                 pa.string())),
+            "dead_letter": staged["dead_letter"],
             "pipeline_runs": pa.Table.from_pylist([row], schema=schemas.PIPELINE_RUNS),
         }
-        n = self._config.rules.recs_per_user
-        published = {
-            "recommendations": read_staged(recs_files, schemas.recommendations(n)),
-            "segment_popularity": read_staged(popularity_files, schemas.SEGMENT_POPULARITY),
-        }
-        if verdict.status == health.PUBLISHED:
-            previous = self._warehouse.read("recommendations")
-            current = published["recommendations"].to_pandas()
+        published = {name: staged[name] for name in ("recommendations", "segment_popularity")}
+        swap = verdict.status == health.PUBLISHED
+        if swap:
+            columns = ["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)] + [
+                f"rec{i}_price" for i in range(1, n + 1)]
+            previous = self._warehouse.read("recommendations", columns)
+            current = self._warehouse.frame(published["recommendations"])[columns]
             report = stability_report(current.iloc[:0] if previous is None else previous,
                                       current, n)
-            logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}])
-        self._warehouse.publish(run_id, published, logs,
-                                swap=verdict.status == health.PUBLISHED)
+            logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}],
+                                                            schema=tables["stability_report"])
+        self._warehouse.publish(run_id, published, logs, swap=swap)
+        if swap and self._keep_backups is not None:
+            pruned = self._warehouse.prune_backups(self._keep_backups)
+            if pruned:
+                logging.info("run %s: pruned backups %s", run_id, pruned)
         yield row
+
+
+def _verdict(violations: Dict[int, int], written: int, last_written: Optional[int],
+             min_ratio: float, counters: Dict[str, int],
+             refused: Dict[str, int]) -> health.Verdict:
+    """``models.health.verdict``, and gated when a staged output is incomplete."""
+    if refused:
+        return health.Verdict(health.GATED, f"alarm: the warehouse refused staged rows "
+                                            f"{dict(sorted(refused.items()))}")
+    return health.verdict(violations, written, last_written, min_ratio, counters)

@@ -1,9 +1,20 @@
-"""Arrow schemas of every output table: one definition for staging files and the warehouse."""
+"""Schemas of every table: Arrow for staging files and DuckDB, BigQuery derived from them.
+
+Each output table is defined once, as an Arrow schema; its BigQuery schema,
+partitioning and clustering come from :func:`bigquery_table`, so the local and
+the BigQuery warehouse cannot drift apart. Input tables (SPEC §2) are defined
+once too, by the data contracts in ``models.contracts``.
+"""
 from __future__ import annotations
 
+from typing import Dict, List
+
+import pandas as pd
 import pyarrow as pa
 
+from models.contracts import SCHEMAS as CONTRACTS
 from models.recommend import rec_columns
+from models.stability import stability_report
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _TYPES = {"year": pa.int64(), "generated_at": TIMESTAMP}
@@ -45,3 +56,98 @@ PIPELINE_RUNS = pa.schema([
     ("recommendations_written", pa.int64()), ("dead_lettered", pa.int64()),
     ("deduplicated", pa.int64()), ("qa_violations", pa.int64()), ("counters", pa.string()),
 ])
+
+# Dead letters as logged: the staged rows plus the run that refused them.
+DEAD_LETTER_LOG = DEAD_LETTER.append(pa.field("run_id", pa.string()))
+
+
+def stability(n: int) -> pa.Schema:
+    """The ``stability_report`` row: ``run_id`` then the figures of ``stability_report``.
+
+    Derived from the function itself (on two empty outputs), so a figure added
+    there is a column here.
+    """
+    empty = pd.DataFrame(columns=["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)]
+                         + [f"rec{i}_price" for i in range(1, n + 1)])
+    figures = stability_report(empty, empty, n)
+    return pa.schema([("run_id", pa.string())] + [
+        (name, pa.int64() if isinstance(value, int) else pa.float64())
+        for name, value in figures.items()])
+
+
+def outputs(n: int) -> Dict[str, pa.Schema]:
+    """Every table the batch job writes, by name, for ``n`` recommendations per user."""
+    return {"recommendations": recommendations(n), "segment_popularity": SEGMENT_POPULARITY,
+            "qa_checks": QA_CHECKS, "pipeline_runs": PIPELINE_RUNS,
+            "dead_letter": DEAD_LETTER_LOG, "stability_report": stability(n)}
+
+
+# --------------------------------------------------------------------------- BigQuery
+
+_BIGQUERY_TYPES = {pa.string(): "STRING", pa.float64(): "FLOAT64", pa.int64(): "INT64",
+                   pa.bool_(): "BOOL", TIMESTAMP: "TIMESTAMP"}
+_CONTRACT_TYPES = {"str": "STRING", "float": "FLOAT64", "int": "INT64", "bool": "BOOL",
+                   "time": "TIMESTAMP", "tags": "STRING"}
+
+# Day partitions where a table grows by time or is read by a time window. Dead letters
+# carry no time of their own, so their table is partitioned by ingestion time.
+PARTITIONING: Dict[str, Dict[str, str]] = {
+    "recommendations": {"type": "DAY", "field": "generated_at"},
+    "pipeline_runs": {"type": "DAY", "field": "started_at"},
+    "dead_letter": {"type": "DAY"},
+    "events": {"type": "DAY", "field": "event_time"},
+    "treatment_events": {"type": "DAY", "field": "event_time"},
+}
+# Clustering for the usual lookups: a user's row by e-mail, a segment's ranking.
+CLUSTERING: Dict[str, List[str]] = {
+    "recommendations": ["email_lower"],
+    "segment_popularity": ["level", "segment"],
+}
+
+
+def bigquery_fields(schema: pa.Schema) -> List[Dict[str, str]]:
+    """BigQuery field definitions (REST form) of an Arrow schema.
+
+    >>> bigquery_fields(pa.schema([("sku", pa.string()), ("tags", pa.list_(pa.string()))]))
+    [{'name': 'sku', 'type': 'STRING', 'mode': 'NULLABLE'}, \
+{'name': 'tags', 'type': 'STRING', 'mode': 'REPEATED'}]
+    """
+    fields = []
+    for field in schema:
+        kind, mode = field.type, "NULLABLE" if field.nullable else "REQUIRED"
+        if pa.types.is_list(kind):
+            kind, mode = kind.value_type, "REPEATED"
+        if kind not in _BIGQUERY_TYPES:
+            raise TypeError(f"no BigQuery type for column {field.name!r} ({field.type})")
+        fields.append({"name": field.name, "type": _BIGQUERY_TYPES[kind], "mode": mode})
+    return fields
+
+
+def bigquery_table(name: str, schema: pa.Schema) -> Dict[str, object]:
+    """Schema, partitioning and clustering of table ``name`` (REST form).
+
+    The same dictionary serves ``WriteToBigQuery`` (``schema`` and
+    ``additional_bq_parameters``) and ``google.cloud.bigquery.Table.from_api_repr``.
+    """
+    table: Dict[str, object] = {"schema": {"fields": bigquery_fields(schema)}}
+    if name in PARTITIONING:
+        table["timePartitioning"] = dict(PARTITIONING[name])
+    if name in CLUSTERING:
+        table["clustering"] = {"fields": list(CLUSTERING[name])}
+    return table
+
+
+def input_table(table: str) -> Dict[str, object]:
+    """The BigQuery form of a SPEC §2 input, from its data contract (tags are REPEATED).
+
+    Only the contract's fields are listed; a table may hold more. Every field is
+    NULLABLE on purpose: a row missing a required field is the validator's to
+    dead-letter with its reason, not the loader's to refuse.
+    """
+    fields = [{"name": c.name, "type": _CONTRACT_TYPES[c.kind],
+               "mode": "REPEATED" if c.kind == "tags" else "NULLABLE"}
+              for c in CONTRACTS[table]]
+    spec: Dict[str, object] = {"schema": {"fields": fields}}
+    if table in PARTITIONING:
+        spec["timePartitioning"] = dict(PARTITIONING[table])
+    return spec

@@ -1,0 +1,101 @@
+"""Published outputs by hand: list the backups, roll back to one, prune old ones.
+
+    python -m pipelines.publish list                         # the local out/warehouse.duckdb
+    python -m pipelines.publish rollback --to 20260301T060000Z_ab12cd
+    python -m pipelines.publish prune --keep 3
+    python -m pipelines.publish list --bigquery_project my-project --bigquery_dataset recs
+    python -m pipelines.publish load-inputs --input_dir out/demo_world \\
+        --bigquery_dataset recs --bigquery_endpoint http://127.0.0.1:9050
+
+Every publish of the batch job keeps the output it replaces as the backup
+``<table>_backup_<id>``, where ``id`` is the replacing run's id. ``rollback``
+makes a backup production again (the output it replaces becomes a backup in
+turn, so a rollback can be undone) and records itself in ``pipeline_runs``.
+``load-inputs`` loads a local world's input files into BigQuery tables (for
+demos and the emulator). Exit status: 0 done, 2 refused (bad name, no such backup).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Union
+
+from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
+
+Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
+
+
+def _parser() -> argparse.ArgumentParser:
+    where = argparse.ArgumentParser(add_help=False)
+    target = where.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
+    target.add_argument("--warehouse", default="out/warehouse.duckdb",
+                        help="DuckDB file of the local warehouse.")
+    target.add_argument("--bigquery_project", default=None,
+                        help="Project of the BigQuery dataset (default: test-project with "
+                             "--bigquery_endpoint, else required).")
+    target.add_argument("--bigquery_dataset", default=None,
+                        help="Use this BigQuery dataset instead of the local warehouse.")
+    target.add_argument("--bigquery_endpoint", default=None,
+                        help="A BigQuery emulator's URL (anonymous credentials).")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.publish",
+                                     description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", parents=[where], help="List backups, newest first.")
+    rollback = commands.add_parser("rollback", parents=[where],
+                                   help="Make a backup the production output again.")
+    rollback.add_argument("--to", required=True, help="Backup id (see `list`).")
+    prune = commands.add_parser("prune", parents=[where],
+                                help="Drop all but the newest backups.")
+    prune.add_argument("--keep", type=int, required=True, help="Backups to keep (>= 0).")
+    load = commands.add_parser("load-inputs", parents=[where],
+                               help="Load a world's input files into BigQuery tables.")
+    load.add_argument("--input_dir", required=True, help="Directory with the SPEC §2 inputs.")
+    load.add_argument("--max_bad_records", type=int, default=0,
+                      help="Malformed lines BigQuery may skip per table (default 0: fail).")
+    return parser
+
+
+def warehouse_from(args: argparse.Namespace) -> Warehouse:
+    if not args.bigquery_dataset:
+        return LocalWarehouse(args.warehouse)
+    project = args.bigquery_project or ("test-project" if args.bigquery_endpoint else None)
+    if not project:
+        raise ValueError("--bigquery_dataset needs --bigquery_project")
+    return BigQueryWarehouse(project, args.bigquery_dataset, args.bigquery_endpoint)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        warehouse = warehouse_from(args)
+        if args.command == "list":
+            backups = warehouse.list_backups()
+            if backups.empty:
+                print(f"no backups in {warehouse.location}")
+            else:
+                print(f"backups in {warehouse.location}, newest first:")
+                print(backups.to_string(index=False))
+        elif args.command == "rollback":
+            kept = warehouse.rollback(args.to)
+            print(f"restored backup {args.to} in {warehouse.location}; the output it replaced "
+                  f"is backup {kept}")
+        elif args.command == "prune":
+            dropped = warehouse.prune_backups(args.keep)
+            print(f"dropped {len(dropped)} backup(s) from {warehouse.location}"
+                  + (": " + ", ".join(dropped) if dropped else ""))
+        else:
+            if not isinstance(warehouse, BigQueryWarehouse):
+                raise ValueError("load-inputs needs --bigquery_dataset")
+            from transforms.bigquery_io import load_inputs
+            loaded = load_inputs(args.input_dir, warehouse.project, warehouse.dataset,
+                                 warehouse.endpoint, max_bad_records=args.max_bad_records)
+            for table, rows in loaded.items():
+                print(f"{table:18s} {rows:>10,} rows -> {warehouse.ref(table).id}")
+    except ValueError as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
