@@ -219,7 +219,8 @@ def validate(table: str, frame: pd.DataFrame) -> Validated:
                 number = typed.to_numpy()
                 reasons.add(np.isfinite(number) & (number != np.round(number)),
                             f"non-integer {column.name}")
-                typed = typed.round().astype("Int64")
+                # Out-of-range values are already refused; keep them from overflowing int64.
+                typed = typed.where(typed.abs() <= limit).round().astype("Int64")
         elif column.kind == "time":
             typed, wrong = _as_time(values)
             reasons.add(typed.notna().to_numpy(bool)

@@ -30,7 +30,7 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions, require_input_dir
 from transforms import schemas
-from transforms.bigquery import apply_options
+from transforms.bigquery import BigQueryOptions, apply_options  # noqa: F401 (its flags)
 from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceSinkOptions,
                                     WINDOWED_TABLE, settings_from)
 from transforms.health import CountRows, DeadLetterCounts, SumCounts

@@ -73,8 +73,14 @@ class Template:
 
 # The registry: one line per Flex Template. `--write` creates its directory;
 # templates/deploy.sh builds an image and a template spec for every directory.
+EMULATOR_ONLY = {
+    "bigquery_endpoint": "points clients at a local BigQuery emulator; never set on Dataflow",
+    "bigquery_storage_endpoint": "the emulator's Storage API port; never set on Dataflow",
+}
+
+
 TEMPLATES: Tuple[Template, ...] = (
-    Template("batch_recommendations"),
+    Template("batch_recommendations", exclude=EMULATOR_ONLY),
     Template("bandit_report"),
     Template("campaign_report", exclude={
         "segment_by": "campaign_report refuses it at start-up (per-segment state is "

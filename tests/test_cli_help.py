@@ -1,0 +1,25 @@
+"""Every job answers ``python -m pipelines.<job> --help`` with its own flags."""
+import subprocess
+import sys
+
+import pytest
+
+JOBS = {
+    "batch_recommendations": ["--input_dir", "--as_of", "--config", "--strategy",
+                              "--bigquery_endpoint", "--sink"],
+    "backtest": ["--input_dir", "--as_of", "--config"],
+    "bandit_report": ["--window_days", "--exploration_floor", "--warehouse"],
+    "campaign_report": ["--attribution_days", "--report_html"],
+    "generate_world": ["--preset", "--seed", "--format", "--bad_rows"],
+    "import_dataset": ["--source", "--out"],
+    "publish": ["rollback", "prune"],
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_help_lists_the_jobs_flags(job):
+    proc = subprocess.run([sys.executable, "-m", f"pipelines.{job}", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in JOBS[job]:
+        assert flag in proc.stdout, (job, flag)
