@@ -115,3 +115,12 @@ def test_email_case_and_whitespace_are_normalised():
     checked = contracts.validate("users", frame)
     assert checked.rows["email_lower"].tolist() == ["ana.lopez@example.com"] * 2
     assert len(checked.bad_positions) == 0
+
+
+def test_integers_beyond_int64_are_refused_not_crashing():
+    frame = contracts.records_frame("fitment", [
+        {"sku": "S", "make": "Ford", "model": "GT", "year": 9.22e18},
+        {"sku": "S", "make": "Ford", "model": "GT", "year": 2015}])
+    checked = contracts.validate("fitment", frame)
+    assert checked.bad_reasons.tolist() == ["absurd year"]
+    assert checked.rows["year"].tolist() == [2015]
