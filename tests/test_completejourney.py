@@ -1,5 +1,5 @@
 """Tests for the Complete Journey importer: mapping rules on a tiny hand-made source, then the
-real sample (skipped when ../shared/data/completejourney is absent): contract-valid files,
+real sample (they fail when ../shared/data/completejourney is absent): contract-valid files,
 a 4-week holdout, and every transaction row accounted for."""
 import csv
 import gzip
@@ -182,13 +182,12 @@ def test_missing_source_file_is_a_clear_error(tmp_path):
 
 # --- the real sample ---------------------------------------------------------------
 
-needs_data = pytest.mark.skipif(
-    not os.path.exists(os.path.join(REAL_SOURCE, cj.SOURCE_FILES["transactions"])),
-    reason=f"Complete Journey sample not found at {REAL_SOURCE} (set COMPLETEJOURNEY_DIR)")
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
+    # The real sample ships in ../shared/data: a missing copy fails, never skips.
+    if not os.path.exists(os.path.join(REAL_SOURCE, cj.SOURCE_FILES["transactions"])):
+        pytest.fail(f"Complete Journey sample not found at {REAL_SOURCE}: the tests need "
+                    "../shared/data beside the clone (or COMPLETEJOURNEY_DIR)")
     out = str(tmp_path_factory.mktemp("completejourney"))
     assert import_dataset.main(["completejourney", "--source", REAL_SOURCE, "--out", out]) == 0
     with open(os.path.join(out, "world.json"), encoding="utf-8") as handle:
@@ -200,7 +199,6 @@ def source_transactions():
         return list(csv.DictReader(handle))
 
 
-@needs_data
 def test_real_files_pass_the_contracts_with_zero_bad_rows(real):
     out, manifest = real
     tables = {t: validated(out, t) for t in cj.TABLES}
@@ -220,7 +218,6 @@ def test_real_files_pass_the_contracts_with_zero_bad_rows(real):
     assert manifest["users_with_demographics"] == 801
 
 
-@needs_data
 def test_real_holdout_is_the_last_four_weeks(real):
     out, manifest = real
     start, end = pd.Timestamp(manifest["holdout_start"]), pd.Timestamp(manifest["holdout_end"])
@@ -233,7 +230,6 @@ def test_real_holdout_is_the_last_four_weeks(real):
     assert end - pd.Timedelta(days=1) <= last < end  # the window ends the day of the last sale
 
 
-@needs_data
 def test_real_rows_reconcile_with_the_source(real):
     out, manifest = real
     source = source_transactions()
@@ -262,7 +258,6 @@ def test_real_rows_reconcile_with_the_source(real):
         sample["basket_id"], sample["household_id"], float(sample["sales_value"]))
 
 
-@needs_data
 def test_real_redemption_rates_match_the_dataset_readme(real):
     """CLICKED recipients / SENT recipients per campaign type = the README's 16.6%, 6.5%, 5.9%."""
     out, manifest = real
