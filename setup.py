@@ -15,11 +15,13 @@ setuptools.setup(
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",
         "duckdb==1.5.5",
+        "lightgbm==4.7.0",
         "numpy==2.4.6",
         "orjson==3.13.0",
         "pandas==3.1.1",
         "pyarrow==25.0.1",
         "PyYAML==6.0.3",
+        "scikit-learn==1.9.1",
         "scipy==1.17.1",
     ],
     extras_require={

@@ -1,0 +1,95 @@
+"""End to end on the tiny world: train the ranker (Beam features), save it, score with it (Beam).
+
+The scoring side is the evaluation job's graph: the batch job's cleaning and
+joins, ``AttachRankerSignals``, ``RerankPerVehicle`` (SPEC §3 rules and QA
+checks on the re-ranked rows) and ``FeatureDrift``, beside global and segment
+popularity. The whole module must run in under 60 seconds.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import features, ranker
+from models.config import DEFAULT_CONFIG
+from pipelines import evaluate_ranker, generate_world, train_ranker
+from transforms.ranker import LATEST, load_model
+
+BUDGET_SECONDS = 60.0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    started = time.perf_counter()
+    world = str(tmp_path_factory.mktemp("tiny_world"))
+    generate_world.main(["--preset", "tiny", "--seed", "11", "--out", world, "--bad_rows", "2"])
+    with open(os.path.join(world, "world.json")) as handle:
+        as_of = json.load(handle)["as_of"]
+    work = tmp_path_factory.mktemp("ranker")
+    common = ["--input_dir", world, "--as_of", as_of, "--num_shards", "2",
+              "--warehouse", str(work / "warehouse.duckdb")]
+    path = train_ranker.run(common + [
+        "--ranker_model_dir", str(work / "models"), "--ranker_cutoffs", "5",
+        "--ranker_valid_cutoffs", "1", "--staging_dir", str(work / "train_staging"),
+        "--run_id", "e2e_train"])
+    result = evaluate_ranker.run(common + [
+        "--ranker_artifact", str(work / "models"), "--ranker_eval_dir", str(work / "eval"),
+        "--staging_dir", str(work / "eval_staging"), "--run_id", "e2e_eval"])
+    return dict(path=path, result=result, work=work, seconds=time.perf_counter() - started)
+
+
+def test_training_saves_a_versioned_artifact_with_its_metadata(run):
+    path, work = run["path"], run["work"]
+    assert os.path.exists(path)
+    with open(work / "models" / LATEST) as handle:
+        assert handle.read().strip() == os.path.basename(path)
+    model = load_model(str(work / "models"))
+    meta = model.metadata
+    assert os.path.basename(path) == f"{model.version}.json"
+    assert model.features == features.feature_names(DEFAULT_CONFIG) == tuple(meta["features"])
+    assert meta["selected"] in meta["metrics"] and meta["challenger"] in meta["metrics"]
+    assert len(meta["training_window"]["train_cutoffs"]) == 4
+    assert len(meta["training_window"]["valid_cutoffs"]) == 1
+    assert meta["row_counts"]["train_positives"] > 0 and meta["row_counts"]["valid_rows"] > 0
+    assert set(meta["library_versions"]) >= {"lightgbm", "scikit-learn"}
+    assert set(meta["feature_distributions"]) == set(model.features)
+    assert 0 < meta["row_counts"]["negative_keep_rate"] < 1
+
+
+def test_saved_model_predicts_like_the_model_it_was(run):
+    model = load_model(run["path"])
+    again = ranker.RankerModel.from_bytes(model.to_bytes())
+    x = np.random.default_rng(0).normal(size=(50, len(model.features))).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x), again.predict(x))
+
+
+def test_scoring_serves_everyone_with_zero_qa_violations(run):
+    table = pd.DataFrame(run["result"]["table"]).set_index("strategy")
+    assert len(table) == 4 and {"global", "segment"} <= set(table.index)
+    assert (table["qa_violations"] == 0).all()
+    assert (table["users"] == table.loc["segment", "users"]).all()
+    for column in ("precision@4", "recall@4", "ndcg@4", "match_rate", "coverage", "roc_auc"):
+        assert ((table[column] >= 0) & (table[column] <= 1)).all(), column
+    ranked = table.loc[[s for s in table.index if s.startswith("ranker:")][0]]
+    assert ranked["model_version"] == load_model(run["path"]).version  # model_version filled
+
+
+def test_batch_scores_equal_the_training_path_scores(run):
+    explained = run["result"]["explanations"]
+    assert explained["rows_matched"] == explained["rows_recommended"] > 0
+    assert explained["max_abs_score_difference_batch_vs_training_path"] < 1e-6
+    first = explained["users"][0]["recommendations"][0]
+    assert len(first["top_contributions"]) == 3
+
+
+def test_drift_is_computed_for_every_feature(run):
+    drift = run["result"]["drift"]
+    assert len(drift["psi"]) == len(features.feature_names(DEFAULT_CONFIG))
+    assert all(np.isfinite(r["psi"]) for r in drift["psi"])
+
+
+def test_runs_within_the_budget(run):
+    assert run["seconds"] < BUDGET_SECONDS, f"took {run['seconds']:.1f} s"
