@@ -30,6 +30,10 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point, finish_run
 from pipelines.options import CommonOptions, require_input_dir
 from transforms import schemas
+from models.features import FeatureConfig
+from models.ranker import RankerModel
+from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
+                               RerankPerVehicle, check_model, resolve_model_path)
 from transforms.bigquery import BigQueryOptions, apply_options  # noqa: F401 (its flags)
 from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceSinkOptions,
                                     WINDOWED_TABLE, settings_from)
@@ -53,6 +57,10 @@ class BatchOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ranker_model", default=None,
+                            help="Ranker artifact (.json, or a model directory with LATEST; "
+                                 "local or gs://): re-rank segment-popularity candidates "
+                                 "with LightGBM before the rules (pipelines.train_ranker).")
         parser.add_argument("--strategy", default="segment", choices=STRATEGIES,
                             help="segment: segment popularity with fallbacks; global: "
                                  "global popularity only (the baseline).")
@@ -77,6 +85,8 @@ class RunContext(NamedTuple):
     config: RecsConfig
     warehouse: Warehouse
     bigquery: Optional[BigQuerySettings] = None
+    ranker_path: Optional[str] = None
+    ranker: Optional[RankerModel] = None
 
 
 def context_from(options: PipelineOptions) -> RunContext:
@@ -113,10 +123,21 @@ def context_from(options: PipelineOptions) -> RunContext:
         raise SystemExit(f"--config: {err}")
     if batch.strategy == "global":
         config = config.replace(segment_attributes=())
+    ranker_path = ranker = None
+    if batch.ranker_model:
+        if batch.strategy == "global":
+            raise SystemExit("--ranker_model re-ranks segment candidates; not with "
+                             "--strategy global")
+        try:
+            ranker_path = resolve_model_path(batch.ranker_model)
+            ranker = check_model(ranker_path, config)  # loads it and checks its features
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"--ranker_model: {err}")
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
-    return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery)
+    return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery, ranker_path,
+                      ranker)
 
 
 def input_tables(config: RecsConfig) -> Tuple[str, ...]:
@@ -180,11 +201,26 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         {"users": users, "events": unique_events.rows}
         | "JoinUsersWithEvents" >> JoinUsersWithEvents(ctx.as_of, config, n_shards))
     popularity = order_lines | "SegmentPopularity" >> SegmentPopularity(ctx.as_of, config)
-    recs = ({"users": profiles, "fitment": fitment.rows}
-            | "RecommendPerVehicle" >> RecommendPerVehicle(
-                catalog.rows, popularity, config, ctx.run_id, n_shards))
+    if ctx.ranker is None:
+        recs = ({"users": profiles, "fitment": fitment.rows}
+                | "RecommendPerVehicle" >> RecommendPerVehicle(
+                    catalog.rows, popularity, config, ctx.run_id, n_shards))
+        model_version, ranker_counts = MODEL_VERSION, []
+    else:  # two stages: segment-popularity candidates, re-ranked by the LightGBM model
+        features = FeatureConfig.from_dict(ctx.ranker.metadata["feature_config"])
+        ranked = ({"users": profiles, "events": unique_events.rows}
+                  | "AttachRankerSignals" >> AttachRankerSignals(
+                      catalog.rows, ctx.as_of, config, features, n_shards))
+        item_counts = unique_events.rows | "RankerItemCounts" >> RankerItemCounts(
+            catalog.rows, ctx.as_of, features, n_shards)
+        recs = ({"users": ranked, "fitment": fitment.rows}
+                | "RerankPerVehicle" >> RerankPerVehicle(
+                    catalog.rows, popularity, item_counts, config, ctx.ranker_path,
+                    features, ctx.run_id, n_shards))
+        drift = recs.drift | "FeatureDrift" >> FeatureDrift(ctx.ranker_path)
+        model_version, ranker_counts = ctx.ranker.version, [drift.counts]
     stamped = recs.rows | "AddRunMetadata" >> beam.ParDo(
-        AddRunMetadata(ctx.started_at, ctx.run_id, MODEL_VERSION))
+        AddRunMetadata(ctx.started_at, ctx.run_id, model_version))
 
     violations = ((recs.qa, stamped | "OneRowPerEmail" >> CheckOneRowPerEmail(n_shards))
                   | "FlattenQA" >> beam.Flatten()
@@ -197,7 +233,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                 + [catalog.counts, unique_events.counts, join_counts, recs.counts,
                    dead | "CountDeadLetters" >> DeadLetterCounts(),
                    stamped | "CountRecommendations" >> CountRows("recommendations.written"),
-                   stamped | "CountUsersServed" >> CountRows("users.processed")]
+                   stamped | "CountUsersServed" >> CountRows("users.processed"),
+                   *ranker_counts]
                 | "FlattenCounters" >> beam.Flatten()
                 | "SumCounters" >> SumCounts())
 
@@ -256,6 +293,11 @@ def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
         lines.append(f"  {table:8s} read {r['read']:>9,} = processed {r['processed']:>9,} "
                      f"+ dead-lettered {r['dead_lettered']:>6,} + deduplicated "
                      f"{r['deduplicated']:>6,} (unexplained {r['unexplained']})")
+    if "ranker.psi_max_milli" in counters:
+        lines.append(f"ranker: {counters.get('ranker.rows_scored', 0):,} rows scored, max PSI "
+                     f"{counters['ranker.psi_max_milli'] / 1000:.3f}: "
+                     + ("RETRAIN RECOMMENDED" if counters.get("ranker.retrain_recommended")
+                        else "no drift"))
     stability = warehouse.query("SELECT * FROM stability_report WHERE run_id = ?", [run_id]) if (
         run["status"] == health.PUBLISHED) else None
     if stability is not None and len(stability):

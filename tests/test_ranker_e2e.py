@@ -93,3 +93,27 @@ def test_drift_is_computed_for_every_feature(run):
 
 def test_runs_within_the_budget(run):
     assert run["seconds"] < BUDGET_SECONDS, f"took {run['seconds']:.1f} s"
+
+
+def test_batch_job_with_ranker_model_publishes_reranked_rows(run, tmp_path):
+    """The batch job itself, with --ranker_model: re-ranked, checked, stamped with the version."""
+    import duckdb
+    from pipelines import batch_recommendations
+    model = load_model(str(run["work"] / "models"))
+    world = run["work"].parent
+    world_dir = next(str(p) for p in world.iterdir() if p.name.startswith("tiny_world"))
+    with open(os.path.join(world_dir, "world.json")) as handle:
+        as_of = json.load(handle)["as_of"]
+    warehouse = str(tmp_path / "batch.duckdb")
+    code = batch_recommendations.run([
+        "--input_dir", world_dir, "--as_of", as_of, "--num_shards", "2",
+        "--warehouse", warehouse, "--run_id", "with_ranker",
+        "--ranker_model", str(run["work"] / "models")])
+    assert code == 0
+    with duckdb.connect(warehouse, read_only=True) as con:
+        versions = con.execute("SELECT DISTINCT model_version FROM recommendations").fetchall()
+        qa = con.execute("SELECT sum(violations) FROM qa_checks").fetchone()[0]
+        counters = json.loads(con.execute("SELECT counters FROM pipeline_runs").fetchone()[0])
+    assert versions == [(model.version,)]
+    assert qa == 0
+    assert counters["ranker.rows_scored"] > 0
