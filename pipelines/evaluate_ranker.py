@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
-import sys
 import uuid
 from typing import Dict, List, NamedTuple, Optional
 
@@ -42,6 +40,7 @@ from models import features, metrics, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
+from pipelines.jobs import entry_point
 from pipelines.options import CommonOptions, require_input_dir
 from pipelines.train_ranker import parse_as_of
 from transforms import schemas
@@ -387,9 +386,10 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    run(sys.argv[1:])
-    sys.exit(0)
+    def completed(argv: Optional[List[str]]) -> int:
+        run(argv)  # a failure raises; a finished run prints its summary
+        return 0
+    entry_point(completed)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ import argparse
 import dataclasses
 import io
 import json
-import logging
 import os
-import sys
 import time
 import uuid
 from typing import List, NamedTuple, Optional, Tuple
@@ -41,6 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import features, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
+from pipelines.jobs import entry_point
 from pipelines.options import CommonOptions, require_input_dir
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.health import SumCounts
@@ -283,9 +282,10 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
 
 
 def main() -> None:
-    logging.getLogger().setLevel(logging.WARNING)
-    run(sys.argv[1:])
-    sys.exit(0)
+    def completed(argv: Optional[List[str]]) -> int:
+        run(argv)  # a failure raises; a finished run prints its summary
+        return 0
+    entry_point(completed)
 
 
 if __name__ == "__main__":
