@@ -1,0 +1,383 @@
+"""Streaming refresh: Pub/Sub events in, fresh recommendations and bandit state in BigQuery.
+
+    python -m pipelines.streaming_refresh \\
+        --events_subscription projects/P/subscriptions/events \\
+        --treatments_subscription projects/P/subscriptions/treatment-events \\
+        --streaming_dataset P.recs --input_dir gs://bucket/world --project P
+
+Reads ``events`` and ``treatment_events`` from Pub/Sub, keeps segment
+popularity (history plus a sliding window of the stream) and bandit counts in
+event-time windows, and writes to BigQuery, per refresh period: refreshed
+recommendations of the users touched in it (``recommendation_updates``, and the
+view ``recommendations_latest`` with each user's latest row), ``bandit_state``
+per window, ``streaming_health`` (counters per period, late data per window)
+and ``streaming_dead_letter``. docs/streaming.md explains the design.
+On a local runner ``--max_runtime_seconds`` bounds the run (0: until stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+import uuid
+from typing import Dict, List, NamedTuple, Optional
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions)
+
+from models import streaming as model
+from models.bandit import BanditConfig
+from models.config import RecsConfig
+from models.config_file import ConfigError, load_config
+from pipelines.jobs import LOCAL_RUNNERS, entry_point
+from pipelines.options import CommonOptions, require_input_dir
+from transforms import bigquery
+from transforms.bigquery import BigQueryOptions  # noqa: F401 (its flags are this job's too)
+from transforms.health import NAMESPACE
+from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
+                                  DropDuplicates, FileReference, LateDataAudit, ParseMessages,
+                                  PeriodCounters, RankingChanges, RefreshRecommendations,
+                                  StreamingBandit, TouchedUsers, WindowedPopularity, WriteRows,
+                                  frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
+                                  to_global_window, treatment_counts)
+
+JOB = "streaming_refresh"
+MODEL_VERSION = "segment-popularity-v1+stream"
+TABLES = ("recommendation_updates", "bandit_state", "streaming_health", "streaming_dead_letter")
+VIEWS = {"recommendations_latest": ("recommendation_updates", ("user_id",)),
+         "bandit_state_latest": ("bandit_state", ("window_start", "window_end", "segment",
+                                                  "treatment_id"))}
+_LOG = logging.getLogger(__name__)
+
+
+class StreamingOptions(PipelineOptions):
+    """Options of the streaming refresh (shared ones are in CommonOptions).
+
+    Defaults are for production: 7-day windows every hour (an order counts
+    in 168 windows; recommendations feed e-mails sent a few times a day, so an
+    hourly refresh is fresh, and a week holds enough orders per segment),
+    6 hours of allowed lateness (a publisher outage of a shift; anything
+    later is counted and left to the nightly batch job), and duplicates
+    remembered for a day (at least the lateness). Tests use seconds.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--events_subscription", default=None,
+                            help="Pub/Sub subscription of the events stream "
+                                 "(projects/<p>/subscriptions/<s>).")
+        parser.add_argument("--treatments_subscription", default=None,
+                            help="Pub/Sub subscription of the treatment-events stream.")
+        parser.add_argument("--streaming_dataset", default=None,
+                            help="BigQuery dataset of the output tables, <project>.<dataset> "
+                                 "or <dataset> (then --project's).")
+        parser.add_argument("--dead_letter_topic", default="",
+                            help="Pub/Sub topic that also receives refused messages (raw "
+                                 "payload, reason in attributes); empty: BigQuery only.")
+        parser.add_argument("--window_seconds", type=int, default=7 * 86_400,
+                            help="Length of each sliding event-time window.")
+        parser.add_argument("--period_seconds", type=int, default=3_600,
+                            help="A window closes, and touched users are refreshed, this often.")
+        parser.add_argument("--allowed_lateness_seconds", type=int, default=6 * 3_600,
+                            help="How long after a window's end its events still count.")
+        parser.add_argument("--dedupe_ttl_seconds", type=int, default=86_400,
+                            help="How long an event id is remembered to drop redeliveries "
+                                 "(at least the allowed lateness).")
+        parser.add_argument("--reference_refresh_seconds", type=int, default=600,
+                            help="How often catalogue, fitment, users and history files are "
+                                 "checked for a new version.")
+        parser.add_argument("--history_table", default="events",
+                            help="Table of --input_dir whose orders and intent are the "
+                                 "history under the stream; empty: the stream only.")
+        parser.add_argument("--max_runtime_seconds", type=int, default=0,
+                            help="Local runners: cancel after this long (0: run until "
+                                 "stopped). Ignored on Dataflow.")
+        parser.add_argument("--insert_batch_size", type=int, default=500,
+                            help="Rows per BigQuery streaming insert request.")
+
+
+class StreamingContext(NamedTuple):
+    """What identifies one run: fixed and checked before the graph is built."""
+
+    run_id: str
+    started_at: pd.Timestamp
+    project: str
+    dataset: str                 # project.dataset
+    spec: model.WindowSpec
+    config: RecsConfig
+    bandit: BanditConfig
+    dedupe_ttl: pd.Timedelta
+
+    def table(self, name: str) -> str:
+        """A table spec as Beam's WriteToBigQuery takes it: project:dataset.table."""
+        project, dataset = self.dataset.split(".", 1)
+        return f"{project}:{dataset}.{name}"
+
+
+def context_from(options: PipelineOptions) -> StreamingContext:
+    """Resolve defaults and fail fast on bad options, before anything is read."""
+    opts = options.view_as(StreamingOptions)
+    common = options.view_as(CommonOptions)
+    for flag in ("events_subscription", "treatments_subscription", "streaming_dataset"):
+        if not getattr(opts, flag):
+            raise SystemExit(f"--{flag} is required")
+    for flag in ("events_subscription", "treatments_subscription"):
+        value = getattr(opts, flag)
+        if not value.startswith("projects/") or "/subscriptions/" not in value:
+            raise SystemExit(f"--{flag} must be projects/<p>/subscriptions/<s>, got {value!r}")
+    try:
+        spec = model.WindowSpec.of_seconds(opts.window_seconds, opts.period_seconds,
+                                           opts.allowed_lateness_seconds)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    if opts.dedupe_ttl_seconds < opts.allowed_lateness_seconds:
+        raise SystemExit("--dedupe_ttl_seconds must be >= --allowed_lateness_seconds: a "
+                         "redelivered copy that can still change a window must be caught")
+    if opts.reference_refresh_seconds < 0 or opts.max_runtime_seconds < 0:
+        raise SystemExit("--reference_refresh_seconds and --max_runtime_seconds must be >= 0")
+    if common.num_shards < 1:
+        raise SystemExit("--num_shards must be >= 1")
+    require_input_dir(common.input_dir)
+    try:
+        config = load_config(common.config)
+    except ConfigError as err:
+        raise SystemExit(f"--config: {err}")
+    project = options.view_as(GoogleCloudOptions).project or (
+        opts.streaming_dataset.split(".")[0] if "." in opts.streaming_dataset else None)
+    if not project:
+        raise SystemExit("--project is required (or --streaming_dataset <project>.<dataset>)")
+    dataset = opts.streaming_dataset if "." in opts.streaming_dataset else (
+        f"{project}.{opts.streaming_dataset}")
+    now = pd.Timestamp.now(tz="UTC")
+    run_id = common.run_id or f"{JOB}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    return StreamingContext(run_id, now, project, dataset, spec, config, BanditConfig(),
+                            pd.Timedelta(seconds=opts.dedupe_ttl_seconds))
+
+
+def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReference:
+    """The reference-data source of a run, checked now so a missing file fails at start-up."""
+    opts = options.view_as(StreamingOptions)
+    reference = FileReference(options.view_as(CommonOptions).input_dir, ctx.config,
+                              opts.reference_refresh_seconds, opts.history_table)
+    try:
+        reference.check()
+    except FileNotFoundError as err:
+        raise SystemExit(str(err))
+    return reference
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingContext,
+          reference: FileReference, sources: Optional[Dict[str, beam.PCollection]] = None
+          ) -> Dict[str, beam.PCollection]:
+    """The streaming graph; returns the rows written per table (before BigQuery).
+
+    ``sources`` replaces the two Pub/Sub reads (``events``, ``treatment_events``:
+    collections of PubsubMessage), so tests can feed a TestStream.
+    """
+    opts = options.view_as(StreamingOptions)
+    common = options.view_as(CommonOptions)
+    spec, config = ctx.spec, ctx.config
+    if sources is None:
+        sources = {
+            "events": pipeline | "ReadEvents" >> ReadFromPubSub(
+                subscription=opts.events_subscription, with_attributes=True),
+            "treatment_events": pipeline | "ReadTreatmentEvents" >> ReadFromPubSub(
+                subscription=opts.treatments_subscription, with_attributes=True),
+        }
+    events = sources["events"] | "ParseEvents" >> ParseMessages("events")
+    treatments = sources["treatment_events"] | "ParseTreatmentEvents" >> ParseMessages(
+        "treatment_events")
+    unique_events = events.rows | "DedupeEvents" >> DropDuplicates("events", ctx.dedupe_ttl)
+    unique_treatments = treatments.rows | "DedupeTreatmentEvents" >> DropDuplicates(
+        "treatment_events", ctx.dedupe_ttl)
+
+    orders = unique_events.rows | "OrderEvents" >> beam.Filter(model.is_order)
+    popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config)
+    order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
+    notices = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config)
+    requests = ((unique_events.rows, notices.rows)
+                | "TouchedUsers" >> TouchedUsers(config))
+    recs = requests | "RefreshRecommendations" >> RefreshRecommendations(
+        reference, popularity.first_panes, config, spec, common.num_shards, ctx.run_id,
+        MODEL_VERSION)
+
+    treatment_keyed = unique_treatments.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
+    bandit = unique_treatments.rows | "RollingBanditState" >> StreamingBandit(ctx.bandit, spec)
+    treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
+        "treatment_events", spec)
+
+    counts = ([events.counts, treatments.counts, unique_events.counts, unique_treatments.counts,
+               notices.counts]
+              + [to_global_window(f"{name}CountsToGlobalWindow", pcoll) for name, pcoll in (
+                  ("Popularity", popularity.counts), ("OrderAudit", order_audit.counts),
+                  ("Refresh", recs.counts), ("Bandit", bandit.counts),
+                  ("TreatmentAudit", treatment_audit.counts))]
+              | "FlattenCounters" >> beam.Flatten())
+    health = ((order_audit.rows, treatment_audit.rows,
+               to_global_window("CountersToGlobalWindow",
+                                counts | "CountersPerPeriod" >> PeriodCounters(spec.period)))
+              | "FlattenHealth" >> beam.Flatten()
+              | "StampHealth" >> beam.Map(stamp, ctx.run_id, "emitted_at"))
+    bandit_rows = (frames_to_rows("BanditRows", bandit.rows)
+                   | "StampBandit" >> beam.Map(stamp, ctx.run_id, "generated_at"))
+    bandit_dead = frames_to_rows("BanditDeadLetterRows", bandit.dead_letters) | (
+        "BanditDeadLetterRecords" >> beam.Map(lambda r: {**r, "attributes": None}))
+    rows = {
+        "recommendation_updates": frames_to_rows("RecommendationRows", to_global_window(
+            "RecommendationsToGlobalWindow", recs.rows)),
+        "bandit_state": bandit_rows,
+        "streaming_health": health,
+    }
+    refused = [events.dead_letters, treatments.dead_letters, bandit_dead,
+               to_global_window("RefreshDeadLettersToGlobalWindow", recs.dead_letters)]
+    fields = {"recommendation_updates": recommendation_fields(config.rules.recs_per_user),
+              "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS}
+    for name, pcoll in rows.items():
+        refused.append(pcoll
+                       | f"{_camel(name)}ToJson" >> beam.Map(to_bigquery_row)
+                       | f"Write{_camel(name)}" >> WriteRows(ctx.table(name), fields[name],
+                                                            opts.insert_batch_size))
+    dead = (refused | "FlattenDeadLetters" >> beam.Flatten()
+            | "StampDeadLetters" >> beam.Map(stamp, ctx.run_id, "received_at"))
+    unwritable = (dead
+                  | "DeadLettersToJson" >> beam.Map(to_bigquery_row)
+                  | "WriteStreamingDeadLetter" >> WriteRows(ctx.table("streaming_dead_letter"),
+                                                            DEAD_LETTER_FIELDS,
+                                                            opts.insert_batch_size))
+    # A dead letter BigQuery refuses has nowhere further to go: log and count it.
+    unwritable | "LogUnwritableDeadLetters" >> beam.Map(_log_unwritable)
+    if opts.dead_letter_topic:
+        (dead
+         | "DeadLetterMessages" >> beam.Map(_dead_letter_message)
+         | "PublishDeadLetters" >> WriteToPubSub(opts.dead_letter_topic, with_attributes=True))
+    rows["streaming_dead_letter"] = dead
+    return rows
+
+
+def _log_unwritable(row: dict) -> None:
+    Metrics.counter(NAMESPACE, "dead_letter.unwritable").inc()
+    _LOG.error("dead letter refused by BigQuery: %s", row)
+
+
+def _dead_letter_message(row: dict) -> PubsubMessage:
+    """A refused record as a message: the raw payload, with table, step and reason attributes."""
+    attributes = {k: str(row[k]) for k in ("table", "step", "reason", "run_id") if row.get(k)}
+    return PubsubMessage((row.get("record") or "").encode("utf-8"), attributes)
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def prepare_bigquery(ctx: StreamingContext, config: RecsConfig) -> None:
+    """Creates the dataset, the tables (partitioned by time, clustered) and the latest-row views.
+
+    Done by the launcher before the job starts, so the views can be created
+    over existing tables and a permission problem fails the launch, not a
+    worker. Existing tables and views are kept (replaced views are identical).
+    """
+    from google.api_core.exceptions import Conflict
+    from google.cloud import bigquery as bq
+
+    client = bigquery.client(ctx.project)
+    client.create_dataset(ctx.dataset, exists_ok=True)
+    fields = {"recommendation_updates": recommendation_fields(config.rules.recs_per_user),
+              "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS,
+              "streaming_dead_letter": DEAD_LETTER_FIELDS}
+    partition = {"recommendation_updates": ("generated_at", ["user_id"]),
+                 "bandit_state": ("generated_at", ["treatment_id"]),
+                 "streaming_health": ("emitted_at", ["kind"]),
+                 "streaming_dead_letter": ("received_at", ["table"])}
+    for name in TABLES:
+        table = bq.Table(f"{ctx.dataset}.{name}", schema=[
+            bq.SchemaField(f["name"], f["type"], mode=f["mode"]) for f in fields[name]])
+        column, clustering = partition[name]
+        table.time_partitioning = bq.TimePartitioning(field=column)
+        table.clustering_fields = clustering
+        try:
+            client.create_table(table)
+        except Conflict:
+            pass
+    for view, (source, keys) in VIEWS.items():
+        sql = model.latest_rows_sql(f"`{ctx.dataset}.{source}`", keys)
+        client.query(f"CREATE OR REPLACE VIEW `{ctx.dataset}.{view}` AS\n{sql}").result()
+
+
+def _cheap_row_sizes() -> None:
+    """Emulator only: Beam sizes every streamed row with objsize (~1 ms a row); a length will do."""
+    from apache_beam.io.gcp import bigquery as beam_bigquery
+    beam_bigquery.get_deep_size = lambda value: len(repr(value))
+
+
+class Launched(NamedTuple):
+    result: beam.runners.runner.PipelineResult
+    context: StreamingContext
+
+
+def launch(argv: Optional[List[str]] = None) -> Launched:
+    """Parse options, prepare BigQuery and start the job; returns without waiting."""
+    options = PipelineOptions(argv)
+    standard = options.view_as(StandardOptions)
+    standard.streaming = True
+    if standard.runner in (None, "DirectRunner"):
+        # The DirectRunner would try Prism first, which cannot run Python's
+        # Pub/Sub source; the bundle-based runner is the one that streams it.
+        standard.runner = "BundleBasedDirectRunner"
+    ctx = context_from(options)
+    reference = reference_of(options, ctx)
+    if bigquery.apply_options(options):
+        _cheap_row_sizes()
+    prepare_bigquery(ctx, ctx.config)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, options, ctx, reference)
+    return Launched(pipeline.run(), ctx)
+
+
+def wait(result, seconds: float) -> None:
+    """Let a local streaming job run for ``seconds`` (forever if 0), then cancel it.
+
+    Re-raises the job's own failure if it stopped by itself.
+    """
+    errors: List[BaseException] = []
+
+    def waiter():
+        try:
+            result.wait_until_finish()
+        except BaseException as err:  # noqa: BLE001 (re-raised below, in the caller's thread)
+            errors.append(err)
+
+    thread = threading.Thread(target=waiter, name="wait-streaming-job", daemon=True)
+    thread.start()
+    thread.join(timeout=seconds or None)
+    if thread.is_alive():
+        result.cancel()
+    if errors and not thread.is_alive() and not str(result.state).endswith("CANCELLED"):
+        raise errors[0]
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    """Run the job: on Dataflow submit and return; locally run for --max_runtime_seconds."""
+    launched = launch(argv)
+    options = PipelineOptions(argv)
+    runner = options.view_as(StandardOptions).runner
+    if runner not in LOCAL_RUNNERS + ("BundleBasedDirectRunner",):
+        _LOG.info("submitted streaming run %s", launched.context.run_id)
+        return 0
+    started = time.monotonic()
+    wait(launched.result, options.view_as(StreamingOptions).max_runtime_seconds)
+    print(f"streaming run {launched.context.run_id} stopped after "
+          f"{time.monotonic() - started:.0f} s; rows in {launched.context.dataset}")
+    return 0
+
+
+def main() -> None:
+    entry_point(run)
+
+
+if __name__ == "__main__":
+    main()

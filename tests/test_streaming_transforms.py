@@ -1,0 +1,496 @@
+"""Tests of the streaming composites (transforms/streaming.py) and their pure logic.
+
+Time is tested with TestStream (watermark, on-time / late / too-late elements,
+explicit allowed lateness); data with TestPipeline over bounded timestamped
+input; the Pub/Sub and BigQuery I/O in tests/test_streaming_e2e.py.
+"""
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import trigger, window
+from apache_beam.transforms.window import TimestampedValue
+
+from models import contracts, profiles, recommend
+from models import streaming as model
+from models.bandit import BanditConfig
+from models.config import DEFAULT_CONFIG
+from models.popularity import partial_popularity
+from models.world import WorldSpec, generate, write_world
+from transforms.health import SumCounts
+from transforms.io import read_frame
+from transforms.streaming import (DropDuplicates, FileReference, LateDataAudit, ParseMessages,
+                                  RankingChanges, RefreshRecommendations, StreamingBandit,
+                                  TouchedUsers, WindowedPopularity, treatment_counts)
+
+CONFIG = DEFAULT_CONFIG
+BASE = 1_800_000_000            # seconds; a multiple of every window length used here
+US = 1_000_000
+SKUS = [f"S{i:02d}" for i in range(1, 13)]
+
+
+# --- a small hand-made world ------------------------------------------------------------------
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _catalog_rows(refurbished=()):
+    return [{"sku": sku, "title": sku, "part_type": f"Type{i % 6}", "brand": "B",
+             "price": 100.0 + i, "image_url": f"https://img.example/{sku}.jpg",
+             "tags": ["refurbished"] if sku in refurbished else [], "is_universal": False,
+             "variant_group": None} for i, sku in enumerate(SKUS)]
+
+
+def small_world(directory, history=()):
+    """Two vehicles (Ford Mustang 2015: S01-S08, Honda Civic 2018: S05-S12), four users."""
+    os.makedirs(directory, exist_ok=True)
+    _write_jsonl(os.path.join(directory, "catalog.jsonl"), _catalog_rows())
+    fitment = [{"sku": s, "make": "Ford", "model": "Mustang", "year": 2015} for s in SKUS[:8]]
+    fitment += [{"sku": s, "make": "Honda", "model": "Civic", "year": 2018} for s in SKUS[4:]]
+    _write_jsonl(os.path.join(directory, "fitment.jsonl"), fitment)
+    users = [{"user_id": f"U{i}", "email": f"u{i}@example.com",
+              "make": "Ford" if i <= 2 else "Honda", "model": "Mustang" if i <= 2 else "Civic",
+              "year": 2015 if i <= 2 else 2018, "updated_at": "2026-01-01T00:00:00Z"}
+             for i in range(1, 5)]
+    _write_jsonl(os.path.join(directory, "users.jsonl"), users)
+    _write_jsonl(os.path.join(directory, "events.jsonl"), list(history))
+    return str(directory)
+
+
+def order(i, seconds, user="U1", sku="S01", name="Placed Order", order_id=None):
+    """An order record as ParseMessages emits it, timestamped at BASE + seconds."""
+    at = (BASE + seconds) * US
+    return TimestampedValue({"event_id": f"E{i}", "user_id": user, "event_name": name,
+                             "sku": sku, "order_id": order_id or f"O{i}", "quantity": 1,
+                             "price": 100.0, "event_time_us": at}, BASE + seconds)
+
+
+def intent(i, seconds, user="U1", sku="S01", name="Viewed Product"):
+    at = (BASE + seconds) * US
+    return TimestampedValue({"event_id": f"E{i}", "user_id": user, "event_name": name,
+                             "sku": sku, "order_id": None, "quantity": 1, "price": 100.0,
+                             "event_time_us": at}, BASE + seconds)
+
+
+def streaming_pipeline():
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return TestPipeline(options=options)
+
+
+def summed(label, counts):
+    """Counter elements of an unbounded test stream summed per name, once the stream ends."""
+    return (counts
+            | f"{label}Global" >> beam.WindowInto(
+                window.GlobalWindows(), trigger=trigger.AfterWatermark(),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING)
+            | f"{label}Sum" >> beam.CombinePerKey(sum)
+            | f"{label}OneKey" >> beam.Map(lambda kv: (0, kv))
+            | f"{label}Gather" >> beam.GroupByKey()
+            | f"{label}Dict" >> beam.MapTuple(lambda _, kvs: dict(kvs)))
+
+
+def finish(stream):
+    """Watermark to a finite time past every window and timer, then to infinity.
+
+    Timers fire as the watermark passes them; their output must not meet a
+    downstream that already saw the final watermark.
+    """
+    return stream.advance_watermark_to(BASE + 10_000).advance_watermark_to_infinity()
+
+
+class _Describe(beam.DoFn):
+    """A WindowPopularity pane as comparable facts: (end - BASE, timing, first, events, lines)."""
+
+    def process(self, pane):
+        yield (int(pane.window_end.timestamp()) - BASE, pane.timing, pane.is_first, pane.events,
+               pane.lines)
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+def _message(payload, **attributes):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return PubsubMessage(data, attributes)
+
+
+class _WithTimestamp(beam.DoFn):
+    def process(self, record, timestamp=beam.DoFn.TimestampParam):
+        yield record["event_id"], timestamp.micros, record["event_time_us"]
+
+
+def test_parse_messages_stamps_event_time_and_dead_letters_bad_messages():
+    good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
+            "event_name": "Placed Order", "sku": "S01", "order_id": "O1", "price": 120.0}
+    at = int(pd.Timestamp("2026-05-01T10:00:00Z").value // 1000)
+    messages = [
+        _message(good, event_time="2026-05-01T10:00:00Z"),
+        _message({**good, "event_id": "E2"}),                                  # no attribute
+        _message({**good, "event_id": "E3"}, event_time="yesterday"),           # unparseable
+        _message({**good, "event_id": "E4"}, event_time="2026-05-01T11:00:00Z"),  # mismatch
+        _message(b'{"event_id": "E5", "event_time": '),                         # truncated
+        _message({**good, "event_id": "E6", "event_name": "Placed Order", "order_id": None}),
+        _message({**good, "event_id": "E7", "event_time": "not a time"}),
+        _message(b"[1, 2]"),
+    ]
+    with TestPipeline() as p:
+        parsed = p | beam.Create(messages) | ParseMessages("events")
+        assert_that(parsed.rows | beam.ParDo(_WithTimestamp()),
+                    equal_to([(f"E{i}", at, at) for i in (1, 2, 3, 4)]), label="Stamped")
+        assert_that(parsed.dead_letters | beam.Map(lambda d: (d["reason"], d["record"][:14])),
+                    equal_to([("malformed JSON", '{"event_id": "'),
+                              ("order event without order_id", '{"event_id": "'),
+                              ("wrong type for event_time", '{"event_id": "'),
+                              ("record is not a JSON object", "[1, 2]")]), label="Dead")
+        assert_that(parsed.counts | SumCounts(), equal_to([{
+            "events.read": 8, "events.dead_lettered": 4,
+            "events.event_time_attribute.missing": 1,
+            "events.event_time_attribute.unparseable": 1,
+            "events.event_time_attribute.mismatch": 1}]), label="Counts")
+
+
+def test_dead_letters_keep_the_raw_payload_and_attributes():
+    with TestPipeline() as p:
+        parsed = p | beam.Create([_message(b"\xff not json", event_time="x")]) | ParseMessages(
+            "treatment_events")
+        reason = contracts.parse_json_line(b"\xff not json")[1]
+        assert_that(parsed.dead_letters, equal_to([{
+            "table": "treatment_events", "step": "ParseMessages", "reason": reason,
+            "record": "\ufffd not json", "attributes": '{"event_time": "x"}'}]))
+
+
+# --- duplicates -----------------------------------------------------------------------------------
+
+def test_duplicates_are_dropped_within_the_ttl_and_counted():
+    ttl = pd.Timedelta(seconds=60)
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([order(1, 1), order(2, 2)])
+              .add_elements([order(1, 1)])                      # redelivered: dropped
+              .advance_watermark_to(BASE + 30)
+              .add_elements([order(2, 2)])                      # redelivered: dropped
+              .advance_watermark_to(BASE + 100)                 # both ids forgotten
+              .add_elements([order(1, 1)]))                      # passes again (documented)
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        out = p | stream | DropDuplicates("events", ttl)
+        assert_that(out.rows | beam.Map(lambda r: r["event_id"]),
+                    equal_to(["E1", "E2", "E1"]), label="Rows")
+        assert_that(summed("Counts", out.counts), equal_to([{"events.deduplicated": 2}]),
+                    label="Counts")
+
+
+# --- popularity: streaming agrees with batch -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tiny_world"))
+    write_world(generate(WorldSpec.preset("tiny"), 7), directory, "jsonl", 0)
+    return directory
+
+
+def _batch_popularity(events, users, as_of, history=None):
+    """The batch job's computation: order lines with segments, decayed at as_of."""
+    attrs = list(CONFIG.segment_attributes)
+    flagged = profiles.mark_duplicate_users(users, "email_lower")
+    frame = events if history is None else pd.concat([history, events], ignore_index=True)
+    lines = profiles.orders_with_segments(profiles.dedupe_events(frame).rows, flagged, attrs)
+    return partial_popularity(lines, as_of, CONFIG)
+
+
+def _frame_rows(frame):
+    return sorted((r.level, r.segment, r.sku, round(r.weight, 9), int(r.orders))
+                  for r in frame.itertuples(index=False))
+
+
+class _PaneRows(beam.DoFn):
+    def process(self, pane):
+        yield int(pane.window_end.timestamp()), _frame_rows(pane.popularity)
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["stream_only", "history_plus_stream"])
+def test_streaming_popularity_equals_batch_over_the_same_events(tiny_world, history):
+    """Every window's popularity equals the batch job's over its events, as_of its end."""
+    stream_table = "holdout_events" if history else "events"
+    stream, _ = read_frame(tiny_world, stream_table)
+    users, _ = read_frame(tiny_world, "users")
+    history_events = read_frame(tiny_world, "events")[0] if history else None
+    catalog, _ = read_frame(tiny_world, "catalog")
+    stream = stream.loc[stream["sku"].isin(catalog["sku"])]
+    stream = profiles.dedupe_events(stream).rows
+    orders = stream.loc[stream["event_name"].isin(model.ORDER_EVENT_NAMES)]
+    records = model.typed_records("events", orders)
+    spec = model.WindowSpec.of_seconds(14 * 86_400, 7 * 86_400, 0)
+    reference = FileReference(tiny_world, CONFIG, 0, "events" if history else "")
+    times = [r["event_time_us"] for r in records]
+    expected = {}
+    for start, end in {w for t in times for w in spec.windows_of(t)}:
+        inside = orders.loc[(model.micros(orders["event_time"]) >= start)
+                            & (model.micros(orders["event_time"]) < end)]
+        expected[end // US] = _frame_rows(_batch_popularity(
+            inside, users, pd.Timestamp(end, unit="us", tz="UTC"), history_events))
+    assert len(expected) >= 5
+    chunks = np.array_split(np.argsort(times, kind="stable"), 4)
+    test_stream = TestStream()
+    for chunk in chunks:   # four arrivals, each followed by the watermark catching up
+        test_stream = test_stream.add_elements(
+            [TimestampedValue(records[i], records[i]["event_time_us"] / US) for i in chunk])
+        test_stream = test_stream.advance_watermark_to(times[chunk[-1]] / US)
+    test_stream = test_stream.advance_watermark_to(times[-1] / US + 10**7)
+    test_stream = test_stream.advance_watermark_to_infinity()
+    with streaming_pipeline() as p:
+        panes = p | test_stream | WindowedPopularity(spec, reference, CONFIG)
+        assert_that(panes.first_panes | beam.ParDo(_PaneRows()),
+                    equal_to(sorted(expected.items())))
+
+
+def test_bounded_timestamped_input_gives_the_same_windows(tmp_path):
+    """The composite serves batch too: bounded input with event timestamps, one pane per window."""
+    spec = model.WindowSpec.of_seconds(20, 10, 0)
+    reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
+    orders = [order(1, 3), order(2, 12, sku="S02"), order(3, 12, sku="S02", name="Ordered Product",
+                                                          order_id="O2")]
+    with TestPipeline() as p:
+        panes = (p | beam.Create(orders).with_output_types(dict)
+                 | WindowedPopularity(spec, reference, CONFIG)).panes
+        # window ends 10, 20, 30; O2 is one line under two names.
+        assert_that(panes | beam.ParDo(_Describe()), equal_to([
+            (10, "ON_TIME", True, 1, 1), (20, "ON_TIME", True, 3, 2),
+            (30, "ON_TIME", True, 2, 1)]))
+
+
+# --- late data ---------------------------------------------------------------------------------------
+
+def test_late_data_inside_and_beyond_allowed_lateness_is_counted(tmp_path):
+    """Window [0, 10) with 5 s lateness: one on-time, one late-but-allowed, one too-late order."""
+    spec = model.WindowSpec.of_seconds(10, 10, 5)
+    reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([order(1, 1)])                       # on time
+              .advance_watermark_to(BASE + 12)                   # [0, 10) fires ON_TIME
+              .add_elements([order(2, 2, sku="S02")])            # late, within 5 s: LATE pane
+              .advance_watermark_to(BASE + 20)                   # [0, 10) expires at 15
+              .add_elements([order(3, 3, sku="S03")])            # too late: dropped, counted
+              .advance_watermark_to(BASE + 40)
+              .add_elements([order(4, 4, sku="S04")]))            # even later: a further row
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        orders = p | stream
+        panes = orders | WindowedPopularity(spec, reference, CONFIG)
+        audit = orders | LateDataAudit("orders", spec)
+        assert_that(panes.panes | beam.ParDo(_Describe()), equal_to([
+            (10, "ON_TIME", True, 1, 1), (10, "LATE", False, 2, 2)]), label="Panes")
+        assert_that(audit.rows | beam.Map(lambda r: (
+            r["stream"], int(r["window_end"].timestamp()) - BASE, r["seen"], r["on_time"],
+            r["late"], r["too_late"])), equal_to([
+                ("orders", 10, 2, 1, 1, 0),     # settled at 15: on time and late-but-allowed
+                ("orders", 10, 1, 0, 0, 1),     # each straggler after that: its own row
+                ("orders", 10, 1, 0, 0, 1)]), label="Audit")
+        assert_that(summed("Counts", audit.counts), equal_to([{
+            "late.orders.allowed": 1, "late.orders.too_late": 2}]), label="Counts")
+
+
+def test_sliding_windows_audit_each_window_separately(tmp_path):
+    """An element late for one sliding window is on time for the next one."""
+    spec = model.WindowSpec.of_seconds(20, 10, 0)
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([order(1, 5)])                  # windows [-10,10) and [0,20)
+              .advance_watermark_to(BASE + 15)              # [-10, 10) settled
+              .add_elements([order(2, 6)]))                  # too late for [-10,10), fine for [0,20)
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        audit = p | stream | LateDataAudit("orders", spec)
+        assert_that(audit.rows | beam.Map(lambda r: (
+            int(r["window_end"].timestamp()) - BASE, r["seen"], r["on_time"], r["late"],
+            r["too_late"])), equal_to([(10, 1, 1, 0, 0), (10, 1, 0, 0, 1), (20, 2, 2, 0, 0)]))
+
+
+# --- touched users and their refresh -------------------------------------------------------------------
+
+def test_user_signals_carry_the_users_recent_events_and_notices():
+    with TestPipeline() as p:
+        events = p | "Events" >> beam.Create([intent(1, 1).value, order(2, 2).value,
+                                              intent(3, 3, user="U2").value])
+        notices = p | "Notices" >> beam.Create([("U3", ("notice", model.REASON_SEGMENT))])
+        requests = (events, notices) | TouchedUsers(CONFIG)
+        assert_that(requests | beam.Map(lambda kv: (kv[0], kv[1].reasons,
+                                                    tuple(e[0] for e in kv[1].events))),
+                    equal_to([("U1", ("intent",), ("E1",)), ("U1", ("order",), ("E1", "E2")),
+                              ("U2", ("intent",), ("E3",)),
+                              ("U3", (model.REASON_SEGMENT,), ())]))
+
+
+def _batch_recommendations(reference, pop, users, events, as_of):
+    scorer = model.scorer(reference, pop, CONFIG)
+    servable = reference.servable.loc[users].reset_index(drop=True)
+    with_signals = profiles.attach_signals(servable, events, as_of, CONFIG)
+    recs, _ = recommend.recommend_all(scorer.recommender, with_signals, reference.fitting)
+    return recs
+
+
+class _RecFacts(beam.DoFn):
+    def process(self, frame):
+        for r in frame.itertuples(index=False):
+            yield (r.user_id, int(r.popularity_as_of.timestamp()) - BASE, r.reason,
+                   (r.rec_part_1, r.rec_part_2, r.rec_part_3, r.rec_part_4), r.source)
+
+
+def test_refresh_scores_touched_users_with_the_windows_popularity(tmp_path):
+    """Users touched in [0, 10) are refreshed with window [-10, 10)'s popularity, as batch would."""
+    spec = model.WindowSpec.of_seconds(20, 10, 0)
+    reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
+    events = [order(1, 2, user="U3", sku="S07"), order(2, 3, user="U4", sku="S07"),
+              intent(3, 4, user="U1", sku="S06", name="Cart Update"),
+              order(4, 5, user="U2", sku="S03"), intent(5, 6, user="U9")]
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements(events))
+    stream = finish(stream)
+    ref = reference.current()
+    as_of = pd.Timestamp((BASE + 10) * US, unit="us", tz="UTC")
+    frame = model.events_frame([e.value for e in events])
+    pop = model.window_popularity(frame.loc[frame["event_name"] == "Placed Order"], ref, as_of,
+                                  CONFIG)
+    expected = _batch_recommendations(ref, pop, ["U1", "U2", "U3", "U4"], frame, as_of)
+    reasons = {"U1": "intent", "U2": "order", "U3": "order", "U4": "order"}
+    want = [(r.user_id, 10, reasons[r.user_id],
+             (r.rec_part_1, r.rec_part_2, r.rec_part_3, r.rec_part_4), r.source)
+            for r in expected.itertuples(index=False)]
+    assert "S06" in want[0][3] and "S03" not in want[1][3]   # cart boosts, bought is excluded
+    with streaming_pipeline() as p:
+        records = p | stream
+        orders = records | beam.Filter(model.is_order)
+        popularity = orders | WindowedPopularity(spec, reference, CONFIG)
+        notices = p | "NoNotices" >> beam.Create([])
+        requests = (records, notices) | TouchedUsers(CONFIG)
+        out = requests | RefreshRecommendations(reference, popularity.first_panes, CONFIG, spec,
+                                                3, "run", "v", clock=lambda: 0.0)
+        assert_that(out.rows | beam.ParDo(_RecFacts()), equal_to(want), label="Rows")
+        assert_that(summed("Counts", out.counts), equal_to([{
+            "refresh.requests": 5, "refresh.unknown_users": 1, "refresh.duplicate_users": 0,
+            "recommendations.written": 4, "users.source.global": 4}]),
+                    label="Counts")
+
+
+def test_catalog_change_is_picked_up_without_restart(tmp_path):
+    directory = small_world(tmp_path / "w")
+    reference = FileReference(directory, CONFIG, 0, "")
+    before = reference.current()
+    assert before.arrays.eligible[list(before.arrays.sku).index("S01")]
+    _write_jsonl(os.path.join(directory, "catalog.jsonl"), _catalog_rows(refurbished=("S01",)))
+    after = reference.current()
+    assert after.version != before.version
+    assert not after.arrays.eligible[list(after.arrays.sku).index("S01")]
+    slow = FileReference(directory, CONFIG, 3600, "")
+    first = slow.current()
+    _write_jsonl(os.path.join(directory, "catalog.jsonl"), _catalog_rows())
+    assert slow.current().version == first.version   # not checked again before the interval
+
+
+# --- ranking changes ------------------------------------------------------------------------------------
+
+def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
+    spec = model.WindowSpec.of_seconds(10, 10, 0)
+    reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
+    # Window [0,10): Mustang buyers order S01; window [10,20): many order S08 instead.
+    first = [order(i, i, user="U1", sku="S01") for i in range(1, 4)]
+    second = [order(10 + i, 10 + i, user="U2", sku="S08") for i in range(1, 8)]
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements(first)
+              .advance_watermark_to(BASE + 10)
+              .add_elements(second))
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        popularity = p | stream | WindowedPopularity(spec, reference, CONFIG)
+        notices = popularity.first_panes | RankingChanges(reference, CONFIG)
+        assert_that(notices.rows, equal_to([("U1", ("notice", model.REASON_SEGMENT)),
+                                            ("U2", ("notice", model.REASON_SEGMENT))]),
+                    label="Notices")
+        assert_that(summed("Counts", notices.counts), equal_to([{
+            "ranking.vehicles_changed": 1, "ranking.users_notified": 2}]), label="Counts")
+
+
+# --- bandit ----------------------------------------------------------------------------------------------
+
+def _treatment(i, seconds, treatment, kind):
+    return TimestampedValue({"event_id": f"T{i}", "user_id": f"U{i}", "treatment_id": treatment,
+                             "campaign_id": "C", "kind": kind, "reason": None,
+                             "event_time_us": (BASE + seconds) * US}, BASE + seconds)
+
+
+def test_streaming_bandit_state_per_window_with_a_late_restatement():
+    spec = model.WindowSpec.of_seconds(10, 10, 5)
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([_treatment(1, 1, "A", "VIEWED"), _treatment(2, 2, "A", "CLICKED"),
+                             _treatment(3, 3, "B", "VIEWED")])
+              .advance_watermark_to(BASE + 12)
+              .add_elements([_treatment(4, 4, "B", "VIEWED")]))     # late, allowed
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        state = p | stream | StreamingBandit(BanditConfig(draws=500), spec)
+        assert_that(state.rows | beam.FlatMap(lambda f: [
+            (int(r.window_end.timestamp()) - BASE, r.treatment_id, r.views, r.clicks)
+            for r in f.itertuples(index=False)]), equal_to([
+                (10, "A", 1, 1), (10, "B", 1, 0),                    # on-time pane
+                (10, "A", 1, 1), (10, "B", 2, 0)]))                  # late pane restates
+
+
+def test_treatment_counts_are_one_hot():
+    counts = treatment_counts(_treatment(1, 0, "A", "DELIVERY_FAILED").value)
+    assert counts == (("A", "*"), (0, 0, 1, 0, 0))
+
+
+# --- models/streaming.py --------------------------------------------------------------------------
+
+def test_window_spec_refuses_misaligned_windows():
+    with pytest.raises(ValueError, match="multiple of period"):
+        model.WindowSpec.of_seconds(25, 10, 0)
+    with pytest.raises(ValueError, match="lateness"):
+        model.WindowSpec(pd.Timedelta(seconds=10), pd.Timedelta(seconds=10),
+                         pd.Timedelta(seconds=-1))
+
+
+def test_order_lines_keep_the_earliest_event_whatever_the_arrival_order():
+    records = [order(1, 5, name="Ordered Product", order_id="O").value,
+               order(2, 3, name="Placed Order", order_id="O").value,
+               order(3, 3, name="Consumer Website Order", order_id="O").value]
+    forward, backward = {}, {}
+    for r in records:
+        model.add_order(forward, r)
+    for r in reversed(records):
+        model.add_order(backward, r)
+    assert forward == backward == {("O", "S01"): ((BASE + 3) * US, "E2", "U1", "Placed Order")}
+    assert model.merge_orders([{("O", "S01"): forward[("O", "S01")]},
+                               {("O", "S01"): ((BASE + 1) * US, "E9", "U1", "x")}]) == {
+        ("O", "S01"): ((BASE + 1) * US, "E9", "U1", "x")}
+
+
+def test_refresh_reports_unknown_and_duplicate_users(tmp_path):
+    directory = small_world(tmp_path / "w")
+    users = [json.loads(line) for line in open(os.path.join(directory, "users.jsonl"))]
+    users.append({**users[0], "user_id": "U5", "email": "U1@Example.com",
+                  "updated_at": "2025-01-01T00:00:00Z"})   # same e-mail, older: a duplicate
+    _write_jsonl(os.path.join(directory, "users.jsonl"), users)
+    ref = FileReference(directory, CONFIG, 0, "").current()
+    as_of = pd.Timestamp(BASE, unit="s", tz="UTC")
+    scorer = model.scorer(ref, model.window_popularity(model.orders_frame({}), ref, as_of,
+                                                       CONFIG), CONFIG)
+    requests = {u: model.RefreshRequest(("intent",), ()) for u in ("U1", "U5", "U404")}
+    out = model.refresh_users(requests, ref, scorer, as_of, CONFIG)
+    assert out.rows["user_id"].tolist() == ["U1"]
+    assert out.duplicate_users == ["U5"] and out.unknown_users == ["U404"]
