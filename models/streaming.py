@@ -18,6 +18,7 @@ when to rebuild it. Nothing here imports Beam.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import (Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set,
                     Tuple)
@@ -28,12 +29,26 @@ import pandas as pd
 from models import contracts, popularity, profiles, recommend
 from models.catalog import CatalogArrays, resolve_conflicts
 from models.config import RecsConfig
-from models.contracts import CART, ORDER_EVENT_NAMES, VIEW
+from models.contracts import ORDER_EVENT_NAMES
 
 EVENT_TIME_ATTRIBUTE = "event_time"
 EPOCH = pd.Timestamp(0, tz="UTC")
 TIME = "datetime64[us, UTC]"
 _MICRO = pd.Timedelta(microseconds=1)
+_PUBSUB_PATH = re.compile(r"^projects/[a-z][-a-z0-9]{4,28}[a-z0-9]/(?P<kind>subscriptions|topics)/"
+                          r"[A-Za-z][-A-Za-z0-9._~%+]{2,254}$")
+
+
+def is_pubsub_path(value: str, kind: str) -> bool:
+    """Whether ``value`` is ``projects/<p>/<kind>/<name>``, kind ``subscriptions`` or ``topics``.
+
+    >>> is_pubsub_path("projects/demo-project/subscriptions/events-sub", "subscriptions")
+    True
+    >>> is_pubsub_path("projects/demo-project/topics/x; rm -rf /", "topics")
+    False
+    """
+    match = _PUBSUB_PATH.match(value) if isinstance(value, str) else None
+    return bool(match) and match["kind"] == kind
 
 # Fields a parsed message keeps, per table; ``event_time`` travels as integer
 # microseconds since the epoch (``event_time_us``) so records stay primitive.
@@ -42,7 +57,6 @@ RECORD_FIELDS: Dict[str, Tuple[str, ...]] = {
     "treatment_events": ("event_id", "user_id", "treatment_id", "campaign_id", "kind",
                          "reason"),
 }
-INTENT_EVENT_NAMES = (VIEW, CART)
 
 # Why a message's event-time attribute was not usable (the payload field decides anyway).
 ATTRIBUTE_OK = "ok"
@@ -282,13 +296,20 @@ def add_order(lines: Dict[OrderKey, OrderLine], record: Mapping) -> None:
         lines[key] = line
 
 
+def merge_orders_into(target: Dict[OrderKey, OrderLine],
+                      part: Mapping[OrderKey, OrderLine]) -> Dict[OrderKey, OrderLine]:
+    """Adds ``part`` to ``target`` in place, the earliest line per key winning; returns target."""
+    for key, line in part.items():
+        if key not in target or line < target[key]:
+            target[key] = line
+    return target
+
+
 def merge_orders(parts: Iterable[Dict[OrderKey, OrderLine]]) -> Dict[OrderKey, OrderLine]:
     """Union of order-line maps, the earliest line per key winning (associative, commutative)."""
     merged: Dict[OrderKey, OrderLine] = {}
     for part in parts:
-        for key, line in part.items():
-            if key not in merged or line < merged[key]:
-                merged[key] = line
+        merge_orders_into(merged, part)
     return merged
 
 

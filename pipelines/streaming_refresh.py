@@ -20,7 +20,6 @@ import argparse
 import logging
 import threading
 import time
-import uuid
 from typing import Dict, List, NamedTuple, Optional
 
 import apache_beam as beam
@@ -35,10 +34,11 @@ from models.bandit import BanditConfig
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import LOCAL_RUNNERS, entry_point
-from pipelines.options import CommonOptions, require_input_dir
+from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from transforms import bigquery
-from transforms.bigquery import BigQueryOptions  # noqa: F401 (its flags are this job's too)
+from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are this job's too)
 from transforms.health import NAMESPACE
+from transforms.warehouse import bigquery_dataset, bigquery_project, table_name
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                   DropDuplicates, FileReference, LateDataAudit, ParseMessages,
                                   PeriodCounters, RankingChanges, RefreshRecommendations,
@@ -94,6 +94,10 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--history_table", default="events",
                             help="Table of --input_dir whose orders and intent are the "
                                  "history under the stream; empty: the stream only.")
+        parser.add_argument("--ranking_refresh", default="on", choices=("on", "off"),
+                            help="on: also refresh every user of a vehicle whose top picks "
+                                 "changed between consecutive windows; off: only users with "
+                                 "new events.")
         parser.add_argument("--max_runtime_seconds", type=int, default=0,
                             help="Local runners: cancel after this long (0: run until "
                                  "stopped). Ignored on Dataflow.")
@@ -126,10 +130,12 @@ def context_from(options: PipelineOptions) -> StreamingContext:
     for flag in ("events_subscription", "treatments_subscription", "streaming_dataset"):
         if not getattr(opts, flag):
             raise SystemExit(f"--{flag} is required")
-    for flag in ("events_subscription", "treatments_subscription"):
+    for flag, kind in (("events_subscription", "subscriptions"),
+                       ("treatments_subscription", "subscriptions"),
+                       ("dead_letter_topic", "topics")):
         value = getattr(opts, flag)
-        if not value.startswith("projects/") or "/subscriptions/" not in value:
-            raise SystemExit(f"--{flag} must be projects/<p>/subscriptions/<s>, got {value!r}")
+        if value and not model.is_pubsub_path(value, kind):
+            raise SystemExit(f"--{flag} must be projects/<project>/{kind}/<name>, got {value!r}")
     try:
         spec = model.WindowSpec.of_seconds(opts.window_seconds, opts.period_seconds,
                                            opts.allowed_lateness_seconds)
@@ -153,8 +159,15 @@ def context_from(options: PipelineOptions) -> StreamingContext:
         raise SystemExit("--project is required (or --streaming_dataset <project>.<dataset>)")
     dataset = opts.streaming_dataset if "." in opts.streaming_dataset else (
         f"{project}.{opts.streaming_dataset}")
+    try:   # both are spliced into the latest-row views' SQL
+        dataset_project, dataset_name = dataset.split(".", 1)
+        dataset = f"{bigquery_project(dataset_project)}.{bigquery_dataset(dataset_name)}"
+        if opts.history_table:
+            table_name(opts.history_table)
+    except ValueError as err:
+        raise SystemExit(f"--streaming_dataset/--history_table: {err}")
     now = pd.Timestamp.now(tz="UTC")
-    run_id = common.run_id or f"{JOB}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    run_id = run_id_of(common.run_id, now, JOB)
     return StreamingContext(run_id, now, project, dataset, spec, config, BanditConfig(),
                             pd.Timedelta(seconds=opts.dedupe_ttl_seconds))
 
@@ -172,26 +185,23 @@ def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReferen
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingContext,
-          reference: FileReference, sources: Optional[Dict[str, beam.PCollection]] = None
-          ) -> Dict[str, beam.PCollection]:
+          reference: FileReference) -> Dict[str, beam.PCollection]:
     """The streaming graph; returns the rows written per table (before BigQuery).
 
-    ``sources`` replaces the two Pub/Sub reads (``events``, ``treatment_events``:
-    collections of PubsubMessage), so tests can feed a TestStream.
+    The Pub/Sub reads carry attributes but no ``timestamp_attribute``: event
+    times come from the validated payload (docs/streaming.md).
     """
     opts = options.view_as(StreamingOptions)
     common = options.view_as(CommonOptions)
     spec, config = ctx.spec, ctx.config
-    if sources is None:
-        sources = {
-            "events": pipeline | "ReadEvents" >> ReadFromPubSub(
-                subscription=opts.events_subscription, with_attributes=True),
-            "treatment_events": pipeline | "ReadTreatmentEvents" >> ReadFromPubSub(
-                subscription=opts.treatments_subscription, with_attributes=True),
-        }
-    events = sources["events"] | "ParseEvents" >> ParseMessages("events")
-    treatments = sources["treatment_events"] | "ParseTreatmentEvents" >> ParseMessages(
-        "treatment_events")
+    events = (pipeline
+              | "ReadEvents" >> ReadFromPubSub(subscription=opts.events_subscription,
+                                               with_attributes=True)
+              | "ParseEvents" >> ParseMessages("events"))
+    treatments = (pipeline
+                  | "ReadTreatmentEvents" >> ReadFromPubSub(
+                      subscription=opts.treatments_subscription, with_attributes=True)
+                  | "ParseTreatmentEvents" >> ParseMessages("treatment_events"))
     unique_events = events.rows | "DedupeEvents" >> DropDuplicates("events", ctx.dedupe_ttl)
     unique_treatments = treatments.rows | "DedupeTreatmentEvents" >> DropDuplicates(
         "treatment_events", ctx.dedupe_ttl)
@@ -199,8 +209,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     orders = unique_events.rows | "OrderEvents" >> beam.Filter(model.is_order)
     popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config)
     order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
-    notices = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config)
-    requests = ((unique_events.rows, notices.rows)
+    if opts.ranking_refresh == "on":
+        ranking = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config)
+        notices, notice_counts = ranking.rows, [ranking.counts]
+    else:
+        notices, notice_counts = pipeline | "NoRankingNotices" >> beam.Create([]), []
+    requests = ((unique_events.rows, notices)
                 | "TouchedUsers" >> TouchedUsers(config))
     recs = requests | "RefreshRecommendations" >> RefreshRecommendations(
         reference, popularity.first_panes, config, spec, common.num_shards, ctx.run_id,
@@ -211,8 +225,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
         "treatment_events", spec)
 
-    counts = ([events.counts, treatments.counts, unique_events.counts, unique_treatments.counts,
-               notices.counts]
+    counts = ([events.counts, treatments.counts, unique_events.counts, unique_treatments.counts]
+              + notice_counts
               + [to_global_window(f"{name}CountsToGlobalWindow", pcoll) for name, pcoll in (
                   ("Popularity", popularity.counts), ("OrderAudit", order_audit.counts),
                   ("Refresh", recs.counts), ("Bandit", bandit.counts),
@@ -261,7 +275,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
 
 def _log_unwritable(row: dict) -> None:
     Metrics.counter(NAMESPACE, "dead_letter.unwritable").inc()
-    _LOG.error("dead letter refused by BigQuery: %s", row)
+    # The payload may hold e-mails; log where it came from and why, never the record.
+    _LOG.error("dead letter refused by BigQuery: table=%s step=%s reason=%s",
+               row.get("table"), row.get("step"), row.get("reason"))
 
 
 def _dead_letter_message(row: dict) -> PubsubMessage:

@@ -32,7 +32,7 @@ import json
 import os
 import re
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Type
 
 from apache_beam.options import pipeline_options as beam_options
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -54,12 +54,15 @@ class Template:
         exclude: flags the job's parser accepts but the template must not offer,
             each mapped to the reason (shown by ``--check`` when it goes stale).
         streaming: the job reads an unbounded source (sets ``metadata.streaming``).
+        required: flags the job itself refuses to start without; argparse cannot
+            require them, because Beam parses every imported job's options at once.
         description: defaults to the first line of the job module's docstring.
     """
 
     job: str
     exclude: Mapping[str, str] = dataclasses.field(default_factory=dict)
     streaming: bool = False
+    required: FrozenSet[str] = frozenset()
     description: Optional[str] = None
 
     @property
@@ -85,8 +88,14 @@ TEMPLATES: Tuple[Template, ...] = (
     Template("campaign_report", exclude={
         "segment_by": "campaign_report refuses it at start-up (per-segment state is "
                       "bandit_report's)"}),
-    # Template("streaming_refresh", streaming=True),
-    # Template("train_ranker"),
+    Template("streaming_refresh", streaming=True, exclude={
+        **EMULATOR_ONLY,
+        "max_runtime_seconds": "bounds local runs only; a Dataflow job runs until drained",
+        "warehouse": "the streaming job writes BigQuery only (--streaming_dataset)",
+        "staging_dir": "the streaming job stages nothing",
+        "as_of": "the streaming job's reference time is each window's end"},
+        required=frozenset({"events_subscription", "treatments_subscription",
+                            "streaming_dataset"})),
 )
 
 
@@ -103,8 +112,11 @@ RFC3339 = Format("an RFC 3339 time with its offset",
                  r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
                  r"([Zz]|[+-][0-9]{2}:[0-9]{2})$",
                  "2026-02-28T23:59:43Z")
-PATH = Format("a gs:// URI or a local path",
-              r"^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\r\n]*)?|[^:\r\n]+)$",
+PATH = Format("a gs:// URI or a local path: letters, digits and _ . , = @ + / -, "
+              "no '..' segment",
+              r"^(?!(.*/)?\.\.(/|$))"
+              r"(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9_.,=@+/-]*)?"
+              r"|[A-Za-z0-9_.,=@+/-]+)$",
               "gs://my-bucket/segment-recs")
 RUN_ID = Format("letters, digits, '_', '.' and '-' (at most 128)",
                 r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", "20260301T060000Z_daily")
@@ -114,6 +126,9 @@ BIGQUERY_TABLE = Format("a BigQuery table, [PROJECT:]DATASET.TABLE",
                         r"^([a-z][-a-z0-9]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}"
                         r"\.[-A-Za-z0-9_]{1,1024}$",
                         "my-project:recs.recommendations")
+BIGQUERY_PROJECT = Format("a Google Cloud project id",
+                          r"^([a-z][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$",
+                          "my-project")
 BIGQUERY_DATASET = Format("a BigQuery dataset, [PROJECT:]DATASET",
                           r"^([a-z][-a-z0-9]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}$",
                           "my-project:recs")
@@ -124,22 +139,26 @@ SUBSCRIPTION = Format("a Pub/Sub subscription, projects/PROJECT/subscriptions/NA
 TOPIC = Format("a Pub/Sub topic, projects/PROJECT/topics/NAME",
                r"^projects/[a-z][-a-z0-9]{4,28}[a-z0-9]/topics/[A-Za-z][-A-Za-z0-9._~%+]{2,254}$",
                "projects/my-project/topics/recommendations")
+INPUT_TABLE = Format("a table name of --input_dir (letters, digits and _), or empty",
+                     r"^([A-Za-z_][A-Za-z0-9_]{0,127})?$", "events")
 INTEGER = Format("an integer", r"^[-+]?[0-9]+$", "8")
 NUMBER = Format("a number", r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$", "0.5")
 
 # Formats by option name, then by name suffix; type and choices come first.
 FORMAT_BY_NAME: Dict[str, Format] = {
     "as_of": RFC3339, "run_id": RUN_ID, "segment_by": ATTRIBUTES, "warehouse": PATH,
-    "config": PATH,
+    "config": PATH, "history_table": INPUT_TABLE, "ranker_model": PATH,
+    "bigquery_project": BIGQUERY_PROJECT,
 }
 FORMAT_BY_SUFFIX: Tuple[Tuple[str, Format], ...] = (
     ("_dir", PATH), ("_path", PATH), ("_file", PATH), ("_html", PATH), ("_location", PATH),
     ("_prefix", PATH), ("_config", PATH), ("_table", BIGQUERY_TABLE),
     ("_dataset", BIGQUERY_DATASET), ("_subscription", SUBSCRIPTION), ("_topic", TOPIC),
-    ("_time", RFC3339), ("_at", RFC3339),
+    ("_time", RFC3339), ("_at", RFC3339), ("_since", RFC3339), ("_until", RFC3339),
 )
 FORMATS: Tuple[Format, ...] = (RFC3339, PATH, RUN_ID, ATTRIBUTES, BIGQUERY_TABLE,
-                               BIGQUERY_DATASET, SUBSCRIPTION, TOPIC, INTEGER, NUMBER)
+                               BIGQUERY_PROJECT, BIGQUERY_DATASET, SUBSCRIPTION, TOPIC,
+                               INPUT_TABLE, INTEGER, NUMBER)
 
 LABEL_WORDS = {"dir": "directory", "id": "ID", "html": "HTML", "num": "number of",
                "min": "minimum", "max": "maximum", "vs": "vs.", "bq": "BigQuery",
@@ -318,15 +337,15 @@ def help_text_for(action: argparse.Action, fmt: Optional[Format]) -> str:
     return " ".join(p if p.endswith((".", "!", "?", ")")) else p + "." for p in parts)
 
 
-def parameter_for(action: argparse.Action) -> Dict[str, object]:
-    """One ParameterMetadata entry, from one argparse action."""
+def parameter_for(action: argparse.Action, required: bool = False) -> Dict[str, object]:
+    """One ParameterMetadata entry, from one argparse action (``required``: the job insists)."""
     name = action_name(action)
     fmt = format_for(action)
     param: Dict[str, object] = {
         "name": name,
         "label": label_for(name),
         "helpText": help_text_for(action, fmt),
-        "isOptional": not action.required,
+        "isOptional": not (action.required or required),
     }
     if fmt is not None:
         param["regexes"] = [fmt.regex]
@@ -358,7 +377,12 @@ def build_metadata(template: Template,
                    parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, object]:
     """The metadata.json content for a template, from its job's options."""
     parser = parser if parser is not None else job_parser(template)
-    parameters = [parameter_for(a) for a in option_actions(parser)
+    actions = option_actions(parser)
+    unknown = set(template.required) - {action_name(a) for a in actions}
+    if unknown:
+        raise TemplateError(f"{template.job}: required flags it does not have: "
+                            f"{', '.join(sorted(unknown))}")
+    parameters = [parameter_for(a, action_name(a) in template.required) for a in actions
                   if action_name(a) not in template.exclude]
     return {
         "name": template_name(template),

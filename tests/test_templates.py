@@ -129,7 +129,8 @@ def test_parameters_are_exactly_the_jobs_options(job):
     assert [p["name"] for p in document["parameters"]] == expected
     for param in document["parameters"]:
         action = actions[param["name"]]
-        assert param["isOptional"] is (not action.required)
+        assert param["isOptional"] is not (action.required
+                                           or param["name"] in template.required)
         if action.choices:
             assert [o["value"] for o in param["enumOptions"]] == [str(c) for c in action.choices]
         if action.default not in (None, ""):
@@ -218,6 +219,8 @@ def test_every_format_accepts_its_example(fmt):
     (md.RUN_ID, "a/b"), (md.RUN_ID, "-leading-dash"), (md.ATTRIBUTES, "make, model"),
     (md.BIGQUERY_TABLE, "just_a_table"), (md.SUBSCRIPTION, "orders"),
     (md.TOPIC, "projects/p/subscriptions/s"), (md.INTEGER, "1.5"), (md.NUMBER, "1e"),
+    (md.INPUT_TABLE, "../events"), (md.BIGQUERY_PROJECT, "My_Project"),
+    (md.PATH, "gs://my-bucket/a/../../b"), (md.PATH, "out/x y"),
 ])
 def test_formats_refuse_malformed_values(fmt, bad):
     assert not re.fullmatch(fmt.regex, bad)
@@ -559,6 +562,8 @@ def test_deploy_publishes_a_template_spec_per_job_with_its_image_as_worker(deplo
     assert proc.returncode == 0, proc.stderr
     builds = [c for c in calls if c[1:4] == ["dataflow", "flex-template", "build"]]
     assert len(builds) == len(JOBS)
+    for build, job in zip(builds, JOBS):
+        assert ("--enable-streaming-engine" in build) is TEMPLATES[job].streaming, job
     for job in JOBS:
         spec_file = gcs / "demo-bucket" / "templates" / job / "abc123.json"
         spec = json.loads(spec_file.read_text())
@@ -567,8 +572,10 @@ def test_deploy_publishes_a_template_spec_per_job_with_its_image_as_worker(deplo
         assert spec["defaultEnvironment"]["serviceAccountEmail"] == (
             "dataflow-worker@demo-project.iam.gserviceaccount.com")
         assert spec["sdkInfo"]["language"] == "PYTHON"
-        assert _without_defaults(spec["metadata"]) == _without_defaults(
-            md.read_metadata(TEMPLATES[job]))
+        # gcloud keeps name, description and parameters of the metadata file (it drops
+        # `streaming`; the job sets streaming itself and deploy.sh adds the engine flag).
+        kept = {k: v for k, v in md.read_metadata(TEMPLATES[job]).items() if k != "streaming"}
+        assert _without_defaults(spec["metadata"]) == _without_defaults(kept)
         assert (gcs / "demo-bucket" / "templates" / job / "latest.json").read_text() == (
             spec_file.read_text())
         try:
@@ -589,16 +596,13 @@ def test_deploy_fails_fast_without_configuration(deploy):
 
 @pytest.fixture
 def streaming_templates(tmp_path):
-    """A copy of templates/ with a stand-in streaming template, until the real one lands."""
+    """A copy of templates/ whose streaming template maps one renamed step."""
     root = tmp_path / "templates"
     shutil.copytree(os.path.join(REPO, "templates"), root,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    os.makedirs(root / "streaming_refresh")
-    (root / "streaming_refresh" / "metadata.json").write_text(json.dumps(
-        {"name": "segment-recs-streaming-refresh", "description": "stand-in", "streaming": True,
-         "parameters": []}))
+    assert json.loads((root / "streaming_refresh" / "metadata.json").read_text())["streaming"]
     (root / "streaming_refresh" / "transform_name_mappings.json").write_text(
-        json.dumps({"ReadOrders": "ReadOrderEvents"}))
+        json.dumps({"ReadOrders": "ReadEvents"}))
     return str(root)
 
 
@@ -615,14 +619,14 @@ def test_streaming_none_does_nothing(deploy):
 def test_streaming_launch_refuses_a_second_job(deploy, streaming_templates):
     run, _ = deploy
     env = dict(TEMPLATES_DIR=streaming_templates, STREAMING_MODE="launch",
-               STREAMING_PARAMETERS="input_subscription=projects/demo-project/subscriptions/o")
+               STREAMING_PARAMETERS="events_subscription=projects/demo-project/subscriptions/o")
     proc, calls = run("streaming", **env)
     assert proc.returncode == 0, proc.stderr
     (launch,) = _runs(calls)
     assert launch[4] == "segment-recs-streaming-refresh" and "--update" not in launch
     assert ("--template-file-gcs-location=gs://demo-bucket/templates/streaming_refresh/"
             "abc123.json") in launch
-    assert "--parameters=input_subscription=projects/demo-project/subscriptions/o" in launch
+    assert "--parameters=events_subscription=projects/demo-project/subscriptions/o" in launch
     proc, calls = run("streaming", FAKE_ACTIVE_JOB="2026-03-01_01_02_03-42", **env)
     assert proc.returncode != 0 and "already running" in proc.stderr and not _runs(calls)
 
@@ -634,7 +638,7 @@ def test_streaming_update_in_place_maps_renamed_transforms(deploy, streaming_tem
     assert proc.returncode == 0, proc.stderr
     (update,) = _runs(calls)
     assert "--update" in update
-    assert "--transform-name-mappings=ReadOrders=ReadOrderEvents" in update
+    assert "--transform-name-mappings=ReadOrders=ReadEvents" in update
     proc, calls = run("streaming", **env)
     assert proc.returncode != 0 and "no running job" in proc.stderr and not _runs(calls)
 

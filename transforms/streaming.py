@@ -4,11 +4,11 @@ Reading order of the graph (pipelines/streaming_refresh.py wires it):
 
     Pub/Sub messages → ParseMessages (contract check, event-time timestamps, dead letters)
       → DropDuplicates (stateful per event_id, TTL timer)
-      → orders → WindowedPopularity (sliding windows, one CombineFn, popularity at window end)
+      → orders → WindowedPopularity (per-period partials → sliding windows → popularity at end)
                → RankingChanges (consecutive windows → users of vehicles whose top picks moved)
       → events + notices → TouchedUsers (stateful per user: recent stream events)
       → RefreshRecommendations (per refresh period: the touched users, scored like the batch job)
-    treatment events → StreamingBandit (transforms.bandit.BanditState, per message)
+    treatment events → StreamingBandit (per-period sums → transforms.bandit.BanditState)
     orders, treatment counts → LateDataAudit (seen vs included per window: late and too-late)
 
 Slowly changing inputs (catalogue, fitment, users, order history) come from a
@@ -107,12 +107,6 @@ def period_buckets(spec: WindowSpec) -> beam.WindowInto:
 
 def _global(value, at: Timestamp) -> WindowedValue:
     return WindowedValue(value, at, [window.GlobalWindow()])
-
-
-def _windowed_count(name: str, value: int, at: Timestamp) -> beam.pvalue.TaggedOutput:
-    """`transforms.health.count` for ``finish_bundle``, which must emit windowed values."""
-    tagged = count(name, value)
-    return beam.pvalue.TaggedOutput(tagged.tag, _global(tagged.value, at))
 
 
 def to_global_window(label: str, pcoll: beam.PCollection) -> beam.PCollection:
@@ -399,11 +393,17 @@ class OrderLinesCombineFn(beam.CombineFn):
 
     def merge_accumulators(self, accs: Iterable[Tuple[OrderLines, int]]
                            ) -> Tuple[OrderLines, int]:
-        accs = list(accs)
-        return model.merge_orders(a[0] for a in accs), sum(a[1] for a in accs)
+        # The first accumulator absorbs the others (Beam lets a merge reuse its first input).
+        accs = iter(accs)
+        lines, events = next(accs, ({}, 0))
+        for more, n in accs:
+            model.merge_orders_into(lines, more)
+            events += n
+        return lines, events
 
     def extract_output(self, acc: Tuple[OrderLines, int]) -> Tuple[OrderLines, int]:
-        return acc
+        # A copy: with accumulating panes the accumulator keeps growing after it is emitted.
+        return dict(acc[0]), acc[1]
 
     def default_label(self) -> str:
         return "OrderLinesPerPeriod"
@@ -416,7 +416,9 @@ class MergeOrderLinesCombineFn(OrderLinesCombineFn):
 
     def add_input(self, acc: Tuple[OrderLines, int], partial: Tuple[OrderLines, int]
                   ) -> Tuple[OrderLines, int]:
-        return self.merge_accumulators([acc, partial])
+        lines, events = acc
+        model.merge_orders_into(lines, partial[0])   # the partial itself is never modified
+        return lines, events + partial[1]
 
     def default_label(self) -> str:
         return "OrderLinesPerWindow"
