@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import uuid
 from typing import List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -27,7 +26,7 @@ from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
 from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions, require_input_dir
+from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
 from transforms.health import DeadLetterCounts, SumCounts
@@ -101,7 +100,7 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
     except ValueError as err:
         raise SystemExit(f"bad option: {err}")
     as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
-    run_id = shared.run_id or f"{job}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    run_id = run_id_of(shared.run_id, now, job)
     staging = shared.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(shared.warehouse)), "staging", run_id)
     segment_by = tuple(a.strip() for a in options.segment_by.split(",") if a.strip())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import uuid
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -28,7 +27,7 @@ from models.stability import format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions, require_input_dir
+from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel
@@ -114,7 +113,7 @@ def context_from(options: PipelineOptions) -> RunContext:
         apply_options(options)  # --bigquery_endpoint: every BigQuery client of this process
     if io_options.source == "local":
         require_input_dir(options.input_dir)
-    run_id = options.run_id or f"{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    run_id = run_id_of(options.run_id, now)
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)
     try:

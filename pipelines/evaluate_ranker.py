@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import uuid
 from typing import Dict, List, NamedTuple, Optional
 
 import apache_beam as beam
@@ -41,7 +40,7 @@ from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
 from pipelines.jobs import entry_point
-from pipelines.options import CommonOptions, require_input_dir
+from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from pipelines.train_ranker import parse_as_of
 from transforms import schemas
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
@@ -117,7 +116,7 @@ def context_from(options: PipelineOptions) -> EvalContext:
         "feature_distributions": model.metadata.get("feature_distributions", {})})
     fconfig = features.FeatureConfig.from_dict(model.metadata.get("feature_config", {}))
     now = pd.Timestamp.now(tz="UTC")
-    run_id = common.run_id or f"{JOB}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    run_id = run_id_of(common.run_id, now, JOB)
     base = os.path.dirname(os.path.abspath(common.warehouse))
     staging = common.staging_dir or os.path.join(base, "staging", run_id)
     eval_dir = own.ranker_eval_dir or os.path.join(base, "ranker_eval")

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import uuid
+from datetime import datetime
+from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -18,6 +22,23 @@ def require_input_dir(path: str) -> None:
     """Fail at start-up when a local ``--input_dir`` is missing (remote ones are checked per table)."""
     if "://" not in path and not os.path.isdir(path):
         raise SystemExit(f"--input_dir {path!r} is not a directory")
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def run_id_of(given: Optional[str], now: datetime, prefix: str = "") -> str:
+    """``--run_id`` if it is a safe name, else ``[prefix_]time_random``.
+
+    A run id names staging folders, backup tables and output files, so one
+    like ``../x`` or ``a;b`` is refused at start-up.
+    """
+    if given is None or given == "":
+        return f"{prefix + '_' if prefix else ''}{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    if not _RUN_ID.match(given):
+        raise SystemExit(f"--run_id {given!r}: use letters, digits, '_', '.' and '-' "
+                         f"(at most 128, starting with a letter or digit)")
+    return given
 
 
 class CommonOptions(PipelineOptions):

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import time
-import uuid
 from typing import List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -40,7 +39,7 @@ from models import features, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import entry_point
-from pipelines.options import CommonOptions, require_input_dir
+from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.health import SumCounts
 from transforms.io import WriteFrames
@@ -122,7 +121,7 @@ def context_from(options: PipelineOptions) -> TrainContext:
     except ValueError as err:
         raise SystemExit(str(err))
     now = pd.Timestamp.now(tz="UTC")
-    run_id = common.run_id or f"{JOB}_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
+    run_id = run_id_of(common.run_id, now, JOB)
     staging = common.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(common.warehouse)), "staging", run_id)
     cutoffs = tuple(features.cutoff_grid(as_of, fconfig))
