@@ -6,7 +6,7 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import contracts
+from models import contracts, streaming
 from transforms.health import Tag
 from transforms.io import ParseJsonLinesFn
 
@@ -124,3 +124,28 @@ def test_integers_beyond_int64_are_refused_not_crashing():
     checked = contracts.validate("fitment", frame)
     assert checked.bad_reasons.tolist() == ["absurd year"]
     assert checked.rows["year"].tolist() == [2015]
+
+
+attribute_maps = st.one_of(
+    st.none(), st.just({}),
+    st.dictionaries(st.sampled_from(["event_time", "origin", ""]),
+                    st.one_of(st.text(max_size=30),
+                              st.sampled_from(["2026-05-01T10:00:00Z", "1e400", "-1",
+                                               "2026-13-45T99:99:99Z"])), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_pubsub_message_is_a_record_or_a_dead_letter(data):
+    """The streaming parser: hostile payloads and attributes never raise, and nothing vanishes."""
+    table = data.draw(st.sampled_from(("events", "treatment_events")))
+    payloads = data.draw(_lines(table))
+    attributes = data.draw(st.lists(attribute_maps, min_size=len(payloads),
+                                    max_size=len(payloads)))
+    out = streaming.parse_messages(table, payloads, attributes)
+    assert len(out.records) + len(out.bad) == len(payloads)
+    assert len(out.attribute_status) == len(out.records)
+    assert len({i for i, _ in out.bad}) == len(out.bad)
+    assert all(isinstance(reason, str) and reason for _, reason in out.bad)
+    for record in out.records:
+        assert record["event_id"] and record["event_time"] is not None
