@@ -63,6 +63,11 @@ class QAContext:
     eligible_skus: frozenset
 
 
+def _numbers(values: pd.Series) -> np.ndarray:
+    """Floats, with anything that is not a number as NaN (which rule 11 then counts)."""
+    return pd.to_numeric(values, errors="coerce").to_numpy(float)
+
+
 def _long(recs: pd.DataFrame, n: int) -> pd.DataFrame:
     """One row per (user, position) with the SKU, score, price, image and part type."""
     parts = []
@@ -71,7 +76,7 @@ def _long(recs: pd.DataFrame, n: int) -> pd.DataFrame:
             "row": np.arange(len(recs)), "pos": i,
             "user_id": recs["user_id"].to_numpy(object),
             "sku": recs[f"rec_part_{i}"].to_numpy(object),
-            "score": recs[f"rec{i}_score"].to_numpy(float),
+            "score": _numbers(recs[f"rec{i}_score"]),
             "image_url": recs[f"rec{i}_image_url"].to_numpy(object),
             "part_type": recs[f"rec{i}_part_type"].to_numpy(object),
         }))
@@ -123,7 +128,7 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     dup = pd.DataFrame({"row": long["row"], "g": group, "s": long["sku"]}).loc[known]
     counts[9] = per_row(pd.Series(dup.duplicated(["row", "g"]) | dup.duplicated(["row", "s"]))
                         .reindex(long.index, fill_value=False))
-    score = recs[[f"rec{i}_score" for i in range(1, n + 1)]].to_numpy(float)
+    score = np.column_stack([_numbers(recs[f"rec{i}_score"]) for i in range(1, n + 1)])
     counts[10] = int((np.diff(score, axis=1) > 1e-12).any(axis=1).sum())
     counts[11] = int((~np.isfinite(score) | (score < 0)
                       | (score > config.scoring.max_score + 1e-9)).any(axis=1).sum())

@@ -1,6 +1,8 @@
 """Tests for models.rules: each QA check counts exactly the violation planted for it."""
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.catalog import CatalogArrays
 from models.config import RecsConfig, RulesConfig
@@ -235,3 +237,27 @@ def test_qa_table_shape():
     other = qa_table({}, RecsConfig(rules=RulesConfig(recs_per_user=6, max_per_part_type=1)))
     assert other["violations"].tolist() == [0] * 15
     assert dict(zip(other["rule_id"], other["name"]))[2] == "exactly 6 recommendations per user"
+
+
+HOSTILE = (None, float("nan"), float("inf"), -1.0, 1e308, "", "  ", "NOT-A-SKU", "A1",
+           "http://x", "ÅÉ@X.COM", 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(clean_recs()) - 1),
+                                st.sampled_from(list(clean_recs().columns)),
+                                st.sampled_from(HOSTILE)), min_size=1, max_size=6))
+def test_qa_never_raises_on_hostile_rows_and_counts_rows(edits):
+    """Any value in any column: every rule returns a row count, and hostile values are caught."""
+    recs = clean_recs().astype(object)
+    for row, column, value in edits:
+        recs.loc[row, column] = value
+    counts = check(recs, _context(), CONFIG)
+    assert set(counts) == {r.id for r in RULES}
+    assert all(isinstance(n, int) and 0 <= n <= len(recs) for n in counts.values())
+    clearly_bad = [(c, v) for _, c, v in edits
+                   if (c.startswith("rec_part_") and v in (None, "", "  ", "NOT-A-SKU", 0))
+                   or (c.endswith("_score") and v in (None, float("inf"), -1.0, 1e308))
+                   or (c == "email_lower" and v in (None, "", "  ", "ÅÉ@X.COM", 0))]
+    if clearly_bad:
+        assert sum(counts.values()) > 0, clearly_bad
