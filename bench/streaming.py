@@ -1,18 +1,23 @@
 """Streaming refresh benchmark: freshness on the emulators, throughput of the windowed core.
 
     python bench/streaming.py                      # both parts, results in bench/results/streaming.json
-    python bench/streaming.py --orders 300 --scenarios steady:2:1
+    python bench/streaming.py --orders 300 --scenarios steady:2:1:on
+    python bench/streaming.py --skip_throughput --preset demo \
+        --scenarios sustained:2:2:on:1200          # 10 minutes of load: rate, memory, freshness
     python bench/streaming.py --skip_freshness     # throughput only (no emulators needed)
 
 Freshness: the Pub/Sub emulator and bqemulator start, `pipelines.streaming_refresh`
-runs on the DirectRunner (2-second refresh period), background traffic (product
+runs on the DirectRunner (60-second windows every 2 s), background traffic (product
 views and e-mail sends, as a live shop has) keeps both subscriptions busy (an
 idle subscription's pull waits 30 s on the DirectRunner), and ``--orders``
 order events, each for a different user, are published at a scenario's rate
 with their ``event_time`` attribute. Scenarios: ``steady`` (2 orders/s, 2
-background events/s) and ``busy`` (4 orders/s, 10 background events/s: the
-field's 0.8-1.3 million raw events a day), which shows where the DirectRunner
-saturates. The freshness of one order is
+background events/s), the same with ranking-change refreshes off (only the
+order path), and ``busy`` (4 orders/s, 10 background events/s: the field's
+0.8-1.3 million raw events a day), which shows where the DirectRunner
+saturates. Each order also changes its vehicle's ranking more often than in
+production (a 2-second period compresses an hour), so ranking-change
+refreshes weigh far more here than they would live. The freshness of one order is
 the wall time from its publish call returning to the first
 ``recommendation_updates`` row of its user with reason ``order`` being
 returned by a query (polled every 0.25 s); p50, p95 and max are reported.
@@ -36,10 +41,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Dict, List
+from typing import Dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -73,8 +77,16 @@ def _world(directory: str, preset: str) -> str:
 
 # --- freshness ------------------------------------------------------------------------------------
 
-def freshness(args, rate: float, traffic: float) -> Dict:
-    from google.cloud import bigquery as bq
+def _rss_mib() -> float:
+    """Resident memory of this process (the job runs in it; the emulators do not)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def freshness(args, rate: float, traffic: float, ranking: str, orders: int) -> Dict:
     from google.cloud import pubsub_v1
 
     from pipelines import streaming_refresh as job
@@ -83,10 +95,12 @@ def freshness(args, rate: float, traffic: float) -> Dict:
 
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
                    args.preset)
-    users = pd.read_json(os.path.join(world, "users.jsonl"), lines=True)
-    users = users.dropna(subset=["make", "model", "year"]).drop_duplicates("email")
-    ids = users["user_id"].tolist()
-    buyers, browsers = ids[:args.orders], ids[args.orders:args.orders + 300]
+    servable = FileReference(world, DEFAULT_CONFIG, 3600, "events").current().servable
+    ids = servable.dropna(subset=["make", "model", "year"])["user_id"].tolist()
+    if len(ids) < orders + 300:
+        raise SystemExit(f"--preset {args.preset} has {len(ids)} servable users; "
+                         f"{orders} orders need {orders + 300} (use --preset demo)")
+    buyers, browsers = ids[:orders], ids[orders:orders + 300]
     catalog = pd.read_json(os.path.join(world, "catalog.jsonl"), lines=True)
     skus = catalog.loc[catalog["price"] >= 50, "sku"].tolist()
     rng = np.random.default_rng(7)
@@ -108,6 +122,7 @@ def freshness(args, rate: float, traffic: float) -> Dict:
                 f"--period_seconds={args.period_seconds}",
                 "--allowed_lateness_seconds=2", "--dedupe_ttl_seconds=120",
                 "--reference_refresh_seconds=30", "--insert_batch_size=100",
+                f"--ranking_refresh={ranking}",
                 f"--num_shards={args.num_shards}"]
         started = time.monotonic()
         launched = job.launch(argv)
@@ -132,7 +147,15 @@ def freshness(args, rate: float, traffic: float) -> Dict:
                                       event_time=record["event_time"])
                 time.sleep(1.0 / traffic)
 
+        memory = []     # (seconds since launch, RSS MiB)
+
+        def sample_memory():
+            while not stop.is_set():
+                memory.append((round(time.monotonic() - started, 1), round(_rss_mib(), 1)))
+                stop.wait(5.0)
+
         threading.Thread(target=background, name="background-traffic", daemon=True).start()
+        threading.Thread(target=sample_memory, name="memory", daemon=True).start()
         time.sleep(args.warmup)             # reference data loaded, first windows closed
         published: Dict[str, float] = {}
         seen: Dict[str, float] = {}
@@ -152,6 +175,7 @@ def freshness(args, rate: float, traffic: float) -> Dict:
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
+        publishing_started = time.monotonic()
         for i, user in enumerate(buyers):
             event_time = _now_iso()
             record = {"event_id": f"BO{i}", "event_time": event_time, "user_id": user,
@@ -161,12 +185,18 @@ def freshness(args, rate: float, traffic: float) -> Dict:
                               event_time=event_time).result()
             published[user] = time.monotonic()
             time.sleep(1.0 / rate)
+        publishing_seconds = time.monotonic() - publishing_started
         deadline = time.monotonic() + args.drain_seconds
         while time.monotonic() < deadline and not set(buyers) <= set(seen):
             time.sleep(0.5)
         stop.set()
         launched.result.cancel()
         latencies = sorted(seen[u] - published[u] for u in buyers if u in seen)
+        per_minute = {}
+        for user in buyers:
+            if user in seen:
+                minute = int((published[user] - publishing_started) // 60)
+                per_minute.setdefault(minute, []).append(seen[user] - published[user])
         health = [dict(r) for r in client.query(
             f"SELECT counters FROM `{bqe.project}.bench.streaming_health` "
             f"WHERE kind = 'counters'").result()]
@@ -177,13 +207,22 @@ def freshness(args, rate: float, traffic: float) -> Dict:
     return {
         "orders_published": len(buyers), "orders_refreshed": len(latencies),
         "orders_per_second": rate, "background_events_per_second": 2 * traffic,
-        "num_shards": args.num_shards,
+        "num_shards": args.num_shards, "ranking_refresh": ranking,
         "window_seconds": args.window_seconds, "period_seconds": args.period_seconds,
         "seconds_p50": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
         "seconds_p95": round(float(np.percentile(latencies, 95)), 2) if latencies else None,
         "seconds_max": round(max(latencies), 2) if latencies else None,
         "seconds_mean": round(statistics.fmean(latencies), 2) if latencies else None,
         "target_p50_seconds": 10, "run_seconds": round(time.monotonic() - started, 1),
+        "publishing_seconds": round(publishing_seconds, 1),
+        "stream_events_read_per_second": round(
+            (totals.get("events.read", 0) + totals.get("treatment_events.read", 0))
+            / max(time.monotonic() - started, 1e-9), 2),
+        "seconds_p50_per_minute": [round(float(np.percentile(v, 50)), 2)
+                                   for _, v in sorted(per_minute.items())],
+        "rss_mib_samples": memory,
+        "rss_mib_first_last_max": [memory[0][1], memory[-1][1], max(m for _, m in memory)]
+        if memory else None,
         "counters_sum": dict(sorted(totals.items())),
     }
 
@@ -300,13 +339,23 @@ def throughput(args) -> Dict:
     return out
 
 
+def previous_results() -> Dict:
+    """The results file as it is (a run of some scenarios keeps the others' figures)."""
+    if not os.path.exists(RESULTS):
+        return {}
+    with open(RESULTS) as handle:
+        return json.load(handle)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
     parser.add_argument("--orders", type=int, default=200)
-    parser.add_argument("--scenarios", default="steady:2:1,busy:4:5",
+    parser.add_argument("--scenarios",
+                        default="steady:2:1:on,steady_orders_only:2:1:off,busy:4:5:on",
                         help="name:orders per second:background views and sends per second "
-                             "(each), comma-separated.")
+                             "(each):ranking refresh on|off[:orders (default --orders)], "
+                             "comma-separated.")
     parser.add_argument("--window_seconds", type=int, default=60)
     parser.add_argument("--period_seconds", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=8.0)
@@ -330,18 +379,15 @@ def main(argv=None) -> int:
         result["throughput"] = throughput(args)
         print(json.dumps(result["throughput"], indent=1), flush=True)
     if not args.skip_freshness:
-        result["freshness"] = {}
+        result["freshness"] = dict(previous_results().get("freshness", {}))
         for scenario in args.scenarios.split(","):
-            name, rate, traffic = scenario.split(":")
-            result["freshness"][name] = freshness(args, float(rate), float(traffic))
+            name, rate, traffic, ranking, *orders = scenario.split(":")
+            result["freshness"][name] = freshness(args, float(rate), float(traffic), ranking,
+                                                  int(orders[0]) if orders else args.orders)
             print(json.dumps(result["freshness"][name], indent=1), flush=True)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    previous = {}
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as handle:
-            previous = json.load(handle)
-    merged = {**previous, **result}
+    merged = {**previous_results(), **result}
     with open(RESULTS, "w") as handle:
         json.dump(merged, handle, indent=1)
         handle.write("\n")
