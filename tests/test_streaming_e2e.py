@@ -19,7 +19,7 @@ import pytest
 
 from models.config import DEFAULT_CONFIG
 from models.world import WorldSpec, generate, write_world
-from tests.emulators import bigquery_emulator, pubsub_emulator
+from tests.emulators import bigquery_emulator, pubsub_emulator, wait_for
 from transforms.streaming import FileReference
 
 DATASET = "streaming"
@@ -71,20 +71,6 @@ def _event(event_id, user, name, sku, at=None, order_id=None):
     at = at or _now()
     return {"event_id": event_id, "event_time": _iso(at), "user_id": user, "event_name": name,
             "sku": sku, "quantity": 1, "price": 150.0, "order_id": order_id}
-
-
-def _wait_for(what, fetch, done, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        try:
-            value = fetch()
-        except Exception:  # noqa: BLE001 (a table may not have received rows yet)
-            value = None
-        if value is not None and done(value):
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
 
 
 def test_streaming_refresh_end_to_end(emulators, world, topics):
@@ -164,7 +150,7 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
                                    "campaign_id": "C", "kind": kind}).result()
 
         buyers = list(ordered)
-        latest = _wait_for(
+        latest = wait_for(
             "a refreshed row for every buyer",
             lambda: query(f"SELECT * FROM {table}.recommendations_latest` "
                           f"WHERE user_id IN UNNEST(@users)", users=buyers),
@@ -177,10 +163,10 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
             assert row["generated_at"] >= row["popularity_as_of"] - pd.Timedelta(seconds=1)
             assert row["model_version"] == job.MODEL_VERSION
 
-        dead = _wait_for("the malformed message in the dead-letter table",
-                         lambda: query(f"SELECT * FROM {table}.streaming_dead_letter`"),
-                         lambda rows: any(r["record"].startswith('{"event_id": "E-BAD"')
-                                          for r in rows))
+        dead = wait_for("the malformed message in the dead-letter table",
+                        lambda: query(f"SELECT * FROM {table}.streaming_dead_letter`"),
+                        lambda rows: any(r["record"].startswith('{"event_id": "E-BAD"')
+                                         for r in rows))
         bad = next(r for r in dead if r["record"].startswith('{"event_id": "E-BAD"'))
         assert bad["table"] == "events" and bad["step"] == "ParseMessages"
         assert json.loads(bad["attributes"]) == {"event_time": "x"} and bad["reason"]
@@ -190,7 +176,7 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
                    and m.message.attributes["table"] == "events"
                    for m in response.received_messages)
 
-        bandit = _wait_for(
+        bandit = wait_for(
             "bandit state with T01's view and click",
             lambda: query(f"SELECT * FROM {table}.bandit_state_latest` "
                           f"WHERE treatment_id = 'T01'"),
@@ -209,8 +195,8 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
         expected = ("late.orders.too_late", "events.deduplicated", "events.dead_lettered",
                     "events.event_time_attribute.missing",
                     "events.event_time_attribute.unparseable", "refresh.unknown_users")
-        _wait_for("counters of the duplicate, the attributes, the too-late order and the "
-                  "unknown buyer", counters, lambda c: all(c.get(n, 0) >= 1 for n in expected))
+        wait_for("counters of the duplicate, the attributes, the too-late order and the "
+                 "unknown buyer", counters, lambda c: all(c.get(n, 0) >= 1 for n in expected))
         audit = query(f"SELECT * FROM {table}.streaming_health` WHERE kind = 'late_data' "
                       f"AND stream = 'orders'")
         assert sum(r["too_late"] for r in audit) >= 1
@@ -230,7 +216,7 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
         time.sleep(1.5)   # one --reference_refresh_seconds
         view = _event("E-A-AGAIN", buyer_a, "Viewed Product", skus[5])
         publish("events", view, event_time=view["event_time"]).result()
-        fresh = _wait_for(
+        fresh = wait_for(
             "buyer A refreshed after the catalogue change",
             lambda: query(f"SELECT * FROM {table}.recommendation_updates` "
                           f"WHERE user_id = @user AND generated_at > TIMESTAMP(@at)",

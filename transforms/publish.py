@@ -124,6 +124,10 @@ class PublishRunFn(beam.DoFn):
                                       current, n)
             logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}],
                                                             schema=tables["stability_report"])
+        leftovers = self._warehouse.leftovers(run_id)
+        if leftovers:  # e.g. a run that crashed before its swap; a rerun does not need them
+            logging.warning("run %s: tables left by runs that did not finish: %s; drop them "
+                            "once those runs are known to be dead", run_id, ", ".join(leftovers))
         self._warehouse.publish(run_id, published, logs, swap=swap)
         if swap and self._keep_backups is not None:
             pruned = self._warehouse.prune_backups(self._keep_backups)

@@ -271,6 +271,10 @@ class LocalWarehouse:
                 return None
             return con.execute(f"SELECT {select} FROM {table}").df()
 
+    def leftovers(self, run_id: str) -> List[str]:
+        """Tables other runs left behind: none here, a publish is one transaction."""
+        return []
+
     def staged(self, run_id: str, name: str, schema: pa.Schema, files: Sequence[str]) -> Staged:
         """What the run staged for ``name``: its Parquet files, read back."""
         return Staged(schema, data=read_staged(files, schema))
@@ -543,6 +547,14 @@ class BigQueryWarehouse:
         """The staging and candidate tables a run creates (validated names)."""
         return [table_name(f"{name}_{kind}_{backup_id(run_id)}")
                 for name in PUBLISHED_TABLES for kind in ("staging", "candidate")]
+
+    def leftovers(self, run_id: str) -> List[str]:
+        """Staging and candidate tables of other runs: left by a run that died before its
+        publish finished (or one still running). Listed for the operator, never dropped."""
+        own = set(self.run_tables(run_id))
+        pattern = re.compile(r"^(%s)_(staging|candidate)_[A-Za-z0-9_]+$"
+                             % "|".join(PUBLISHED_TABLES))
+        return sorted(t for t in self._table_names() if pattern.match(t) and t not in own)
 
     def staged(self, run_id: str, name: str, schema: pa.Schema,
                refused: Sequence[Any]) -> Staged:
