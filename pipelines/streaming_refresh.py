@@ -103,6 +103,9 @@ class StreamingOptions(PipelineOptions):
                                  "stopped). Ignored on Dataflow.")
         parser.add_argument("--insert_batch_size", type=int, default=500,
                             help="Rows per BigQuery streaming insert request.")
+        parser.add_argument("--insert_retry_seconds", type=int, default=120,
+                            help="How long a bundle retries BigQuery inserts through an "
+                                 "outage before the rows not written become dead letters.")
 
 
 class StreamingContext(NamedTuple):
@@ -118,7 +121,7 @@ class StreamingContext(NamedTuple):
     dedupe_ttl: pd.Timedelta
 
     def table(self, name: str) -> str:
-        """A table spec as Beam's WriteToBigQuery takes it: project:dataset.table."""
+        """A table spec as Beam's BigQuery I/O takes it: project:dataset.table."""
         project, dataset = self.dataset.split(".", 1)
         return f"{project}:{dataset}.{name}"
 
@@ -144,8 +147,10 @@ def context_from(options: PipelineOptions) -> StreamingContext:
     if opts.dedupe_ttl_seconds < opts.allowed_lateness_seconds:
         raise SystemExit("--dedupe_ttl_seconds must be >= --allowed_lateness_seconds: a "
                          "redelivered copy that can still change a window must be caught")
-    if opts.reference_refresh_seconds < 0 or opts.max_runtime_seconds < 0:
-        raise SystemExit("--reference_refresh_seconds and --max_runtime_seconds must be >= 0")
+    if min(opts.reference_refresh_seconds, opts.max_runtime_seconds,
+           opts.insert_retry_seconds) < 0:
+        raise SystemExit("--reference_refresh_seconds, --max_runtime_seconds and "
+                         "--insert_retry_seconds must be >= 0")
     if common.num_shards < 1:
         raise SystemExit("--num_shards must be >= 1")
     require_input_dir(common.input_dir)
@@ -255,14 +260,16 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         refused.append(pcoll
                        | f"{_camel(name)}ToJson" >> beam.Map(to_bigquery_row)
                        | f"Write{_camel(name)}" >> WriteRows(ctx.table(name), fields[name],
-                                                            opts.insert_batch_size))
+                                                            opts.insert_batch_size,
+                                                            opts.insert_retry_seconds))
     dead = (refused | "FlattenDeadLetters" >> beam.Flatten()
             | "StampDeadLetters" >> beam.Map(stamp, ctx.run_id, "received_at"))
     unwritable = (dead
                   | "DeadLettersToJson" >> beam.Map(to_bigquery_row)
                   | "WriteStreamingDeadLetter" >> WriteRows(ctx.table("streaming_dead_letter"),
                                                             DEAD_LETTER_FIELDS,
-                                                            opts.insert_batch_size))
+                                                            opts.insert_batch_size,
+                                                            opts.insert_retry_seconds))
     # A dead letter BigQuery refuses has nowhere further to go: log and count it.
     unwritable | "LogUnwritableDeadLetters" >> beam.Map(_log_unwritable)
     if opts.dead_letter_topic:
@@ -324,12 +331,6 @@ def prepare_bigquery(ctx: StreamingContext, config: RecsConfig) -> None:
         client.query(f"CREATE OR REPLACE VIEW `{ctx.dataset}.{view}` AS\n{sql}").result()
 
 
-def _cheap_row_sizes() -> None:
-    """Emulator only: Beam sizes every streamed row with objsize (~1 ms a row); a length will do."""
-    from apache_beam.io.gcp import bigquery as beam_bigquery
-    beam_bigquery.get_deep_size = lambda value: len(repr(value))
-
-
 class Launched(NamedTuple):
     result: beam.runners.runner.PipelineResult
     context: StreamingContext
@@ -346,8 +347,7 @@ def launch(argv: Optional[List[str]] = None) -> Launched:
         standard.runner = "BundleBasedDirectRunner"
     ctx = context_from(options)
     reference = reference_of(options, ctx)
-    if bigquery.apply_options(options):
-        _cheap_row_sizes()
+    bigquery.apply_options(options)
     prepare_bigquery(ctx, ctx.config)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options, ctx, reference)
