@@ -5,10 +5,10 @@ a local file: typed row batches, dead letters with the original record and the
 reason, and a ``<table>.read`` count. Whole tables are read with Beam's
 ``ReadFromBigQuery`` over the Storage Read API (parallel streams, no query); a
 time window (``--events_since``/``--events_until``) is one parameterised query
-whose result pages are read by a DoFn. Outputs are written with Beam's
-``WriteToBigQuery`` (streaming inserts), with the explicit schema, partitioning
-and clustering of ``transforms.schemas``; the rows BigQuery refuses come back
-so the publishing step can gate on them.
+whose result pages are read by a DoFn. Outputs are written by streaming
+inserts (:class:`InsertRows`, a bounded retry through outages), with the
+explicit schema, partitioning and clustering of ``transforms.schemas``; the
+rows not written come back so the publishing step can gate on them.
 
 ``--bigquery_endpoint`` (``transforms.bigquery``) points every one of these
 clients at an emulator; nothing here knows whether it talks to one.
@@ -19,21 +19,26 @@ import argparse
 import datetime
 import decimal
 import io
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+import logging
+import time
+import uuid
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
 from apache_beam import typehints
-from apache_beam.io.gcp.bigquery import BigQueryDisposition, ReadFromBigQuery, WriteToBigQuery
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp.bigquery import ReadFromBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.utils.windowed_value import WindowedValue
 
 from models import contracts
 from transforms import schemas
 from transforms.bigquery import BigQueryOptions
-from transforms.health import Tag, count, dead_letters
+from transforms.health import NAMESPACE, Tag, count, dead_letters
 from transforms.io import BATCH_ROWS, TableRead, find_table, to_arrow
 from transforms.warehouse import (TableRef, bigquery_dataset, bigquery_project, json_rows,
                                   parse_table, table_name)
@@ -41,7 +46,9 @@ from transforms.warehouse import (TableRef, bigquery_dataset, bigquery_project, 
 INPUT_TABLES = ("catalog", "fitment", "users", "events", "treatment_events")
 WINDOWED_TABLE, WINDOW_COLUMN = "events", "event_time"
 INSERT_BATCH_ROWS = 500  # rows per insertAll request (BigQuery recommends about 500)
+INSERT_RETRY_SECONDS = 120.0  # per bundle, through an outage, before rows count as not written
 EMULATOR_PROJECT = "test-project"
+_LOG = logging.getLogger(__name__)
 
 
 class SourceSinkOptions(PipelineOptions):
@@ -265,35 +272,170 @@ def frame_rows(frame: pd.DataFrame, schema: pa.Schema) -> List[dict]:
 
 
 class WriteFramesToBigQuery(beam.PTransform):
-    """Writes frames to one BigQuery table with Beam's ``WriteToBigQuery``.
+    """Writes frames to one BigQuery table by streaming inserts (:class:`InsertRows`).
 
     The table is created when missing with the explicit schema, partitioning and
-    clustering of ``transforms.schemas.bigquery_table(name, schema)``; rows are
-    appended by streaming inserts (transient errors retried, each row with an
-    insert id so a retry does not duplicate it). Returns the refused rows,
-    ``(table, row, errors)``: the publishing step takes them as a side input,
-    which also makes it wait until every insert has finished.
+    clustering of ``transforms.schemas.bigquery_table(name, schema)``; each row
+    carries an insert id, so a retried batch does not duplicate it. Returns the
+    rows not written, ``(table, row, errors)``: the publishing step takes them
+    as a side input (and gates on them), which also makes it wait until every
+    insert has finished.
     """
 
-    def __init__(self, ref: TableRef, name: str, schema: pa.Schema):
+    def __init__(self, ref: TableRef, name: str, schema: pa.Schema,
+                 retry_seconds: float = INSERT_RETRY_SECONDS):
         super().__init__()
         self._ref = ref
         self._schema = schema
         self._table = schemas.bigquery_table(name, schema)
+        self._retry_seconds = retry_seconds
 
     def expand(self, frames: beam.PCollection) -> beam.PCollection:
-        layout = {k: v for k, v in self._table.items() if k != "schema"}
-        written = (frames
-                   | "ToRows" >> beam.FlatMap(frame_rows, self._schema)
-                   | "StreamingInserts" >> WriteToBigQuery(
-                       table=self._ref.spec, schema=self._table["schema"],
-                       additional_bq_parameters=layout,
-                       create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-                       write_disposition=BigQueryDisposition.WRITE_APPEND,
-                       method=WriteToBigQuery.Method.STREAMING_INSERTS,
-                       insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
-                       batch_size=INSERT_BATCH_ROWS))
-        return written.failed_rows_with_errors
+        return (frames
+                | "ToRows" >> beam.FlatMap(frame_rows, self._schema)
+                | "StreamingInserts" >> beam.ParDo(InsertRows(
+                    self._ref.spec, self._table, INSERT_BATCH_ROWS, self._retry_seconds)))
+
+
+@typehints.with_input_types(dict)
+@typehints.with_output_types(Tuple[str, dict, List[dict]])
+class InsertRows(beam.DoFn):
+    """Streaming inserts with a bounded retry; outputs ``(table, row, errors)`` not written.
+
+    Rows go in batches of ``batch_size`` per bundle, each with its own insert
+    id, kept when the row is sent again (BigQuery de-duplicates a resent row
+    by it, best effort; two equal rows stay two rows). Transient failures are
+    retried with exponential backoff for at most ``retry_seconds`` per
+    bundle: per-row errors other than the
+    permanent ones (Beam's ``RetryStrategy.RETRY_ON_TRANSIENT_ERROR``),
+    408/429/5xx responses, and BigQuery being unreachable (connection refused
+    or reset, timeout). A row refused for good (bad value, schema mismatch),
+    or still unwritten when the budget is spent, is output with its errors:
+    the job neither dies nor loses it silently. ``table`` is the REST table
+    resource (schema, partitioning, clustering) used to create the table when
+    it is missing.
+
+    Not Beam's WriteToBigQuery: on a connection error (Beam 2.77) its client
+    retries for 10 minutes, then raises a RetryError that Beam neither retries
+    per row nor returns in ``failed_rows_with_errors``; the bundle fails after
+    4 such calls (~40 minutes), the DirectRunner gives up after 4 bundle
+    attempts and the job dies; Dataflow retries the bundle forever (a
+    streaming job stalls, a batch job fails).
+    """
+
+    FIRST_DELAY, MAX_DELAY = 0.2, 10.0
+
+    def __init__(self, table_spec: str, table: Mapping[str, object], batch_size: int,
+                 retry_seconds: float):
+        self._table_spec = table_spec
+        self._table = dict(table)
+        self._batch_size = batch_size
+        self._retry_seconds = retry_seconds
+        self._retries = Metrics.counter(NAMESPACE, "bigquery.insert_retries")
+        self._written = Metrics.counter(NAMESPACE, "bigquery.rows_written")
+        self._failed = Metrics.counter(NAMESPACE, "bigquery.rows_failed")
+
+    def setup(self) -> None:
+        from apache_beam.io.gcp.bigquery_tools import parse_table_reference
+        from transforms.bigquery import client
+        ref = parse_table_reference(self._table_spec)
+        self._table_id = f"{ref.projectId}.{ref.datasetId}.{ref.tableId}"
+        self._client = client(ref.projectId)
+        self._created = False
+
+    def start_bundle(self) -> None:
+        self._batch: List[Tuple[dict, str, WindowedValue]] = []
+        self._not_written: List[WindowedValue] = []
+        self._deadline: Optional[float] = None
+        self._delay = self.FIRST_DELAY
+
+    def process(self, row: dict, element=beam.DoFn.WindowedValueParam) -> None:
+        insert_id = uuid.uuid4().hex   # kept across this bundle's retries of the row
+        self._batch.append((row, insert_id, element))
+        if len(self._batch) >= self._batch_size:
+            self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        # Emitted here, in each row's own windows (rows not written are rare).
+        self._flush()
+        yield from self._not_written
+
+    def _flush(self) -> None:
+        pending, self._batch = self._batch, []
+        while pending:
+            errors = self._insert(pending)
+            self._written.inc(len(pending) - len(errors))
+            transient = {i for i, e in errors.items() if self._transient(e)}
+            if not transient:  # BigQuery answered: the next outage gets a whole budget
+                self._deadline, self._delay = None, self.FIRST_DELAY
+            delay = self._backoff() if transient else None
+            for i, e in sorted(errors.items()):
+                if delay is None or i not in transient:
+                    self._failed.inc()
+                    self._not_written.append(
+                        pending[i][2].with_value((self._table_spec, pending[i][0], e)))
+            if delay is None:
+                return
+            self._retries.inc()
+            _LOG.warning("BigQuery insert into %s: %d rows not written (%s); retrying in "
+                         "%.1f s", self._table_id, len(transient),
+                         errors[min(transient)][0].get("reason"), delay)
+            time.sleep(delay)
+            pending = [pending[i] for i in sorted(transient)]
+
+    def _insert(self, batch: List[Tuple[dict, str, WindowedValue]]) -> Dict[int, List[dict]]:
+        """One insertAll call, no client-side retry; the errors per row index."""
+        from google.api_core import exceptions
+        from google.auth.exceptions import TransportError
+        remaining = (self._deadline or time.monotonic() + self._retry_seconds) - (
+            time.monotonic())
+        try:
+            found = self._client.insert_rows_json(
+                self._table_id, [r for r, _, _ in batch], row_ids=[i for _, i, _ in batch],
+                skip_invalid_rows=True, retry=None, timeout=max(5.0, min(60.0, remaining)))
+            return {e["index"]: e["errors"] for e in found}
+        except exceptions.NotFound as err:  # CREATE_IF_NEEDED, once per worker
+            error = {"reason": "notFound", "message": str(err)[:500]}
+            if not self._created:
+                self._created = True
+                self._create_table()
+                error["reason"] = "tableCreated"  # retried
+        except exceptions.GoogleAPICallError as err:
+            error = {"reason": "http_%s" % err.code, "message": str(err)[:500]}
+        except (OSError, exceptions.GoogleAPIError, TransportError) as err:
+            # requests' ConnectionError and Timeout are OSErrors: BigQuery unreachable.
+            error = {"reason": "unreachable",
+                     "message": f"{type(err).__name__}: {err}"[:500]}
+        return {i: [error] for i in range(len(batch))}
+
+    def _create_table(self) -> None:
+        from google.cloud import bigquery as bq
+        try:
+            project, dataset, table = self._table_id.split(".")
+            self._client.create_table(bq.Table.from_api_repr({
+                "tableReference": {"projectId": project, "datasetId": dataset,
+                                   "tableId": table}, **self._table}), exists_ok=True)
+        except Exception as err:  # noqa: BLE001 (the rows then fail with notFound)
+            _LOG.warning("could not create %s: %s", self._table_id, err)
+
+    @staticmethod
+    def _transient(errors: List[dict]) -> bool:
+        reason = errors[0].get("reason") if errors else None
+        if reason == "notFound" or ((reason or "").startswith("http_4")
+                                    and reason not in ("http_408", "http_429")):
+            return False
+        return RetryStrategy.should_retry(RetryStrategy.RETRY_ON_TRANSIENT_ERROR, reason)
+
+    def _backoff(self) -> Optional[float]:
+        """Seconds to wait before the next attempt, or None when the budget is spent."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._retry_seconds
+        if now >= self._deadline:
+            return None
+        delay = min(self._delay, self.MAX_DELAY, self._deadline - now)
+        self._delay = min(self._delay * 2, self.MAX_DELAY)
+        return delay
 
 
 # --------------------------------------------------------------------------- loading inputs

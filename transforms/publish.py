@@ -5,7 +5,7 @@ The gate runs inside the pipeline, after every staged write has finished
 exits long before the job ends: nothing may depend on code after ``run()``.
 The same DoFn publishes to either warehouse (``transforms.warehouse``): the
 local one stages Parquet files and swaps inside one DuckDB transaction; the
-BigQuery one stages tables with ``WriteToBigQuery`` and swaps with copy jobs.
+BigQuery one stages tables by streaming inserts and swaps with copy jobs.
 """
 from __future__ import annotations
 

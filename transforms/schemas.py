@@ -126,8 +126,9 @@ def bigquery_fields(schema: pa.Schema) -> List[Dict[str, str]]:
 def bigquery_table(name: str, schema: pa.Schema) -> Dict[str, object]:
     """Schema, partitioning and clustering of table ``name`` (REST form).
 
-    The same dictionary serves ``WriteToBigQuery`` (``schema`` and
-    ``additional_bq_parameters``) and ``google.cloud.bigquery.Table.from_api_repr``.
+    The same dictionary serves ``transforms.bigquery_io.InsertRows`` (which
+    creates a missing table with ``google.cloud.bigquery.Table.from_api_repr``)
+    and Beam's ``WriteToBigQuery`` (``schema`` and ``additional_bq_parameters``).
     """
     table: Dict[str, object] = {"schema": {"fields": bigquery_fields(schema)}}
     if name in PARTITIONING:

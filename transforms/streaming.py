@@ -48,6 +48,7 @@ from models.campaign import ALL, KIND_FIELDS, FunnelCounts
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
+from transforms.bigquery_io import InsertRows
 from transforms.health import NAMESPACE, Tag, count
 from transforms.io import find_table, read_frame
 
@@ -1042,24 +1043,10 @@ def to_bigquery_row(row: dict) -> dict:
 
 
 class WriteRows(beam.PTransform):
-    """Dict rows → one BigQuery table by streaming inserts; rows not written become dead letters.
+    """Dict rows → one BigQuery table; rows not written come back as dead letters.
 
-    Rows go in batches of ``batch_size`` per bundle, each with an insert id
-    made from its content (a batch sent again is de-duplicated by BigQuery,
-    best effort). Transient failures are retried with exponential backoff
-    for at most ``retry_seconds`` per bundle: per-row errors other than the
-    permanent ones (Beam's ``RetryStrategy.RETRY_ON_TRANSIENT_ERROR``),
-    408/429/5xx responses, and BigQuery being unreachable (connection refused
-    or reset, timeout). A row refused for good (bad value, schema mismatch),
-    or still unwritten when the budget is spent, comes back as a dead letter
-    with the errors as its reason: the job neither dies nor loses it silently.
-
-    Not Beam's WriteToBigQuery: on a connection error (Beam 2.77) its client
-    retries for 10 minutes, then raises a RetryError that Beam neither retries
-    per row nor returns in ``failed_rows_with_errors``; the bundle fails after
-    4 such calls (~40 minutes), the DirectRunner gives up after 4 bundle
-    attempts and the job dies; Dataflow retries the bundle forever (a
-    streaming job stalls, a batch job fails).
+    `transforms.bigquery_io.InsertRows` does the writing: batched streaming
+    inserts retried through outages for at most ``retry_seconds`` per bundle.
     """
 
     RETRY_SECONDS = 120.0
@@ -1068,135 +1055,18 @@ class WriteRows(beam.PTransform):
                  retry_seconds: float = RETRY_SECONDS):
         super().__init__()
         self._table_spec = table_spec
-        self._schema = {"fields": list(fields)}
+        self._table = {"schema": {"fields": list(fields)}}
         self._batch_size = batch_size
         self._retry_seconds = retry_seconds
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         table = self._table_spec.split(".")[-1]
-        failed = rows | "StreamingInsert" >> beam.ParDo(WriteRows.InsertFn(
-            self._table_spec, self._schema["fields"], self._batch_size, self._retry_seconds))
+        failed = rows | "StreamingInsert" >> beam.ParDo(InsertRows(
+            self._table_spec, self._table, self._batch_size, self._retry_seconds))
         return failed | "RefusedRows" >> beam.Map(
             lambda failed, name: dead_letter(name, "WriteToBigQuery",
                                              f"bigquery refused the row: {failed[2]}",
                                              json.dumps(failed[1], default=str)), table)
-
-    class InsertFn(beam.DoFn):
-        """Streaming inserts with a bounded retry; outputs ``(table, row, errors)`` not written."""
-
-        FIRST_DELAY, MAX_DELAY = 0.2, 10.0
-
-        def __init__(self, table_spec: str, fields: Sequence[dict], batch_size: int,
-                     retry_seconds: float):
-            self._table_spec = table_spec
-            self._fields = list(fields)
-            self._batch_size = batch_size
-            self._retry_seconds = retry_seconds
-            self._retries = Metrics.counter(NAMESPACE, "bigquery.insert_retries")
-            self._written = Metrics.counter(NAMESPACE, "bigquery.rows_written")
-            self._failed = Metrics.counter(NAMESPACE, "bigquery.rows_failed")
-
-        def setup(self) -> None:
-            from apache_beam.io.gcp.bigquery_tools import parse_table_reference
-            from transforms.bigquery import client
-            ref = parse_table_reference(self._table_spec)
-            self._table_id = f"{ref.projectId}.{ref.datasetId}.{ref.tableId}"
-            self._client = client(ref.projectId)
-            self._created = False
-
-        def start_bundle(self) -> None:
-            self._batch: List[Tuple[dict, str, WindowedValue]] = []
-            self._not_written: List[WindowedValue] = []
-            self._deadline: Optional[float] = None
-            self._delay = self.FIRST_DELAY
-
-        def process(self, row: dict, element=beam.DoFn.WindowedValueParam) -> None:
-            insert_id = uuid.uuid5(uuid.NAMESPACE_URL, json.dumps(row, sort_keys=True,
-                                                                  default=str)).hex
-            self._batch.append((row, insert_id, element))
-            if len(self._batch) >= self._batch_size:
-                self._flush()
-
-        def finish_bundle(self) -> Iterator[WindowedValue]:
-            # Emitted here, in each row's own windows (rows not written are rare).
-            self._flush()
-            yield from self._not_written
-
-        def _flush(self) -> None:
-            pending, self._batch = self._batch, []
-            while pending:
-                errors = self._insert(pending)
-                self._written.inc(len(pending) - len(errors))
-                transient = {i for i, e in errors.items() if self._transient(e)}
-                if not transient:  # BigQuery answered: the next outage gets a whole budget
-                    self._deadline, self._delay = None, self.FIRST_DELAY
-                delay = self._backoff() if transient else None
-                for i, e in sorted(errors.items()):
-                    if delay is None or i not in transient:
-                        self._failed.inc()
-                        self._not_written.append(
-                            pending[i][2].with_value((self._table_spec, pending[i][0], e)))
-                if delay is None:
-                    return
-                self._retries.inc()
-                _LOG.warning("BigQuery insert into %s: %d rows not written (%s); retrying in "
-                             "%.1f s", self._table_id, len(transient),
-                             errors[min(transient)][0].get("reason"), delay)
-                time.sleep(delay)
-                pending = [pending[i] for i in sorted(transient)]
-
-        def _insert(self, batch: List[Tuple[dict, str, WindowedValue]]) -> Dict[int, List[dict]]:
-            """One insertAll call, no client-side retry; the errors per row index."""
-            from google.api_core import exceptions
-            from google.auth.exceptions import TransportError
-            remaining = (self._deadline or time.monotonic() + self._retry_seconds) - (
-                time.monotonic())
-            try:
-                found = self._client.insert_rows_json(
-                    self._table_id, [r for r, _, _ in batch], row_ids=[i for _, i, _ in batch],
-                    skip_invalid_rows=True, retry=None, timeout=max(5.0, min(60.0, remaining)))
-                return {e["index"]: e["errors"] for e in found}
-            except exceptions.NotFound as err:  # CREATE_IF_NEEDED, once per worker
-                error = {"reason": "notFound", "message": str(err)[:500]}
-                if not self._created:
-                    self._created = True
-                    self._create_table()
-                    error["reason"] = "tableCreated"  # retried
-            except exceptions.GoogleAPICallError as err:
-                error = {"reason": "http_%s" % err.code, "message": str(err)[:500]}
-            except (OSError, exceptions.GoogleAPIError, TransportError) as err:
-                # requests' ConnectionError and Timeout are OSErrors: BigQuery unreachable.
-                error = {"reason": "unreachable",
-                         "message": f"{type(err).__name__}: {err}"[:500]}
-            return {i: [error] for i in range(len(batch))}
-
-        def _create_table(self) -> None:
-            from google.cloud import bigquery as bq
-            try:
-                self._client.create_table(bq.Table(self._table_id, schema=[
-                    bq.SchemaField.from_api_repr(f) for f in self._fields]), exists_ok=True)
-            except Exception as err:  # noqa: BLE001 (the rows then fail with notFound)
-                _LOG.warning("could not create %s: %s", self._table_id, err)
-
-        @staticmethod
-        def _transient(errors: List[dict]) -> bool:
-            from apache_beam.io.gcp.bigquery_tools import RetryStrategy
-            reason = errors[0].get("reason") if errors else None
-            if reason == "notFound" or ((reason or "").startswith("http_4")
-                                        and reason not in ("http_408", "http_429")):
-                return False
-            return RetryStrategy.should_retry(RetryStrategy.RETRY_ON_TRANSIENT_ERROR, reason)
-
-        def _backoff(self) -> Optional[float]:
-            """Seconds to wait before the next attempt, or None when the budget is spent."""
-            now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + self._retry_seconds
-            if now >= self._deadline:
-                return None
-            delay = min(self._delay, self.MAX_DELAY, self._deadline - now)
-            self._delay = min(self._delay * 2, self.MAX_DELAY)
-            return delay
 
 
 def frames_to_rows(label: str, frames: beam.PCollection) -> beam.PCollection:

@@ -615,7 +615,7 @@ class BigQueryWarehouse:
         candidate = table_name(f"{name}_candidate_{backup_id(run_id)}")
         self._drop(candidate)  # a retried publish starts again from the staging table
         self.ensure_table(candidate, staged.schema, like=name)
-        if self.exists(staged.table):  # WriteToBigQuery creates it with the first row only
+        if self.exists(staged.table):  # the sink creates it with the first row only
             columns = ", ".join(f"`{table_name(c)}`" for c in staged.schema.names)
             self._run(f"INSERT INTO {self.ref(candidate).sql} ({columns}) "
                       f"SELECT {columns} FROM {self.ref(staged.table).sql}")
