@@ -149,3 +149,57 @@ def test_every_pubsub_message_is_a_record_or_a_dead_letter(data):
     assert all(isinstance(reason, str) and reason for _, reason in out.bad)
     for record in out.records:
         assert record["event_id"] and record["event_time"] is not None
+
+
+def _hostile_lines(table_lines, rng):
+    """Mutations of real lines of one table: truncated, retyped, emptied, extended, broken."""
+    values = [None, "x", "NaN", 1e309, -5, -0.01, 10**30, [], {}, True, "",
+              "9999-12-31T23:59:59Z", "1066-10-14T00:00:00Z", " MiXeD@Case.COM ", "\u0000"]
+    out = [b"\xff\xfe\xfa", b"{}", b"[]", b"null", b'"just a string"', b"[" * 3000,
+           b"x" * (contracts.MAX_RECORD_BYTES + 1)]
+    for line in rng.choice(table_lines, size=30):
+        record = json.loads(line)
+        kind = rng.integers(4)
+        if kind == 0:
+            out.append(line.encode()[:int(rng.integers(1, len(line)))])
+        elif kind == 1:
+            record[rng.choice(sorted(record))] = values[int(rng.integers(len(values)))]
+            out.append(json.dumps(record).encode())
+        elif kind == 2:
+            record.pop(rng.choice(sorted(record)))
+            record["extra_field"] = "surplus"
+            out.append(json.dumps(record).encode())
+        else:
+            out.append(line.encode())   # an exact duplicate line
+    return out
+
+
+def test_the_batch_job_on_hostile_files_publishes_and_every_line_is_accounted_for(tmp_path):
+    """Hostile lines in every input file: the job still publishes and nothing goes unexplained."""
+    import duckdb
+
+    from models.health import RECONCILED_TABLES, reconcile
+    from pipelines import batch_recommendations, generate_world
+
+    world = str(tmp_path / "world")
+    generate_world.main(["--preset", "tiny", "--seed", "3", "--out", world, "--bad_rows", "0"])
+    rng = np.random.default_rng(5)
+    non_blank = {}
+    for table in RECONCILED_TABLES:
+        path = f"{world}/{table}.jsonl"
+        with open(path) as handle:
+            lines = [line.rstrip("\n") for line in handle if line.strip()]
+        hostile = _hostile_lines(lines, rng)
+        with open(path, "ab") as handle:
+            handle.write(b"\n".join(hostile) + b"\n")
+        non_blank[table] = len(lines) + sum(1 for line in hostile if line.strip())
+    warehouse = str(tmp_path / "warehouse.duckdb")
+    assert batch_recommendations.run(["--input_dir", world, "--warehouse", warehouse]) == 0
+    with duckdb.connect(warehouse, read_only=True) as con:
+        run = con.execute("SELECT status, counters FROM pipeline_runs").fetchone()
+        dead = dict(con.execute('SELECT "table", COUNT(*) FROM dead_letter GROUP BY 1').fetchall())
+    assert run[0] == "published"
+    for table, figures in reconcile(json.loads(run[1])).items():
+        assert figures["read"] == non_blank[table], (table, figures)
+        assert figures["unexplained"] == 0, (table, figures)
+        assert figures["dead_lettered"] >= 7 and dead[table] >= figures["dead_lettered"]
