@@ -1,6 +1,6 @@
 """BigQuery sink benchmark: the project's InsertRows against Beam's WriteToBigQuery, on bqemulator.
 
-    python bench/bigquery_sink.py                 # 5,000 rows each, results in bench/results/bigquery_sink.json
+    python bench/bigquery_sink.py           # 5,000 rows each -> bench/results/bigquery_sink.json
     python bench/bigquery_sink.py --rows 20000
 
 Both write the same rows (the recommendations table's shape, from a tiny
@@ -31,7 +31,8 @@ from apache_beam.io.gcp.bigquery_tools import RetryStrategy  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from transforms import bigquery as bq_switch, schemas  # noqa: E402
-from transforms.bigquery_io import INSERT_BATCH_ROWS, InsertRows  # noqa: E402
+from transforms.bigquery_io import (INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS,  # noqa: E402
+                                    InsertRows)
 
 RESULTS = os.path.join(ROOT, "bench", "results", "bigquery_sink.json")
 TABLE = "recommendations"
@@ -60,7 +61,7 @@ def _table_resource() -> Dict:
 def _sink(kind: str, spec: str):
     table = _table_resource()
     if kind == "insert_rows":
-        return beam.ParDo(InsertRows(spec, table, INSERT_BATCH_ROWS, 120.0))
+        return beam.ParDo(InsertRows(spec, table, INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS))
     layout = {k: v for k, v in table.items() if k != "schema"}
     return WriteToBigQuery(
         table=spec, schema=table["schema"], additional_bq_parameters=layout,

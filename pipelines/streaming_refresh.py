@@ -37,6 +37,7 @@ from pipelines.jobs import LOCAL_RUNNERS, entry_point
 from pipelines.options import CommonOptions, require_input_dir, run_id_of
 from transforms import bigquery
 from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are this job's too)
+from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS
 from transforms.health import NAMESPACE
 from transforms.warehouse import bigquery_dataset, bigquery_project, table_name
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
@@ -101,9 +102,9 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--max_runtime_seconds", type=int, default=0,
                             help="Local runners: cancel after this long (0: run until "
                                  "stopped). Ignored on Dataflow.")
-        parser.add_argument("--insert_batch_size", type=int, default=500,
+        parser.add_argument("--insert_batch_size", type=int, default=INSERT_BATCH_ROWS,
                             help="Rows per BigQuery streaming insert request.")
-        parser.add_argument("--insert_retry_seconds", type=int, default=120,
+        parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
 

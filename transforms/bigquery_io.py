@@ -46,7 +46,7 @@ from transforms.warehouse import (TableRef, bigquery_dataset, bigquery_project, 
 INPUT_TABLES = ("catalog", "fitment", "users", "events", "treatment_events")
 WINDOWED_TABLE, WINDOW_COLUMN = "events", "event_time"
 INSERT_BATCH_ROWS = 500  # rows per insertAll request (BigQuery recommends about 500)
-INSERT_RETRY_SECONDS = 120.0  # per bundle, through an outage, before rows count as not written
+INSERT_RETRY_SECONDS = 120  # per bundle, through an outage, before rows count as not written
 EMULATOR_PROJECT = "test-project"
 _LOG = logging.getLogger(__name__)
 
@@ -305,11 +305,10 @@ class InsertRows(beam.DoFn):
     Rows go in batches of ``batch_size`` per bundle, each with its own insert
     id, kept when the row is sent again (BigQuery de-duplicates a resent row
     by it, best effort; two equal rows stay two rows). Transient failures are
-    retried with exponential backoff for at most ``retry_seconds`` per
-    bundle: per-row errors other than the
-    permanent ones (Beam's ``RetryStrategy.RETRY_ON_TRANSIENT_ERROR``),
-    408/429/5xx responses, and BigQuery being unreachable (connection refused
-    or reset, timeout). A row refused for good (bad value, schema mismatch),
+    retried with exponential backoff for at most ``retry_seconds`` per bundle:
+    per-row errors other than the permanent ones (Beam's
+    ``RetryStrategy.RETRY_ON_TRANSIENT_ERROR``), 408/429/5xx responses, and
+    BigQuery being unreachable (connection refused or reset, timeout). A row refused for good (bad value, schema mismatch),
     or still unwritten when the budget is spent, is output with its errors:
     the job neither dies nor loses it silently. ``table`` is the REST table
     resource (schema, partitioning, clustering) used to create the table when

@@ -48,7 +48,7 @@ from models.campaign import ALL, KIND_FIELDS, FunnelCounts
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
-from transforms.bigquery_io import InsertRows
+from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS, InsertRows
 from transforms.health import NAMESPACE, Tag, count
 from transforms.io import find_table, read_frame
 
@@ -1049,10 +1049,9 @@ class WriteRows(beam.PTransform):
     inserts retried through outages for at most ``retry_seconds`` per bundle.
     """
 
-    RETRY_SECONDS = 120.0
-
-    def __init__(self, table_spec: str, fields: Sequence[dict], batch_size: int = 500,
-                 retry_seconds: float = RETRY_SECONDS):
+    def __init__(self, table_spec: str, fields: Sequence[dict],
+                 batch_size: int = INSERT_BATCH_ROWS,
+                 retry_seconds: float = INSERT_RETRY_SECONDS):
         super().__init__()
         self._table_spec = table_spec
         self._table = {"schema": {"fields": list(fields)}}
