@@ -385,10 +385,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
 
 
 def main() -> None:
-    def completed(argv: Optional[List[str]]) -> int:
-        run(argv)  # a failure raises; a finished run prints its summary
-        return 0
-    entry_point(completed)
+    entry_point(run, returns_status=False)   # a finished run prints its summary
 
 
 if __name__ == "__main__":

@@ -35,14 +35,20 @@ def finish_run(pipeline: beam.Pipeline, warehouse: LocalWarehouse, run_id: str,
     return 0 if status == health.PUBLISHED else 1
 
 
-def entry_point(run: Callable[[Optional[List[str]]], int]) -> None:
-    """``main()`` of a job: ``--help``, quiet Beam logging, run, exit with the run's status."""
+def entry_point(run: Callable[[Optional[List[str]]], object],
+                returns_status: bool = True) -> None:
+    """``main()`` of a job: ``--help``, quiet Beam logging, run, exit with the run's status.
+
+    ``returns_status=False``: ``run`` returns a result, not a status; a
+    finished run exits 0 (a failure raises).
+    """
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print(job_help(sys.modules[run.__module__]))
         sys.exit(0)
     logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(run(argv))
+    status = run(argv)
+    sys.exit(status if returns_status else 0)
 
 
 def option_classes(module) -> List[type]:
