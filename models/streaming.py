@@ -315,17 +315,9 @@ def merge_orders(parts: Iterable[Dict[OrderKey, OrderLine]]) -> Dict[OrderKey, O
 
 def orders_frame(lines: Mapping[OrderKey, OrderLine]) -> pd.DataFrame:
     """Order lines as order events (the columns `profiles.orders_with_segments` reads)."""
-    keys = sorted(lines)
-    values = [lines[k] for k in keys]
-    frame = pd.DataFrame({
-        "order_id": pd.Series([k[0] for k in keys], dtype=object),
-        "sku": pd.Series([k[1] for k in keys], dtype=object),
-        "event_id": pd.Series([v[1] for v in values], dtype=object),
-        "user_id": pd.Series([v[2] for v in values], dtype=object),
-        "event_name": pd.Series([v[3] for v in values], dtype=object),
-    })
-    frame["event_time"] = from_micros([v[0] for v in values])
-    return frame
+    return events_frame({"order_id": order_id, "sku": sku, "event_time_us": at,
+                         "event_id": event_id, "user_id": user, "event_name": name}
+                        for (order_id, sku), (at, event_id, user, name) in sorted(lines.items()))
 
 
 # --- reference data ------------------------------------------------------------------------
@@ -552,15 +544,10 @@ def refresh_users(requests: Mapping[str, RefreshRequest], reference: ReferenceDa
     duplicates = [u for u in requested if u not in reference.servable.index and u in all_users]
     unknown = [u for u in requested if u not in all_users]
     users = reference.servable.loc[known].reset_index(drop=True)
-    stream = [(u, *e) for u in known for e in requests[u].events]
-    stream_frame = pd.DataFrame({
-        "user_id": pd.Series([s[0] for s in stream], dtype=object),
-        "event_id": pd.Series([s[1] for s in stream], dtype=object),
-        "event_name": pd.Series([s[2] for s in stream], dtype=object),
-        "sku": pd.Series([s[3] for s in stream], dtype=object),
-        "order_id": pd.Series([s[4] for s in stream], dtype=object),
-    })
-    stream_frame["event_time"] = from_micros([s[5] for s in stream])
+    stream_frame = events_frame(
+        {"user_id": user, "event_id": event_id, "event_name": name, "sku": sku,
+         "order_id": order_id, "event_time_us": at}
+        for user in known for event_id, name, sku, order_id, at in requests[user].events)
     events = pd.concat([reference.user_events(known), stream_frame], ignore_index=True)
     events = profiles.dedupe_events(events).rows if len(events) else empty_events()
     with_signals = profiles.attach_signals(users, events, as_of, config)
