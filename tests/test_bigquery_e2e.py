@@ -6,7 +6,6 @@ the job runs on the DirectRunner with ``--source bigquery --sink bigquery`` and
 are queried back. No BigQuery client is mocked.
 """
 import json
-import os
 
 import apache_beam as beam
 import pandas as pd
@@ -16,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from models import recommend
 from models.config import DEFAULT_CONFIG
-from pipelines import batch_recommendations, generate_world
+from pipelines import batch_recommendations
 from pipelines import publish as publish_cli
 from transforms import schemas
 from transforms.bigquery_io import ReadBigQueryTable, TimeWindow, load_inputs
@@ -28,23 +27,15 @@ REC_COLUMNS = [f"rec_part_{i}" for i in range(1, N + 1)]
 DATASET = "shop"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("world"))
-    generate_world.main(["--preset", "tiny", "--seed", "11", "--out", out, "--bad_rows", "0"])
-    with open(os.path.join(out, "world.json")) as handle:
-        return out, json.load(handle)
-
-
 def _endpoint(bigquery) -> str:
     return f"http://{bigquery.host}"
 
 
 @pytest.fixture(scope="module")
-def shop(bigquery, world):
+def shop(bigquery, clean_world):
     """The world's inputs as BigQuery tables of dataset ``shop``; outputs go there too."""
-    loaded = load_inputs(world[0], bigquery.project, DATASET, _endpoint(bigquery))
-    assert loaded["events"] == world[1]["row_counts"]["events"]
+    loaded = load_inputs(clean_world[0], bigquery.project, DATASET, _endpoint(bigquery))
+    assert loaded["events"] == clean_world[1]["row_counts"]["events"]
     return BigQueryWarehouse(bigquery.project, DATASET, _endpoint(bigquery))
 
 
@@ -61,16 +52,16 @@ def _sorted(frame: pd.DataFrame, keys) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def first(bigquery, world, shop):
+def first(bigquery, clean_world, shop):
     """The first published BigQuery run, and its production output as read back."""
-    assert _run(bigquery, world[1]["as_of"], "first") == 0
+    assert _run(bigquery, clean_world[1]["as_of"], "first") == 0
     return _sorted(shop.read("recommendations"), ["user_id"])
 
 
-def test_output_equals_the_local_file_run(first, shop, world, tmp_path):
+def test_output_equals_the_local_file_run(first, shop, clean_world, tmp_path):
     warehouse = str(tmp_path / "local.duckdb")
     assert batch_recommendations.run([
-        "--input_dir", world[0], "--warehouse", warehouse, "--as_of", world[1]["as_of"],
+        "--input_dir", clean_world[0], "--warehouse", warehouse, "--as_of", clean_world[1]["as_of"],
         "--num_shards", "4", "--run_id", "local"]) == 0
     local = LocalWarehouse(warehouse)
     expected = _sorted(local.read("recommendations"), ["user_id"])
@@ -90,7 +81,7 @@ def test_output_equals_the_local_file_run(first, shop, world, tmp_path):
     assert runs["first"] == runs["local"]
     dead = shop.query("SELECT `table`, step, reason FROM dead_letter WHERE run_id = ?",
                       ["first"])
-    assert len(dead) == world[1]["conflicting_catalog_skus"]
+    assert len(dead) == clean_world[1]["conflicting_catalog_skus"]
     qa = shop.query("SELECT rule_id, violations FROM qa_checks WHERE run_id = ?", ["first"])
     assert len(qa) == 15 and qa["violations"].sum() == 0
     assert len(shop.query("SELECT * FROM stability_report WHERE run_id = ?", ["first"])) == 1
@@ -112,7 +103,7 @@ def test_outputs_have_explicit_schemas_and_partitioning(first, shop):
     assert not [n for n in names if "_staging_" in n or "_candidate_" in n]
 
 
-def test_a_gated_run_leaves_production_byte_for_byte_unchanged(first, shop, bigquery, world,
+def test_a_gated_run_leaves_production_byte_for_byte_unchanged(first, shop, bigquery, clean_world,
                                                               monkeypatch):
     """A selection bug repeating one SKU is caught by QA rule 9; production is not touched."""
     def table_state():
@@ -126,7 +117,7 @@ def test_a_gated_run_leaves_production_byte_for_byte_unchanged(first, shop, bigq
         return [int(order[0])] * n
 
     monkeypatch.setattr(recommend, "greedy_pick", repeat_best)
-    assert _run(bigquery, world[1]["as_of"], "buggy") == 1
+    assert _run(bigquery, clean_world[1]["as_of"], "buggy") == 1
     after = table_state()
     assert after[:3] == (etag, modified, rows)
     pd.testing.assert_frame_equal(after[3], before)
@@ -138,9 +129,9 @@ def test_a_gated_run_leaves_production_byte_for_byte_unchanged(first, shop, bigq
     assert not [n for n in names if n.endswith("_buggy")]  # no backup, staging or candidate
 
 
-def test_publish_again_then_rollback_restores_the_first_output(first, shop, bigquery, world,
+def test_publish_again_then_rollback_restores_the_first_output(first, shop, bigquery, clean_world,
                                                                capsys):
-    earlier = (pd.Timestamp(world[1]["as_of"]) - pd.Timedelta(days=10)).isoformat()
+    earlier = (pd.Timestamp(clean_world[1]["as_of"]) - pd.Timedelta(days=10)).isoformat()
     assert _run(bigquery, earlier, "second") == 0
     second = _sorted(shop.read("recommendations"), ["user_id"])
     assert (second[REC_COLUMNS].to_numpy() != first[REC_COLUMNS].to_numpy()).any()
@@ -163,10 +154,10 @@ def test_publish_again_then_rollback_restores_the_first_output(first, shop, bigq
                       )["n"].iloc[0] == 1
 
 
-def test_events_window_is_a_parameterised_read(shop, bigquery, world):
-    events, _ = read_frame(world[0], "events")
-    since = pd.Timestamp(world[1]["as_of"]) - pd.Timedelta(days=30)
-    until = pd.Timestamp(world[1]["as_of"]) - pd.Timedelta(days=3)
+def test_events_window_is_a_parameterised_read(shop, bigquery, clean_world):
+    events, _ = read_frame(clean_world[0], "events")
+    since = pd.Timestamp(clean_world[1]["as_of"]) - pd.Timedelta(days=30)
+    until = pd.Timestamp(clean_world[1]["as_of"]) - pd.Timedelta(days=3)
     inside = events[(events["event_time"] >= since) & (events["event_time"] < until)]
     assert 0 < len(inside) < len(events)
     ref = parse_table("events", bigquery.project, DATASET)
@@ -178,10 +169,10 @@ def test_events_window_is_a_parameterised_read(shop, bigquery, world):
         assert_that(read.dead_letters, equal_to([]), label="NoDeadLetters")
 
 
-def test_bad_names_and_windows_are_refused_at_start_up(bigquery, shop, world):
+def test_bad_names_and_windows_are_refused_at_start_up(bigquery, shop, clean_world):
     tables_before = {t.table_id for t in shop.client.list_tables(f"{shop.project}.{DATASET}")}
     base = ["--source", "bigquery", "--sink", "bigquery", "--bigquery_dataset", DATASET,
-            "--bigquery_endpoint", _endpoint(bigquery), "--as_of", world[1]["as_of"]]
+            "--bigquery_endpoint", _endpoint(bigquery), "--as_of", clean_world[1]["as_of"]]
     cases = {
         ("--catalog_table", "x`; DROP TABLE y"): "refusing BigQuery table",
         ("--bigquery_dataset", "shop`; DROP TABLE shop.catalog; --"): "refusing BigQuery dataset",
@@ -194,6 +185,6 @@ def test_bad_names_and_windows_are_refused_at_start_up(bigquery, shop, world):
             batch_recommendations.run(base + list(flag))
     with pytest.raises(SystemExit, match="need --source bigquery"):
         batch_recommendations.run(["--events_since", "2026-01-01T00:00:00Z",
-                                   "--input_dir", world[0]])
+                                   "--input_dir", clean_world[0]])
     assert {t.table_id for t in shop.client.list_tables(
         f"{shop.project}.{DATASET}")} == tables_before

@@ -39,7 +39,7 @@ from apache_beam.runners.runner import PipelineState
 
 from models.config import DEFAULT_CONFIG
 from models.health import reconcile
-from pipelines import batch_recommendations, generate_world
+from pipelines import batch_recommendations
 from tests.emulators import (EmulatorProcess, restartable_bigquery_emulator,
                              restartable_pubsub_emulator, wait_for)
 from transforms import bigquery as bq_switch
@@ -53,14 +53,6 @@ RUN_COLUMNS = ("run_id", "generated_at")   # differ between runs by design
 
 def _report(test: str, **figures) -> None:
     print(f"FAULT {test}: " + json.dumps(figures, default=str))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("faults_world"))
-    generate_world.main(["--preset", "tiny", "--seed", "11", "--out", out, "--bad_rows", "0"])
-    with open(os.path.join(out, "world.json")) as handle:
-        return out, json.load(handle)
 
 
 @pytest.fixture
@@ -114,7 +106,7 @@ class _BundleErrors(logging.Handler):
         self.gave_up += message.startswith("Giving up")
 
 
-def test_streaming_job_survives_a_pubsub_emulator_restart(world, bigquery, monkeypatch):
+def test_streaming_job_survives_a_pubsub_emulator_restart(clean_world, bigquery, monkeypatch):
     """The job's pulls fail for ~10 s, then find Pub/Sub again on the same port.
 
     The real service keeps subscriptions through an outage; the in-memory
@@ -131,7 +123,7 @@ def test_streaming_job_survives_a_pubsub_emulator_restart(world, bigquery, monke
     from apache_beam.runners.direct import transform_evaluator
     from pipelines import streaming_refresh as job
 
-    world_dir, _ = world
+    world_dir, _ = clean_world
     servable = FileReference(world_dir, DEFAULT_CONFIG, 3600, "").current().servable
     ids = sorted(servable.dropna(subset=["make", "model", "year"])["user_id"])
     before, after, browsers = ids[:3], ids[3:6], ids[10:200]
@@ -451,8 +443,8 @@ main()
 """
 
 
-def _batch_args(world, warehouse: str, run_id: str, *extra: str) -> List[str]:
-    world_dir, manifest = world
+def _batch_args(clean_world, warehouse: str, run_id: str, *extra: str) -> List[str]:
+    world_dir, manifest = clean_world
     return ["--input_dir", world_dir, "--warehouse", warehouse, "--as_of", manifest["as_of"],
             "--num_shards", "4", "--run_id", run_id, *extra]
 
@@ -485,10 +477,10 @@ def _content(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def first_warehouse(world, tmp_path_factory):
+def first_warehouse(clean_world, tmp_path_factory):
     """A local warehouse after one published run ("first"); tests work on copies."""
     path = str(tmp_path_factory.mktemp("faults_wh") / "pristine.duckdb")
-    assert batch_recommendations.run(_batch_args(world, path, "first")) == 0
+    assert batch_recommendations.run(_batch_args(clean_world, path, "first")) == 0
     return path
 
 
@@ -498,7 +490,8 @@ def _copy_of(pristine: str, directory) -> str:
     return path
 
 
-def test_batch_crash_at_the_swap_leaves_production_unchanged(world, first_warehouse, tmp_path):
+def test_batch_crash_at_the_swap_leaves_production_unchanged(clean_world, first_warehouse,
+                                                            tmp_path):
     path = _copy_of(first_warehouse, tmp_path)
     before = _snapshot(path)
     first = before["recommendations"]
@@ -508,7 +501,7 @@ def test_batch_crash_at_the_swap_leaves_production_unchanged(world, first_wareho
                # production segment_popularity renamed to its backup, its new copy not made
                "crashed_mid": 'sql:CREATE TABLE "segment_popularity"'}
     for run_id, point in crashes.items():
-        done = _crash(_batch_args(world, path, run_id), point)
+        done = _crash(_batch_args(clean_world, path, run_id), point)
         assert done.returncode == 137, done.stderr[-2000:]
         assert "simulated crash" in done.stderr, done.stderr[-2000:]
         if point.startswith("sql:"):
@@ -516,7 +509,7 @@ def test_batch_crash_at_the_swap_leaves_production_unchanged(world, first_wareho
         _assert_same(before, _snapshot(path))   # byte for byte: every table, every row
         assert os.listdir(os.path.join(tmp_path, "staging", run_id))   # what it staged
 
-    assert batch_recommendations.run(_batch_args(world, path, "rerun")) == 0
+    assert batch_recommendations.run(_batch_args(clean_world, path, "rerun")) == 0
     after = _snapshot(path)
     recs = after["recommendations"]
     assert set(recs["run_id"]) == {"rerun"} and recs["user_id"].is_unique
@@ -531,7 +524,7 @@ def test_batch_crash_at_the_swap_leaves_production_unchanged(world, first_wareho
             leftovers=[f"staging/{r}/ (Parquet, like every run's staging)" for r in crashes])
 
 
-def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(world, bigquery,
+def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(clean_world, bigquery,
                                                                          caplog, tmp_path,
                                                                          saved_environment):
     unused = str(tmp_path / "unused.duckdb")   # the local warehouse flag, not used here
@@ -542,7 +535,7 @@ def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(world,
     shop = BigQueryWarehouse(bigquery.project, dataset, endpoint)
     sink = ["--sink", "bigquery", "--bigquery_dataset", dataset, "--bigquery_endpoint",
             endpoint, "--project", bigquery.project]
-    assert batch_recommendations.run(_batch_args(world, unused, "first", *sink)) == 0
+    assert batch_recommendations.run(_batch_args(clean_world, unused, "first", *sink)) == 0
 
     def state():
         tables = sorted(t.table_id for t in shop.client.list_tables(
@@ -556,7 +549,7 @@ def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(world,
         return tables, published
 
     tables, published = state()
-    done = _crash(_batch_args(world, unused, "crashed", *sink), "bigquery_swap")
+    done = _crash(_batch_args(clean_world, unused, "crashed", *sink), "bigquery_swap")
     assert done.returncode == 137, done.stderr[-2000:]
     tables_after, published_after = state()
     for name, (etag, modified, rows, frame) in published.items():
@@ -571,7 +564,7 @@ def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(world,
                           for kind in ("backup", "candidate", "staging"))
 
     with caplog.at_level(logging.WARNING):
-        assert batch_recommendations.run(_batch_args(world, unused, "rerun",
+        assert batch_recommendations.run(_batch_args(clean_world, unused, "rerun",
                                                      *sink)) == 0
     reported = [r.getMessage() for r in caplog.records
                 if "tables left by runs that did not finish" in r.getMessage()]
@@ -586,10 +579,10 @@ def test_batch_crash_before_the_bigquery_swap_leaves_production_unchanged(world,
             reported_by_rerun=bool(reported), backups=list(backups.index))
 
 
-def test_rerun_on_the_same_input_is_idempotent(world, first_warehouse, tmp_path):
+def test_rerun_on_the_same_input_is_idempotent(clean_world, first_warehouse, tmp_path):
     path = _copy_of(first_warehouse, tmp_path)
     first = _snapshot(path)
-    assert batch_recommendations.run(_batch_args(world, path, "again")) == 0
+    assert batch_recommendations.run(_batch_args(clean_world, path, "again")) == 0
     again = _snapshot(path)
     recs = again["recommendations"]
     assert recs["user_id"].is_unique and recs["email_lower"].is_unique
