@@ -368,6 +368,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_freshness", action="store_true")
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args(argv)
+    previous = previous_results()
     result = {
         "measured_at": _now_iso(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
         result["throughput"] = throughput(args)
         print(json.dumps(result["throughput"], indent=1), flush=True)
     if not args.skip_freshness:
-        result["freshness"] = dict(previous_results().get("freshness", {}))
+        result["freshness"] = dict(previous.get("freshness", {}))
         for scenario in args.scenarios.split(","):
             name, rate, traffic, ranking, *orders = scenario.split(":")
             result["freshness"][name] = freshness(args, float(rate), float(traffic), ranking,
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
             print(json.dumps(result["freshness"][name], indent=1), flush=True)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    merged = {**previous_results(), **result}
+    merged = {**previous, **result}
     with open(RESULTS, "w") as handle:
         json.dump(merged, handle, indent=1)
         handle.write("\n")

@@ -33,7 +33,7 @@ def run_id_of(given: Optional[str], now: datetime, prefix: str = "") -> str:
     A run id names staging folders, backup tables and output files, so one
     like ``../x`` or ``a;b`` is refused at start-up.
     """
-    if given is None or given == "":
+    if not given:
         return f"{prefix + '_' if prefix else ''}{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
     if not _RUN_ID.match(given):
         raise SystemExit(f"--run_id {given!r}: use letters, digits, '_', '.' and '-' "
