@@ -383,8 +383,11 @@ def main(argv=None) -> int:
         result["freshness"] = dict(previous.get("freshness", {}))
         for scenario in args.scenarios.split(","):
             name, rate, traffic, ranking, *orders = scenario.split(":")
-            result["freshness"][name] = freshness(args, float(rate), float(traffic), ranking,
-                                                  int(orders[0]) if orders else args.orders)
+            # Scenarios of earlier runs stay in the file: each says when and at what commit.
+            result["freshness"][name] = {
+                "measured_at": _now_iso(), "commit": result["code"]["commit"],
+                **freshness(args, float(rate), float(traffic), ranking,
+                            int(orders[0]) if orders else args.orders)}
             print(json.dumps(result["freshness"][name], indent=1), flush=True)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
