@@ -117,6 +117,73 @@ class RulesConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """What a plausible input record is (SPEC §2); records outside it are dead-lettered.
+
+    Attributes:
+      min_vehicle_year / max_vehicle_year: a user's or fitment row's vehicle year
+        outside this range is a typo (0, 1, 69), not a car.
+      max_quantity: an order line above this many units is a typo or an attack;
+        a wholesaler whose real lines are larger raises it.
+      max_price: a unit price above this (USD) is refused likewise.
+    """
+
+    min_vehicle_year: int = 1900
+    max_vehicle_year: int = 2100
+    max_quantity: int = 10_000
+    max_price: float = 1_000_000.0
+
+    def __post_init__(self) -> None:
+        _whole(self, "min_vehicle_year", "max_vehicle_year", "max_quantity")
+        _finite(self, "max_price")
+        _require(0 < self.min_vehicle_year <= self.max_vehicle_year,
+                 "need 0 < min_vehicle_year <= max_vehicle_year")
+        _require(self.max_quantity >= 1, "max_quantity must be >= 1")
+        _require(self.max_price > 0, "max_price must be > 0")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Sanity gates (SPEC §10): a run that would e-mail nonsense is gated even when every
+    QA rule holds. Each gate is a named row of ``qa_checks``; set a threshold to its
+    permissive end (0 or 1) to switch that gate off.
+
+    Attributes:
+      max_history_age_days: the newest order may be at most this many days older
+        than the run's ``--as_of``; older history decays every score to nothing.
+      max_tied_user_share: at most this share of users may get a list whose
+        scores all tie (an order that says nothing).
+      max_sku_user_share: no single SKU may go to more than this share of users.
+      min_eligible_skus / min_eligible_share: the catalogue left after the rules
+        must hold at least this many SKUs and this share of the catalogue; the
+        rules of another shop can leave a handful of products (or postage).
+      min_input_ratio: each input table must hold at least this share of the rows
+        the last published run read.
+      max_changed_user_share: at most this share of the users common with the last
+        published output may see a changed list (the field: 16.24% a day), unless
+        the run is started with ``--accept_changes``.
+    """
+
+    max_history_age_days: float = 30.0
+    max_tied_user_share: float = 0.5
+    max_sku_user_share: float = 0.5
+    min_eligible_skus: int = 20
+    min_eligible_share: float = 0.01
+    min_input_ratio: float = 0.5
+    max_changed_user_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        _whole(self, "min_eligible_skus")
+        _finite(self, "max_history_age_days", "max_tied_user_share", "max_sku_user_share",
+                "min_eligible_share", "min_input_ratio", "max_changed_user_share")
+        _require(self.max_history_age_days > 0, "max_history_age_days must be > 0")
+        _require(self.min_eligible_skus >= 0, "min_eligible_skus must be >= 0")
+        for name in ("max_tied_user_share", "max_sku_user_share", "min_eligible_share",
+                     "min_input_ratio", "max_changed_user_share"):
+            _require(0 <= getattr(self, name) <= 1, f"{name} must be within [0, 1]")
+
+
+@dataclass(frozen=True)
 class RecsConfig:
     """Everything a recommendations run needs besides its inputs.
 
@@ -131,6 +198,8 @@ class RecsConfig:
     fitment_attributes: Tuple[str, ...] = ("make", "model", "year")
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    inputs: InputConfig = field(default_factory=InputConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
 
     def __post_init__(self) -> None:
         attrs = self.segment_attributes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -30,6 +31,28 @@ MAX_RECORD_BYTES = 1_000_000
 # Event times outside this range are clock errors, not history.
 EARLIEST_TIME = pd.Timestamp("1990-01-01", tz="UTC")
 LATEST_TIME = pd.Timestamp("2100-01-01", tz="UTC")
+
+
+# RFC 3339 date-time (section 5.6) with an explicit offset: "Z" or "+hh:mm". Local times,
+# "now", "2026", "2026/02/20 10:00" and "03/02/2026" are refused: their meaning is a guess.
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def parse_rfc3339(text: object) -> Optional[pd.Timestamp]:
+    """A UTC timestamp from an RFC 3339 date-time with an explicit offset, else None.
+
+    >>> parse_rfc3339("2026-02-20T10:00:00+01:00")
+    Timestamp('2026-02-20 09:00:00+0000', tz='UTC')
+    >>> [parse_rfc3339(t) for t in ("2026-02-20T10:00:00", "now", "2026", "03/02/2026")]
+    [None, None, None, None]
+    """
+    if not isinstance(text, str) or not _RFC3339.match(text):
+        return None
+    try:
+        return pd.Timestamp(text).tz_convert("UTC")
+    except (ValueError, OverflowError):
+        return None  # e.g. month 13 or 30 February
 
 
 @dataclass(frozen=True)
