@@ -1,0 +1,408 @@
+"""Candidate sources beyond segment popularity: buy-again, also-bought and trending (issue #14).
+
+Every source is a pure function of the same deduplicated order lines (one row
+per distinct ``(order_id, sku)``, columns ``user_id``, ``sku``, ``order_id``,
+``event_time`` as :func:`models.popularity.order_lines` produces them; other
+columns are ignored) and the run's ``as_of``. Lines after ``as_of`` are dropped
+first, so a backtest never sees its own future. The functions are vectorised
+over all users at once and import no Beam: the ``Recommend`` composite will
+call them per key through a thin adapter.
+
+Segment popularity, the fourth source, is :mod:`models.popularity` as it is;
+see docs/recommenders.md for how its per-user ranking enters the slot mix.
+
+A purchase's weight everywhere is ``0.5 ** (age_days / half_life_days)`` with
+``age_days = (as_of - event_time)`` (the same decay as popularity), and one
+order counts once per SKU whatever its quantity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+SIMILARITIES = ("count", "jaccard", "lift", "cosine")
+MODES = ("user", "basket")
+DAY_SECONDS = 86_400.0
+# Relative tolerance on growth comparisons: 3 orders against 2 is exactly +50% even
+# when decay weights are summed in floating point.
+GROWTH_TOLERANCE = 1e-9
+
+
+def _upto(order_lines: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
+    """The lines at or before ``as_of`` with only the columns the sources read."""
+    lines = order_lines.loc[order_lines["event_time"] <= as_of,
+                            ["user_id", "sku", "order_id", "event_time"]]
+    return lines.reset_index(drop=True)
+
+
+def _decay(event_times: pd.Series, as_of: pd.Timestamp,
+           half_life_days: Optional[float]) -> np.ndarray:
+    """``0.5 ** (age_days / half_life)``; all ones when ``half_life_days`` is None (no decay).
+
+    >>> t = pd.Series(pd.to_datetime(["2026-01-31", "2026-01-01"], utc=True))
+    >>> _decay(t, pd.Timestamp("2026-01-31", tz="UTC"), 30.0).round(3).tolist()
+    [1.0, 0.5]
+    """
+    if half_life_days is None:
+        return np.ones(len(event_times))
+    age = (as_of - event_times).dt.total_seconds().to_numpy(float) / DAY_SECONDS
+    return np.power(0.5, age / half_life_days)
+
+
+def _top_per(frame: pd.DataFrame, key: str, n: Optional[int], by: list,
+             ascending: list) -> pd.DataFrame:
+    """Rows sorted by ``key`` then ``by``; at most ``n`` per ``key`` (all if None)."""
+    frame = frame.sort_values([key, *by], ascending=[True, *ascending], kind="stable")
+    if n is not None:
+        frame = frame.loc[frame.groupby(key, sort=False).cumcount().to_numpy() < n]
+    return frame.reset_index(drop=True)
+
+
+def recently_bought(order_lines: pd.DataFrame, as_of: pd.Timestamp, days: int) -> pd.DataFrame:
+    """Distinct ``(user_id, sku)`` bought in the ``days`` before ``as_of`` (SPEC rule 4).
+
+    This is the exclusion the slot mix applies to discovery slots only;
+    ``days == 0`` excludes nothing.
+
+    >>> lines = pd.DataFrame({"user_id": ["u", "u"], "sku": ["A", "B"], "order_id": ["1", "2"],
+    ...     "event_time": pd.to_datetime(["2026-01-01", "2025-01-01"], utc=True)})
+    >>> recently_bought(lines, pd.Timestamp("2026-02-01", tz="UTC"), 365)["sku"].tolist()
+    ['A']
+    """
+    lines = _upto(order_lines, as_of)
+    if days <= 0:
+        lines = lines.iloc[:0]
+    lines = lines.loc[lines["event_time"] > as_of - pd.Timedelta(days=days)]
+    return lines[["user_id", "sku"]].drop_duplicates().reset_index(drop=True)
+
+
+# --- buy-again -------------------------------------------------------------------------------
+
+def repurchase_intervals(order_lines: pd.DataFrame, as_of: pd.Timestamp,
+                         min_gap_days: float = 1.0, min_gaps: int = 1) -> pd.DataFrame:
+    """Each SKU's typical repurchase interval: the median gap between a user's consecutive orders of it.
+
+    Gaps are pooled over every user who bought the SKU twice or more. A gap
+    under ``min_gap_days`` (two baskets on one shopping trip) is not a
+    repurchase cycle and is left out; a SKU with fewer than ``min_gaps``
+    gaps has no interval (it is absent from the result).
+
+    Returns:
+      frame ``sku, interval_days, gaps``.
+    """
+    lines = _upto(order_lines, as_of).sort_values(["user_id", "sku", "event_time"],
+                                                  kind="stable")
+    same = ((lines["user_id"].to_numpy() == np.roll(lines["user_id"].to_numpy(), 1))
+            & (lines["sku"].to_numpy() == np.roll(lines["sku"].to_numpy(), 1)))
+    if len(same):
+        same[0] = False
+    gap = lines["event_time"].diff().dt.total_seconds().to_numpy(float) / DAY_SECONDS
+    keep = same & (gap >= min_gap_days)
+    gaps = pd.DataFrame({"sku": lines["sku"].to_numpy()[keep], "gap": gap[keep]})
+    out = gaps.groupby("sku", sort=True).agg(interval_days=("gap", "median"),
+                                             gaps=("gap", "size")).reset_index()
+    return out.loc[out["gaps"] >= min_gaps].reset_index(drop=True)
+
+
+def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: float = 30.0,
+              max_due: float = 1.0, min_gap_days: float = 1.0, min_gaps: int = 1,
+              max_per_user: Optional[int] = None) -> pd.DataFrame:
+    """Score each ``(user, sku)`` the user bought before by decayed frequency × due-ness.
+
+    Formula, for user u and SKU i::
+
+        frequency(u, i) = Σ over u's distinct orders of i of 0.5 ** (age_days / half_life_days)
+        days_since(u, i) = (as_of - u's last order of i) in days
+        interval(i)      = median gap between consecutive orders of i by the same user, over
+                           all users (:func:`repurchase_intervals`)
+        due(u, i)        = min(days_since / interval, max_due)   if i has an interval
+                         = 1.0                                    otherwise (neutral)
+        score(u, i)      = frequency(u, i) × due(u, i)
+
+    With the default ``max_due = 1`` an item bought a day ago that is usually
+    re-bought weekly scores 1/7 of its frequency, and an item that is due or
+    overdue keeps its whole frequency (long-forgotten items fade through the
+    decay instead). ``max_due > 1`` lets overdue items rise above their
+    frequency.
+
+    Args:
+      max_per_user: keep only each user's best N (None: all), bounding the
+        output at N rows per user.
+
+    Returns:
+      frame ``user_id, sku, score, frequency, orders, days_since, interval_days, due``
+      sorted by user, score descending, SKU.
+
+    >>> t = pd.to_datetime(["2026-01-01", "2026-01-08", "2026-01-29"], utc=True)
+    >>> lines = pd.DataFrame({"user_id": ["u", "u", "u"], "sku": ["milk", "milk", "tv"],
+    ...                       "order_id": ["1", "2", "3"], "event_time": t})
+    >>> out = buy_again(lines, pd.Timestamp("2026-01-31", tz="UTC"), half_life_days=1e9)
+    >>> out[["sku", "interval_days", "due", "score"]].round(3).values.tolist()
+    [['milk', 7.0, 1.0, 2.0], ['tv', nan, 1.0, 1.0]]
+    """
+    lines = _upto(order_lines, as_of)
+    lines = lines.assign(_w=_decay(lines["event_time"], as_of, half_life_days))
+    per = (lines.groupby(["user_id", "sku"], sort=False)
+           .agg(frequency=("_w", "sum"), orders=("order_id", "size"),
+                last=("event_time", "max")).reset_index())
+    per["days_since"] = (as_of - per["last"]).dt.total_seconds().to_numpy(float) / DAY_SECONDS
+    intervals = repurchase_intervals(lines, as_of, min_gap_days, min_gaps)
+    per = per.merge(intervals[["sku", "interval_days"]], on="sku", how="left")
+    ratio = per["days_since"].to_numpy(float) / per["interval_days"].to_numpy(float)
+    per["due"] = np.where(np.isnan(ratio), 1.0, np.minimum(ratio, max_due))
+    per["score"] = per["frequency"] * per["due"]
+    per = per[["user_id", "sku", "score", "frequency", "orders", "days_since",
+               "interval_days", "due"]]
+    return _top_per(per, "user_id", max_per_user, ["score", "sku"], [False, True])
+
+
+# --- also-bought -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ItemSimilarity:
+    """An item-to-item similarity table and what building it cost.
+
+    Attributes:
+      table: ``sku, neighbour, similarity, cooccurrence``, at most ``top_n``
+        neighbours per SKU, best first (ties: higher co-occurrence, then neighbour).
+      rows: users (mode "user") or baskets (mode "basket") that contributed.
+      lines_capped: (row, sku) items dropped by ``max_history``.
+      pairs_generated: ordered pairs (i, j), i ≠ j, emitted by the capped rows,
+        Σ n·(n − 1): the work and the bound; at most rows × max_history².
+      pairs_distinct: distinct ordered pairs with co-occurrence ≥ the minimum.
+      pairs_kept: rows of ``table`` after the top-N cut.
+    """
+
+    table: pd.DataFrame
+    rows: int
+    lines_capped: int
+    pairs_generated: int
+    pairs_distinct: int
+    pairs_kept: int
+
+
+def _similarity(measure: str, c_ij: np.ndarray, c_ii: np.ndarray, c_jj: np.ndarray) -> np.ndarray:
+    """SAR's similarity of i and j from co-occurrence c_ij and occurrences c_ii, c_jj.
+
+    count = c_ij; jaccard = c_ij / (c_ii + c_jj − c_ij); lift = c_ij / (c_ii · c_jj);
+    cosine = c_ij / √(c_ii · c_jj).
+
+    >>> [float(_similarity(m, np.array([2.]), np.array([3.]), np.array([4.]))[0].round(4))
+    ...  for m in SIMILARITIES]
+    [2.0, 0.4, 0.1667, 0.5774]
+    """
+    if measure == "count":
+        return c_ij.astype(float)
+    if measure == "jaccard":
+        return c_ij / (c_ii + c_jj - c_ij)
+    if measure == "lift":
+        return c_ij / (c_ii * c_jj)
+    if measure == "cosine":
+        return c_ij / np.sqrt(c_ii * c_jj)
+    raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {measure!r}")
+
+
+def _capped_items(lines: pd.DataFrame, unit: str, max_history: Optional[int]):
+    """Distinct (unit, sku) with each unit's most recent ``max_history`` SKUs; and the number cut."""
+    last = lines.groupby([unit, "sku"], sort=False)["event_time"].max().reset_index()
+    kept = _top_per(last, unit, max_history, ["event_time", "sku"], [False, True])
+    return kept, len(last) - len(kept)
+
+
+def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: str = "jaccard",
+                    top_n: Optional[int] = 50, max_history: Optional[int] = 100,
+                    mode: str = "user", min_cooccurrence: int = 1) -> ItemSimilarity:
+    """Item-to-item co-occurrence over users' (or baskets') histories, as SAR builds it.
+
+    A row is a user (``mode="user"``: everything the user bought) or a basket
+    (``mode="basket"``: one order). Each row keeps its ``max_history`` most
+    recently bought distinct SKUs, so the pairs one row can emit are bounded
+    by ``max_history²``. ``c_ij`` = number of rows holding both i and j,
+    ``c_ii`` = rows holding i; the similarity is :func:`_similarity` of them.
+    The co-occurrence matrix is one sparse product ``Xᵀ·X`` of the binary
+    rows × SKUs matrix, so memory is proportional to the distinct pairs.
+    Pairs with ``c_ij < min_cooccurrence`` are dropped (SAR's threshold);
+    the diagonal (an item with itself) is never a neighbour.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    unit = "user_id" if mode == "user" else "order_id"
+    items, capped = _capped_items(_upto(order_lines, as_of), unit, max_history)
+    row_codes, rows = pd.factorize(items[unit], sort=True)
+    col_codes, skus = pd.factorize(items["sku"], sort=True)
+    x = sparse.csr_matrix((np.ones(len(items), dtype=np.float64), (row_codes, col_codes)),
+                          shape=(len(rows), len(skus)))
+    per_row = np.bincount(row_codes, minlength=len(rows)).astype(np.int64)
+    generated = int((per_row * (per_row - 1)).sum())
+    co = (x.T @ x).tocoo()
+    occurrences = np.asarray(x.sum(axis=0)).ravel()
+    off = (co.row != co.col) & (co.data >= min_cooccurrence)
+    i, j, c = co.row[off], co.col[off], co.data[off]
+    table = pd.DataFrame({
+        "sku": np.asarray(skus, dtype=object)[i],
+        "neighbour": np.asarray(skus, dtype=object)[j],
+        "similarity": _similarity(similarity, c, occurrences[i], occurrences[j]),
+        "cooccurrence": c.astype(np.int64),
+    })
+    table = _top_per(table, "sku", top_n, ["similarity", "cooccurrence", "neighbour"],
+                     [False, False, True])
+    return ItemSimilarity(table, len(rows), int(capped), generated, int(off.sum()), len(table))
+
+
+def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd.Timestamp,
+                       half_life_days: float = 30.0, max_history: Optional[int] = 100,
+                       exclude_seen: bool = True, max_per_user: Optional[int] = 50
+                       ) -> pd.DataFrame:
+    """Each user's also-bought scores: Σ over what they bought of decayed affinity × similarity.
+
+    ``affinity(u, i)`` is the buy-again frequency (Σ of decayed distinct
+    orders) over the user's ``max_history`` most recent SKUs, and
+    ``score(u, j) = Σ_i affinity(u, i) · similarity(i → j)`` using the
+    neighbour table of :func:`item_similarity` (SAR's user-affinity ×
+    item-similarity product, one sparse matrix product for all users).
+    ``exclude_seen`` drops SKUs the user already bought (SAR's
+    ``remove_seen``): what they buy again is buy-again's job.
+
+    Returns:
+      frame ``user_id, sku, score``, at most ``max_per_user`` per user, best first.
+    """
+    lines = _upto(order_lines, as_of)
+    lines = lines.assign(_w=_decay(lines["event_time"], as_of, half_life_days))
+    affinity = lines.groupby(["user_id", "sku"], sort=False).agg(
+        a=("_w", "sum"), event_time=("event_time", "max")).reset_index()
+    affinity = _top_per(affinity, "user_id", max_history, ["event_time", "sku"], [False, True])
+    skus = pd.Index(np.union1d(np.union1d(affinity["sku"].to_numpy(str),
+                                          table["sku"].to_numpy(str)),
+                               table["neighbour"].to_numpy(str)))
+    u_codes, users = pd.factorize(affinity["user_id"], sort=True)
+    a = sparse.csr_matrix((affinity["a"].to_numpy(float),
+                           (u_codes, skus.get_indexer(affinity["sku"].to_numpy(str)))),
+                          shape=(len(users), len(skus)))
+    s = sparse.csr_matrix((table["similarity"].to_numpy(float),
+                           (skus.get_indexer(table["sku"].to_numpy(str)),
+                            skus.get_indexer(table["neighbour"].to_numpy(str)))),
+                          shape=(len(skus), len(skus)))
+    scores = (a @ s).tocoo()
+    out = pd.DataFrame({"user_id": np.asarray(users, dtype=object)[scores.row],
+                        "sku": np.asarray(skus, dtype=object)[scores.col],
+                        "score": scores.data})
+    if exclude_seen and len(out):
+        seen = a.tocsr()[scores.row, scores.col]
+        out = out.loc[np.asarray(seen).ravel() == 0]
+    out = out.loc[out["score"] > 0]
+    return _top_per(out, "user_id", max_per_user, ["score", "sku"], [False, True])
+
+
+@dataclass(frozen=True)
+class AlsoBought:
+    """The also-bought source: the similarity build and the users' scores."""
+
+    similarity: ItemSimilarity
+    scores: pd.DataFrame
+
+
+def also_bought(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: str = "jaccard",
+                top_n: Optional[int] = 50, max_history: Optional[int] = 100, mode: str = "user",
+                half_life_days: float = 30.0, min_cooccurrence: int = 1,
+                exclude_seen: bool = True, max_per_user: Optional[int] = 50) -> AlsoBought:
+    """:func:`item_similarity` then :func:`also_bought_scores` on the same lines.
+
+    The history cap applies to both: the pairs a user emits and the items that
+    carry their affinity are the same ``max_history`` most recent SKUs.
+    """
+    built = item_similarity(order_lines, as_of, similarity, top_n, max_history, mode,
+                            min_cooccurrence)
+    scores = also_bought_scores(order_lines, built.table, as_of, half_life_days, max_history,
+                                exclude_seen, max_per_user)
+    return AlsoBought(built, scores)
+
+
+# --- trending --------------------------------------------------------------------------------
+
+def trending(order_lines: pd.DataFrame, as_of: pd.Timestamp, period_days: float = 28.0,
+             min_count: int = 5, growth_threshold: float = 0.5, boost: float = 0.2,
+             half_life_days: Optional[float] = 30.0) -> pd.DataFrame:
+    """Growth of each SKU's decayed orders in the recent period against the one before.
+
+    Formula, with P = ``period_days``::
+
+        recent(i)   = Σ over orders of i in (as_of − P, as_of]     of 0.5 ** ((as_of − t) / h)
+        previous(i) = Σ over orders of i in (as_of − 2P, as_of − P] of 0.5 ** ((as_of − P − t) / h)
+        growth(i)   = recent / previous − 1           (+inf when previous = 0)
+        multiplier  = 1 + boost   if recent_orders ≥ min_count and growth ≥ growth_threshold
+                    = 1           otherwise
+
+    Each period is decayed to its own end, so a SKU that sells the same every
+    day shows zero growth rather than the decay's drop. ``recent_orders`` is the
+    plain count of distinct orders in the recent period: a SKU needs that many
+    before any growth counts (3 orders after 1 is +200% and noise). A SKU new
+    in the recent period has infinite growth and is boosted once it meets
+    ``min_count``. Defaults are the B2B origin's: +20% for ≥ 50% growth.
+
+    Returns:
+      frame ``sku, recent_orders, previous_orders, recent, previous, growth,
+      multiplier`` for every SKU ordered in either period, by SKU.
+
+    >>> t = pd.to_datetime(["2026-01-20"] * 3 + ["2026-01-05"] * 2, utc=True)
+    >>> lines = pd.DataFrame({"user_id": list("abcde"), "sku": ["A"] * 5,
+    ...                       "order_id": list("12345"), "event_time": t})
+    >>> out = trending(lines, pd.Timestamp("2026-01-29", tz="UTC"), 14, 3, half_life_days=None)
+    >>> out[["recent_orders", "previous_orders", "growth", "multiplier"]].values.tolist()
+    [[3.0, 2.0, 0.5, 1.2]]
+    """
+    lines = _upto(order_lines, as_of)
+    period = pd.Timedelta(days=period_days)
+    recent_mask = lines["event_time"] > as_of - period
+    previous_mask = ~recent_mask & (lines["event_time"] > as_of - 2 * period)
+    frames = []
+    for mask, end, name in ((recent_mask, as_of, "recent"),
+                            (previous_mask, as_of - period, "previous")):
+        part = lines.loc[mask]
+        frames.append(pd.DataFrame({
+            "sku": part["sku"].to_numpy(), "period": name,
+            "weight": _decay(part["event_time"], end, half_life_days)}))
+    both = pd.concat(frames, ignore_index=True)
+    out = pd.DataFrame(index=pd.Index(np.unique(both["sku"].to_numpy(str)), name="sku"))
+    for name in ("recent", "previous"):
+        part = both.loc[both["period"] == name].groupby("sku")["weight"]
+        out[f"{name}_orders"] = part.size().reindex(out.index, fill_value=0).astype(float)
+        out[name] = part.sum().reindex(out.index, fill_value=0.0).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        growth = np.where(out["previous"] > 0, out["recent"] / out["previous"] - 1.0, np.inf)
+    growth = np.where(out["recent"] > 0, growth, np.where(out["previous"] > 0, -1.0, 0.0))
+    out["growth"] = growth
+    hot = ((out["recent_orders"] >= min_count)
+           & (out["growth"] >= growth_threshold - GROWTH_TOLERANCE * max(1.0, abs(growth_threshold))))
+    out["multiplier"] = np.where(hot, 1.0 + boost, 1.0)
+    return out.reset_index()
+
+
+def trending_candidates(table: pd.DataFrame) -> pd.DataFrame:
+    """The trending source as a global list: boosted SKUs ranked by their recent decayed orders.
+
+    >>> t = pd.DataFrame({"sku": ["A", "B"], "recent": [3.0, 9.0], "multiplier": [1.2, 1.0]})
+    >>> trending_candidates(t).values.tolist()
+    [['A', 3.0]]
+    """
+    hot = table.loc[table["multiplier"] > 1.0, ["sku", "recent"]].rename(
+        columns={"recent": "score"})
+    return hot.sort_values(["score", "sku"], ascending=[False, True],
+                           kind="stable").reset_index(drop=True)
+
+
+def apply_boost(scores: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Multiply a source's ``score`` by each SKU's trending multiplier (1 for SKUs not in ``table``).
+
+    >>> s = pd.DataFrame({"sku": ["A", "B"], "score": [1.0, 1.1]})
+    >>> t = pd.DataFrame({"sku": ["A"], "multiplier": [1.2]})
+    >>> apply_boost(s, t)["score"].tolist()
+    [1.2, 1.1]
+    """
+    factor = scores["sku"].map(table.set_index("sku")["multiplier"]).fillna(1.0)
+    return scores.assign(score=scores["score"].to_numpy(float) * factor.to_numpy(float))
