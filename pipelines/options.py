@@ -7,21 +7,160 @@ Jobs read these through ``options.view_as(CommonOptions)``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import uuid
 from datetime import datetime
-from typing import Optional
+from typing import Iterable, Optional, Sequence, Set
 
+import pandas as pd
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from models.contracts import parse_json_line, parse_rfc3339
+from pipelines.jobs import UsageError
 from transforms.frames import DEFAULT_SHARDS
+from transforms.io import SOURCE_SUFFIXES
+
+# Records read from the top of a JSON Lines input to learn its columns (a few
+# malformed or sparse first lines must not hide a column).
+SAMPLE_RECORDS = 200
+FITMENT_HINT = ("a shop without fitment sets `fitment_attributes: []` in its --config")
 
 
 def require_input_dir(path: str) -> None:
     """Fail at start-up when a local ``--input_dir`` is missing (remote ones are checked per table)."""
     if "://" not in path and not os.path.isdir(path):
-        raise SystemExit(f"--input_dir {path!r} is not a directory")
+        raise UsageError(f"--input_dir {path!r} is not a directory")
+
+
+def time_flag(flag: str, value: Optional[str]) -> Optional[pd.Timestamp]:
+    """``--<flag>`` as a UTC time, None when not given; a UsageError unless strict RFC 3339.
+
+    An explicit offset is required: ``2026-02-20T10:00:00`` could be any of
+    24 hours, and ``now``, ``03/02/2026`` or ``2026`` are not times a run can
+    be reproduced from (models.contracts.parse_rfc3339 is the one parser).
+    """
+    if value is None or value == "":
+        return None
+    stamp = parse_rfc3339(value)
+    if stamp is None:
+        raise UsageError(f"--{flag} {value!r} is not an RFC 3339 time with an explicit offset; "
+                         f"write e.g. 2026-02-20T10:00:00Z or 2026-02-20T10:00:00+01:00")
+    return stamp
+
+
+def as_of_of(value: Optional[str], now: pd.Timestamp) -> pd.Timestamp:
+    """``--as_of`` checked strictly, or ``now`` when it is not given."""
+    stamp = time_flag("as_of", value)
+    return now if stamp is None else stamp
+
+
+def require_tables(input_dir: str, tables: Iterable[str]) -> dict:
+    """The file of each input table, or a UsageError naming the first missing one.
+
+    Checked at start-up so that a missing file is one line (with the config
+    hint for fitment, which a shop without fitment data switches off), not a
+    traceback from inside the graph.
+    """
+    found = {}
+    for table in tables:
+        for suffix in SOURCE_SUFFIXES:
+            path = FileSystems.join(input_dir, table + suffix)
+            if FileSystems.exists(path):
+                found[table] = path
+                break
+        else:
+            names = "/".join([f"{table}{SOURCE_SUFFIXES[1]}"]
+                             + [s for s in SOURCE_SUFFIXES[2:]] + [SOURCE_SUFFIXES[0]])
+            hint = f"; {FITMENT_HINT}" if table == "fitment" else ""
+            raise UsageError(f"no {table} table in {input_dir} ({names}){hint}")
+    return found
+
+
+def table_columns(path: str, sample: int = SAMPLE_RECORDS) -> Optional[Set[str]]:
+    """Column names of a local or remote input file: its Parquet schema, or the keys of its
+    first ``sample`` JSON records. None when nothing can be learnt (an empty file)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        with FileSystems.open(path) as handle:
+            return set(pq.read_schema(handle).names)
+    columns: Set[str] = set()
+    seen = 0
+    with FileSystems.open(path) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record, _ = parse_json_line(line.lstrip(b"\xef\xbb\xbf"))
+            if record is not None:
+                columns.update(record)
+                seen += 1
+                if seen >= sample:
+                    break
+    return columns if seen else None
+
+
+def require_columns(table: str, where: str, columns: Optional[Iterable[str]],
+                    wanted: Sequence[str], setting: str) -> None:
+    """A UsageError when a configured attribute is not a column of ``table``.
+
+    Names the attribute, the columns there are and the closest one: a misspelt
+    segment attribute otherwise passes validation and dies mid-pipeline.
+    """
+    if columns is None:
+        return
+    columns = set(columns)
+    for name in wanted:
+        if name not in columns:
+            close = difflib.get_close_matches(name, sorted(columns), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{setting} {name!r} is not a column of the {table} table "
+                             f"({where}); its columns: {', '.join(sorted(columns))}{hint}")
+
+
+def check_attributes(paths: dict, segment_attributes: Sequence[str],
+                     fitment_attributes: Sequence[str]) -> None:
+    """Segment and fitment attributes against the users and fitment inputs' columns.
+
+    ``paths`` maps table names to their files (require_tables); tables not in
+    it are not checked.
+    """
+    if "users" in paths:
+        users = table_columns(paths["users"])
+        require_columns("users", paths["users"], users, segment_attributes,
+                        "segment attribute")
+        require_columns("users", paths["users"], users, fitment_attributes,
+                        "fitment attribute")
+    if "fitment" in paths and fitment_attributes:
+        require_columns("fitment", paths["fitment"], table_columns(paths["fitment"]),
+                        fitment_attributes, "fitment attribute")
+
+
+def require_writable_file(flag: str, path: str) -> None:
+    """A UsageError unless ``path`` can be written as a file: checked before a run, not after
+    it published (a directory given as ``--report_html`` failed only at the end)."""
+    if "://" in path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--{flag} {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    require_writable_dir(flag, parent)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"--{flag} {path!r} is not writable")
+
+
+def require_writable_dir(flag: str, path: str) -> None:
+    """A UsageError unless directory ``path`` exists (or can be made) and is writable."""
+    if "://" in path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--{flag}: cannot create directory {path!r}: "
+                         f"{err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--{flag}: directory {path!r} is not writable")
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -36,7 +175,7 @@ def run_id_of(given: Optional[str], now: datetime, prefix: str = "") -> str:
     if not given:
         return f"{prefix + '_' if prefix else ''}{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:6]}"
     if not _RUN_ID.match(given):
-        raise SystemExit(f"--run_id {given!r}: use letters, digits, '_', '.' and '-' "
+        raise UsageError(f"--run_id {given!r}: use letters, digits, '_', '.' and '-' "
                          f"(at most 128, starting with a letter or digit)")
     return given
 

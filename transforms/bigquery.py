@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from typing import Optional
 
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
@@ -110,6 +111,29 @@ def _use_storage_endpoint(host_port: str) -> None:
     shim.__dict__.update(real.__dict__)
     shim.BigQueryReadClient = client
     beam_bigquery.bq_storage = shim
+
+
+def unreachable(endpoint: str, timeout: float = 5.0) -> Optional[str]:
+    """Why ``endpoint`` (a BigQuery emulator URL or host:port) is unreachable, or None.
+
+    One TCP connect with a timeout: clients otherwise retry an endpoint that
+    is down for about ten minutes before the job fails.
+    """
+    from urllib.parse import urlsplit
+    url = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as err:
+        return f"bad address: {err}"
+    if not url.hostname:
+        return "no host in the address"
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"no answer from {url.hostname}:{port} within {timeout:g} s"
+    except OSError as err:
+        return f"{url.hostname}:{port}: {err.strerror or err}"
 
 
 def apply_options(options: PipelineOptions) -> Optional[str]:

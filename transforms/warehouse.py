@@ -226,6 +226,68 @@ def _check_backup(backup: str, known: Iterable[str]) -> None:
 
 # --------------------------------------------------------------------------- DuckDB
 
+class WarehouseBusy(Exception):
+    """Another run holds the warehouse's lock; ``str()`` says who."""
+
+
+class WarehouseLock:
+    """An exclusive lock on a local warehouse, held for a whole run.
+
+    ``fcntl.flock`` on ``<warehouse>.lock``: the OS releases it when the
+    process exits, crash or kill -9 included, so a stale lock cannot outlive
+    its holder. The file records who holds it (pid, host, job, run id, start
+    time) for the message the next run prints. Two DuckDB writers otherwise
+    meet only at publish time, where the loser dies on DuckDB's own lock
+    after the whole pipeline ran. On a runner that submits and exits
+    (Dataflow), the lock covers only the submission (docs/operations.md).
+    """
+
+    def __init__(self, warehouse_path: str):
+        self.path = os.path.abspath(warehouse_path) + ".lock"
+        self._handle = None
+
+    def acquire(self, holder: Mapping[str, Any]) -> None:
+        """Take the lock without waiting; WarehouseBusy naming the holder if it is taken."""
+        import fcntl
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            recorded = handle.read().strip()
+            handle.close()
+            try:
+                who = json.loads(recorded)
+                text = ", ".join(f"{k} {who[k]}" for k in ("job", "run_id", "pid", "host",
+                                                             "started_at") if who.get(k))
+            except ValueError:
+                text = "an unknown process"
+            raise WarehouseBusy(text or "an unknown process") from None
+        self._handle = handle
+        self.note(holder)
+
+    def note(self, holder: Mapping[str, Any]) -> None:
+        """Rewrite who holds the lock (e.g. once the run id is known)."""
+        if self._handle is None:
+            return
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(json.dumps(dict(holder), default=str))
+        self._handle.flush()
+
+    def release(self) -> None:
+        """Release the lock (also done by the OS when the process ends)."""
+        if self._handle is not None:
+            import fcntl
+            try:
+                self._handle.seek(0)
+                self._handle.truncate()
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            finally:
+                self._handle.close()
+                self._handle = None
+
+
 class LocalWarehouse:
     """Tables in one DuckDB file; every publish is one transaction."""
 
@@ -235,6 +297,13 @@ class LocalWarehouse:
     @property
     def location(self) -> str:
         return os.path.abspath(self.path)
+
+    def check_readable(self) -> None:
+        """Open the file and list its tables: a truncated or foreign file fails here, at start-up
+        (duckdb.Error), not at publish time after the whole pipeline ran."""
+        if os.path.exists(self.path):
+            with duckdb.connect(self.path, read_only=True) as con:
+                con.execute("SELECT count(*) FROM information_schema.tables").fetchone()
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
