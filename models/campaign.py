@@ -94,6 +94,17 @@ class FunnelCheck(NamedTuple):
     repeats: pd.DataFrame
 
 
+def funnel_refusal(kind: str, before_send: bool) -> str:
+    """The reason `check_funnel` gives an event of ``kind`` with no send (or only a later one).
+
+    Public so the streaming job's per-recipient check refuses with the very same words.
+
+    >>> funnel_refusal(CLICKED, False), funnel_refusal(VIEWED, True)
+    ('click without send', 'view before send')
+    """
+    return _NOUNS.get(kind, "") + (" before send" if before_send else " without send")
+
+
 def check_funnel(events: pd.DataFrame) -> FunnelCheck:
     """Keeps the treatment events that are consistent with each recipient's send.
 
