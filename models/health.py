@@ -1,11 +1,14 @@
 """Run health (SPEC §7): reconcile counters and decide whether a run may publish.
 
 A run that writes nothing, writes far fewer rows than the last published run,
-or breaks any QA rule is an alarm: it is recorded, never published.
+breaks any QA rule or trips a sanity gate (SPEC §10, ``models.sanity``) is an
+alarm: it is recorded, never published.
 """
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Optional, Sequence
+
+from models.sanity import GateResult
 
 PUBLISHED = "published"
 GATED = "gated"
@@ -34,17 +37,30 @@ def reconcile(counters: Mapping[str, int], tables: Sequence[str] = RECONCILED_TA
 
 
 def verdict(violations: Mapping[int, int], written: int, last_written: Optional[int],
-            min_ratio_vs_last: float, counters: Mapping[str, int]) -> Verdict:
-    """Publish only a clean, plausibly sized run whose counts reconcile."""
+            min_ratio_vs_last: float, counters: Mapping[str, int],
+            gates: Sequence[GateResult] = ()) -> Verdict:
+    """Publish only a clean, plausibly sized run whose counts reconcile and passes every gate.
+
+    Every reason to gate is named in the message, QA rules first, then the
+    alarms, then the sanity gates of ``models.sanity`` (SPEC §10), so one look
+    at ``pipeline_runs`` says everything that was wrong.
+    """
+    reasons = []
     failed = [f"rule {rule} ({n} violations)" for rule, n in sorted(violations.items()) if n]
     if failed:
-        return Verdict(GATED, "QA failed: " + ", ".join(failed))
+        reasons.append("QA failed: " + ", ".join(failed))
     if written == 0:
-        return Verdict(GATED, "alarm: zero recommendations written")
-    if last_written and written < min_ratio_vs_last * last_written:
-        return Verdict(GATED, f"alarm: {written} recommendations, under "
-                              f"{min_ratio_vs_last:.0%} of the last run's {last_written}")
+        reasons.append("alarm: zero recommendations written")
+    elif last_written and written < min_ratio_vs_last * last_written:
+        reasons.append(f"alarm: {written} recommendations, under "
+                       f"{min_ratio_vs_last:.0%} of the last run's {last_written}")
     gaps = {t: r["unexplained"] for t, r in reconcile(counters).items() if r["unexplained"]}
     if gaps:
-        return Verdict(GATED, f"alarm: counts do not reconcile {gaps}")
+        reasons.append(f"alarm: counts do not reconcile {gaps}")
+    tripped = [g for g in gates if g.tripped]
+    if tripped:
+        reasons.append("sanity gates tripped: " + "; ".join(
+            f"{g.name} ({g.detail})" for g in tripped))
+    if reasons:
+        return Verdict(GATED, "; ".join(reasons))
     return Verdict(PUBLISHED, f"published {written} recommendations")

@@ -321,6 +321,18 @@ class LocalWarehouse:
                 "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB]).fetchone()
         return int(row[0]) if row else None
 
+    def last_published_counters(self) -> Optional[Dict[str, Any]]:
+        """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
+        if not os.path.exists(self.path):
+            return None
+        with duckdb.connect(self.path, read_only=True) as con:
+            if not _exists(con, "pipeline_runs"):
+                return None
+            row = con.execute(
+                "SELECT counters FROM pipeline_runs WHERE status = 'published' "
+                "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB]).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
         if not os.path.exists(self.path):
@@ -599,6 +611,14 @@ class BigQueryWarehouse:
         found = self.query("SELECT recommendations_written FROM pipeline_runs WHERE status = "
                            "'published' AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB])
         return int(found.iloc[0, 0]) if len(found) else None
+
+    def last_published_counters(self) -> Optional[Dict[str, Any]]:
+        """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
+        if not self.exists("pipeline_runs"):
+            return None
+        found = self.query("SELECT counters FROM pipeline_runs WHERE status = 'published' "
+                           "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB])
+        return json.loads(found.iloc[0, 0]) if len(found) and found.iloc[0, 0] else None
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
