@@ -14,6 +14,7 @@ a backup. Exit status 0 means published; 1 means the run was gated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from typing import List, NamedTuple, Optional, Tuple, Union
@@ -26,14 +27,18 @@ from models import health
 from models.stability import format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
-from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions, require_input_dir, run_id_of
+from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
+                           locked_warehouse)
+from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
+                               require_columns, require_input_dir, require_tables,
+                               require_writable_dir, run_id_of)
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel
 from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
                                RerankPerVehicle, check_model, resolve_model_path)
-from transforms.bigquery import BigQueryOptions, apply_options  # noqa: F401 (its flags)
+from transforms.bigquery import (BigQueryOptions, apply_options,  # noqa: F401 (its flags)
+                                 unreachable)
 from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceSinkOptions,
                                     WINDOWED_TABLE, settings_from)
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
@@ -93,15 +98,11 @@ def context_from(options: PipelineOptions) -> RunContext:
     batch = options.view_as(BatchOptions)
     options = options.view_as(CommonOptions)
     now = pd.Timestamp.now(tz="UTC")
-    try:
-        as_of = pd.Timestamp(options.as_of) if options.as_of else now
-    except ValueError as err:
-        raise SystemExit(f"--as_of {options.as_of!r} is not an RFC 3339 time: {err}")
-    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+    as_of = as_of_of(options.as_of, now)
     if options.num_shards < 1:
-        raise SystemExit("--num_shards must be >= 1")
+        raise UsageError("--num_shards must be >= 1")
     if batch.keep_backups < 1:
-        raise SystemExit("--keep_backups must be >= 1: the previous output is kept as a backup")
+        raise UsageError("--keep_backups must be >= 1: the previous output is kept as a backup")
     io_options = options.view_as(SourceSinkOptions)
     bigquery = None
     if "bigquery" in (io_options.source, io_options.sink) or io_options.events_since or (
@@ -109,29 +110,37 @@ def context_from(options: PipelineOptions) -> RunContext:
         try:
             bigquery = settings_from(options)
         except ValueError as err:
-            raise SystemExit(str(err))
+            raise UsageError(str(err))
+        if bigquery.endpoint:  # fail in seconds, not after ten minutes of client retries
+            why = unreachable(bigquery.endpoint)
+            if why:
+                raise UsageError(f"--bigquery_endpoint {bigquery.endpoint} is unreachable "
+                                 f"({why}); start the emulator or fix the address")
         apply_options(options)  # --bigquery_endpoint: every BigQuery client of this process
-    if io_options.source == "local":
-        require_input_dir(options.input_dir)
     run_id = run_id_of(options.run_id, now)
     staging = options.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(options.warehouse)), "staging", run_id)
+    require_writable_dir("staging_dir", staging)
     try:
         config = load_config(options.config)
     except ConfigError as err:
-        raise SystemExit(f"--config: {err}")
+        raise UsageError(f"--config: {err}")
     if batch.strategy == "global":
         config = config.replace(segment_attributes=())
+    if io_options.source == "local":
+        require_input_dir(options.input_dir)
+        check_attributes(require_tables(options.input_dir, input_tables(config)),
+                         config.segment_attributes, config.fitment_attributes)
     ranker_path = ranker = None
     if batch.ranker_model:
         if batch.strategy == "global":
-            raise SystemExit("--ranker_model re-ranks segment candidates; not with "
+            raise UsageError("--ranker_model re-ranks segment candidates; not with "
                              "--strategy global")
         try:
             ranker_path = resolve_model_path(batch.ranker_model)
             ranker = check_model(ranker_path, config)  # loads it and checks its features
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"--ranker_model: {err}")
+            raise UsageError(f"--ranker_model: {err}")
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
@@ -152,31 +161,41 @@ def _check_connections(warehouse: Warehouse, bigquery: Optional[BigQuerySettings
         for name in PUBLISHED_TABLES:
             backup_table(name, backup_id(run_id))
     except ValueError as err:
-        raise SystemExit(f"--run_id {run_id!r} is too long for its backup names: {err}")
+        raise UsageError(f"--run_id {run_id!r} is too long for its backup names: {err}")
     if warehouse.run_exists(run_id):
-        raise SystemExit(f"run id {run_id!r} is already recorded in pipeline_runs; give each "
+        raise UsageError(f"run id {run_id!r} is already recorded in pipeline_runs; give each "
                          f"run its own --run_id (its backups are named after it)")
     if isinstance(warehouse, BigQueryWarehouse):
         if not warehouse.dataset_exists():
-            raise SystemExit(f"BigQuery dataset {warehouse.project}.{warehouse.dataset} does "
+            raise UsageError(f"BigQuery dataset {warehouse.project}.{warehouse.dataset} does "
                              f"not exist; create it first (bq mk --dataset ...)")
         try:
             leftovers = [t for t in warehouse.run_tables(run_id) if warehouse.exists(t)]
         except ValueError as err:
-            raise SystemExit(f"--run_id {run_id!r}: {err}")
+            raise UsageError(f"--run_id {run_id!r}: {err}")
         if leftovers:  # an earlier attempt of this run id crashed: never append to its rows
-            raise SystemExit(f"tables of an earlier attempt of run {run_id!r} exist "
+            raise UsageError(f"tables of an earlier attempt of run {run_id!r} exist "
                              f"({', '.join(leftovers)}); drop them or use a new --run_id")
     if bigquery is not None and bigquery.inputs:
         from google.api_core.exceptions import NotFound
         from transforms.bigquery import client
         bq = client(bigquery.project, bigquery.endpoint)
+        columns = {}
         for table in input_tables(config):
             try:
-                bq.get_table(bigquery.inputs[table].id)
+                found = bq.get_table(bigquery.inputs[table].id)
             except NotFound:
-                raise SystemExit(f"BigQuery input {bigquery.inputs[table].id} ({table}) "
-                                 f"does not exist") from None
+                hint = f"; {FITMENT_HINT}" if table == "fitment" else ""
+                raise UsageError(f"BigQuery input {bigquery.inputs[table].id} ({table}) "
+                                 f"does not exist{hint}") from None
+            columns[table] = {field.name for field in found.schema or ()} or None
+        for table, wanted, setting in (
+                ("users", config.segment_attributes, "segment attribute"),
+                ("users", config.fitment_attributes, "fitment attribute"),
+                ("fitment", config.fitment_attributes, "fitment attribute")):
+            if table in columns:
+                require_columns(table, bigquery.inputs[table].id, columns[table], wanted,
+                                setting)
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
@@ -308,13 +327,21 @@ def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
 
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
-    """Run the job; returns 0 when published, 1 when gated."""
-    options = PipelineOptions(argv)
-    ctx = context_from(options)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(pipeline, options, ctx)
-    return finish_run(pipeline, ctx.warehouse, ctx.run_id, lambda: summarise(
-        ctx.warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
+    """Run the job; returns 0 when published, 1 when gated (start-up refusals raise UsageError).
+
+    A local warehouse is locked for the whole run, before anything reads it.
+    """
+    options = job_options(argv, __name__)
+    local = options.view_as(SourceSinkOptions).sink != "bigquery"
+    with (locked_warehouse(options.view_as(CommonOptions).warehouse, JOB) if local
+          else contextlib.nullcontext()) as lock:
+        ctx = context_from(options)
+        if lock is not None:
+            lock.note(holder(JOB, ctx.run_id))
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build(pipeline, options, ctx)
+        return finish_run(pipeline, ctx.warehouse, ctx.run_id, lambda: summarise(
+            ctx.warehouse, ctx.run_id, ctx.config.rules.recs_per_user))
 
 
 def main() -> None:

@@ -222,6 +222,8 @@ def entry_point(run: Callable[[Optional[List[str]]], object],
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]
     logging.getLogger().setLevel(logging.INFO if debug else logging.WARNING)
+    if not debug:  # a failing DoFn's traceback goes to the file exit 3 names, not stderr
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     sys.exit(run_with_status(run, argv, returns_status, debug, _job_name(run)))
 
 

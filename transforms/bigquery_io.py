@@ -100,11 +100,11 @@ class BigQuerySettings(NamedTuple):
 def _time(flag: str, value: Optional[str]) -> Optional[pd.Timestamp]:
     if not value:
         return None
-    try:
-        stamp = pd.Timestamp(value)
-    except ValueError as err:
-        raise ValueError(f"--{flag} {value!r} is not an RFC 3339 time: {err}") from None
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    stamp = contracts.parse_rfc3339(value)  # strict: an explicit offset, no "now"
+    if stamp is None:
+        raise ValueError(f"--{flag} {value!r} is not an RFC 3339 time with an explicit offset; "
+                         f"write e.g. 2026-02-20T10:00:00Z")
+    return stamp
 
 
 def settings_from(options: PipelineOptions) -> BigQuerySettings:
