@@ -25,8 +25,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
-from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions, require_input_dir, run_id_of
+from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
+                           locked_warehouse)
+from pipelines.options import (CommonOptions, as_of_of, check_attributes, require_input_dir,
+                               require_tables, require_writable_dir, run_id_of)
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
 from transforms.health import DeadLetterCounts, SumCounts
@@ -88,22 +90,27 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
     options = pipeline_options.view_as(BanditOptions)
     require_input_dir(shared.input_dir)
     if shared.num_shards < 1:
-        raise SystemExit("--num_shards must be >= 1")
+        raise UsageError("--num_shards must be >= 1")
     if not 1 <= options.period_days <= options.window_days:
-        raise SystemExit(f"need 1 <= --period_days ({options.period_days}) <= --window_days "
+        raise UsageError(f"need 1 <= --period_days ({options.period_days}) <= --window_days "
                          f"({options.window_days})")
     try:
         config = BanditConfig(alpha0=options.prior_alpha, beta0=options.prior_beta,
                               draws=options.bandit_draws, seed=options.bandit_seed,
                               exploration_floor=options.exploration_floor)
-        as_of = pd.Timestamp(shared.as_of) if shared.as_of else now
     except ValueError as err:
-        raise SystemExit(f"bad option: {err}")
-    as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+        raise UsageError(f"bad option: {err}")
+    as_of = as_of_of(shared.as_of, now)
     run_id = run_id_of(shared.run_id, now, job)
     staging = shared.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(shared.warehouse)), "staging", run_id)
+    require_writable_dir("staging_dir", staging)
     segment_by = tuple(a.strip() for a in options.segment_by.split(",") if a.strip())
+    tables = ["treatment_events"] + (["users"] if segment_by else []) + (
+        ["events"] if job == "campaign_report" else [])
+    paths = require_tables(shared.input_dir, tables)
+    if segment_by:  # the attributes to segment by must be columns of users
+        check_attributes(paths, segment_by, ())
     return BanditContext(run_id, as_of, now, staging, config,
                          pd.Timedelta(days=options.window_days),
                          pd.Timedelta(days=options.period_days), segment_by)
@@ -182,12 +189,16 @@ def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
     """Run the job; returns 0 when published, 1 when gated."""
-    options = BanditOptions(argv)
-    ctx = bandit_context(options, JOB)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(pipeline, options, ctx)
-    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id))
+    options = job_options(argv, __name__).view_as(BanditOptions)
+    path = options.view_as(CommonOptions).warehouse
+    with locked_warehouse(path, JOB) as lock:
+        ctx = bandit_context(options, JOB)
+        lock.note(holder(JOB, ctx.run_id))
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build(pipeline, options, ctx)
+        warehouse = LocalWarehouse(path)
+        return finish_run(pipeline, warehouse, ctx.run_id,
+                          lambda: summarise(warehouse, ctx.run_id))
 
 
 def main() -> None:

@@ -25,8 +25,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from pipelines.bandit_report import (BanditContext, BanditOptions, bandit_context,
                                      bandit_state, read_treatment_events)
-from pipelines.jobs import entry_point, finish_run
-from pipelines.options import CommonOptions
+from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
+                           locked_warehouse)
+from pipelines.options import CommonOptions, require_writable_file
 from transforms.campaign import (BANDIT_STATE, REPORT_TABLES, CampaignReport, OrderEvents,
                                  PublishReport, split_tables)
 from transforms.health import DeadLetterCounts, SumCounts
@@ -55,10 +56,12 @@ class CampaignOptions(PipelineOptions):
 def campaign_context(options: PipelineOptions) -> BanditContext:
     """The bandit context, after failing fast on options the report cannot honour."""
     if options.view_as(BanditOptions).segment_by:
-        raise SystemExit("--segment_by belongs to pipelines.bandit_report; the campaign "
+        raise UsageError("--segment_by belongs to pipelines.bandit_report; the campaign "
                          "report charts the per-treatment posteriors")
     if options.view_as(CampaignOptions).attribution_days < 1:
-        raise SystemExit("--attribution_days must be >= 1")
+        raise UsageError("--attribution_days must be >= 1")
+    # Checked before the run: a directory here used to fail only after publishing.
+    require_writable_file("report_html", options.view_as(CampaignOptions).report_html)
     return bandit_context(options, JOB)
 
 
@@ -126,12 +129,16 @@ def summarise(warehouse: LocalWarehouse, run_id: str, html_path: str) -> str:
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
     """Run the job; returns 0 when published, 1 when gated."""
-    options = CampaignOptions(argv)
-    ctx = campaign_context(options)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(pipeline, options, ctx)
-    warehouse = LocalWarehouse(options.view_as(CommonOptions).warehouse)
-    return finish_run(pipeline, warehouse, ctx.run_id, lambda: summarise(warehouse, ctx.run_id, options.report_html))
+    options = job_options(argv, __name__).view_as(CampaignOptions)
+    path = options.view_as(CommonOptions).warehouse
+    with locked_warehouse(path, JOB) as lock:
+        ctx = campaign_context(options)
+        lock.note(holder(JOB, ctx.run_id))
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build(pipeline, options, ctx)
+        warehouse = LocalWarehouse(path)
+        return finish_run(pipeline, warehouse, ctx.run_id,
+                          lambda: summarise(warehouse, ctx.run_id, options.report_html))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ Nothing the models saw comes from after ``--as_of``: the holdout only labels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -39,9 +40,9 @@ from models import features, metrics, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
-from pipelines.jobs import entry_point
+from pipelines.jobs import UsageError, entry_point, holder, job_options, locked_warehouse
 from pipelines.options import CommonOptions, require_input_dir, run_id_of
-from pipelines.train_ranker import parse_as_of
+from pipelines.train_ranker import check_inputs, parse_as_of
 from transforms import schemas
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.io import WriteFrames, read_frame
@@ -98,15 +99,16 @@ def context_from(options: PipelineOptions) -> EvalContext:
     try:
         config = load_config(common.config)
     except ConfigError as err:
-        raise SystemExit(f"--config: {err}")
+        raise UsageError(f"--config: {err}")
+    check_inputs(common.input_dir, config, holdout=True)
     try:
         model_path = resolve_model_path(own.ranker_artifact)
         model = load_model(model_path)
         model.check_features(config)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"--ranker_artifact: {err}")
+        raise UsageError(f"--ranker_artifact: {err}")
     if "challenger_artifact" not in model.metadata:
-        raise SystemExit("--ranker_artifact has no challenger model; retrain it with "
+        raise UsageError("--ranker_artifact has no challenger model; retrain it with "
                          "pipelines.train_ranker")
     challenger = ranker.RankerModel.from_bytes(
         model.metadata["challenger_artifact"].encode("utf-8"))
@@ -360,9 +362,23 @@ def write_outputs(result: dict, ctx: EvalContext, warehouse: Optional[str]) -> s
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None,
         publish: bool = True) -> dict:
-    """Build and run the graph, evaluate, write; returns the result document."""
-    options = PipelineOptions(argv)
-    ctx = context_from(options)
+    """Build and run the graph, evaluate, write; returns the result document.
+
+    With ``publish`` the warehouse (which receives ``ranker_backtest``) is
+    locked for the whole run.
+    """
+    options = job_options(argv, __name__)
+    common = options.view_as(CommonOptions)
+    with (locked_warehouse(common.warehouse, JOB) if publish
+          else contextlib.nullcontext()) as lock:
+        ctx = context_from(options)
+        if lock is not None:
+            lock.note(holder(JOB, ctx.run_id))
+        return _run(options, ctx, test_pipeline, publish)
+
+
+def _run(options: PipelineOptions, ctx: EvalContext, test_pipeline: Optional[beam.Pipeline],
+         publish: bool) -> dict:
     common = options.view_as(CommonOptions)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)

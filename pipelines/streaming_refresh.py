@@ -33,8 +33,9 @@ from models import streaming as model
 from models.bandit import BanditConfig
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
-from pipelines.jobs import LOCAL_RUNNERS, entry_point
-from pipelines.options import CommonOptions, require_input_dir, run_id_of
+from pipelines.jobs import LOCAL_RUNNERS, UsageError, entry_point, job_options
+from pipelines.options import (CommonOptions, check_attributes, require_input_dir,
+                               require_tables, run_id_of)
 from transforms import bigquery
 from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are this job's too)
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS
@@ -133,36 +134,42 @@ def context_from(options: PipelineOptions) -> StreamingContext:
     common = options.view_as(CommonOptions)
     for flag in ("events_subscription", "treatments_subscription", "streaming_dataset"):
         if not getattr(opts, flag):
-            raise SystemExit(f"--{flag} is required")
+            raise UsageError(f"--{flag} is required")
     for flag, kind in (("events_subscription", "subscriptions"),
                        ("treatments_subscription", "subscriptions"),
                        ("dead_letter_topic", "topics")):
         value = getattr(opts, flag)
         if value and not model.is_pubsub_path(value, kind):
-            raise SystemExit(f"--{flag} must be projects/<project>/{kind}/<name>, got {value!r}")
+            raise UsageError(f"--{flag} must be projects/<project>/{kind}/<name>, got {value!r}")
     try:
         spec = model.WindowSpec.of_seconds(opts.window_seconds, opts.period_seconds,
                                            opts.allowed_lateness_seconds)
     except ValueError as err:
-        raise SystemExit(str(err))
+        raise UsageError(str(err))
     if opts.dedupe_ttl_seconds < opts.allowed_lateness_seconds:
-        raise SystemExit("--dedupe_ttl_seconds must be >= --allowed_lateness_seconds: a "
+        raise UsageError("--dedupe_ttl_seconds must be >= --allowed_lateness_seconds: a "
                          "redelivered copy that can still change a window must be caught")
     if min(opts.reference_refresh_seconds, opts.max_runtime_seconds,
            opts.insert_retry_seconds) < 0:
-        raise SystemExit("--reference_refresh_seconds, --max_runtime_seconds and "
+        raise UsageError("--reference_refresh_seconds, --max_runtime_seconds and "
                          "--insert_retry_seconds must be >= 0")
     if common.num_shards < 1:
-        raise SystemExit("--num_shards must be >= 1")
+        raise UsageError("--num_shards must be >= 1")
     require_input_dir(common.input_dir)
+    endpoint = options.view_as(BigQueryOptions).bigquery_endpoint
+    if endpoint:  # fail in seconds, not after ten minutes of client retries
+        why = bigquery.unreachable(endpoint)
+        if why:
+            raise UsageError(f"--bigquery_endpoint {endpoint} is unreachable ({why}); start "
+                             f"the emulator or fix the address")
     try:
         config = load_config(common.config)
     except ConfigError as err:
-        raise SystemExit(f"--config: {err}")
+        raise UsageError(f"--config: {err}")
     project = options.view_as(GoogleCloudOptions).project or (
         opts.streaming_dataset.split(".")[0] if "." in opts.streaming_dataset else None)
     if not project:
-        raise SystemExit("--project is required (or --streaming_dataset <project>.<dataset>)")
+        raise UsageError("--project is required (or --streaming_dataset <project>.<dataset>)")
     dataset = opts.streaming_dataset if "." in opts.streaming_dataset else (
         f"{project}.{opts.streaming_dataset}")
     try:   # both are spliced into the latest-row views' SQL
@@ -171,7 +178,7 @@ def context_from(options: PipelineOptions) -> StreamingContext:
         if opts.history_table:
             table_name(opts.history_table)
     except ValueError as err:
-        raise SystemExit(f"--streaming_dataset/--history_table: {err}")
+        raise UsageError(f"--streaming_dataset/--history_table: {err}")
     now = pd.Timestamp.now(tz="UTC")
     run_id = run_id_of(common.run_id, now, JOB)
     return StreamingContext(run_id, now, project, dataset, spec, config, BanditConfig(),
@@ -183,10 +190,8 @@ def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReferen
     opts = options.view_as(StreamingOptions)
     reference = FileReference(options.view_as(CommonOptions).input_dir, ctx.config,
                               opts.reference_refresh_seconds, opts.history_table)
-    try:
-        reference.check()
-    except FileNotFoundError as err:
-        raise SystemExit(str(err))
+    paths = require_tables(reference.input_dir, reference.tables)  # one line, fitment hint
+    check_attributes(paths, ctx.config.segment_attributes, ctx.config.fitment_attributes)
     return reference
 
 
@@ -379,8 +384,8 @@ def wait(result, seconds: float) -> None:
 
 def run(argv: Optional[List[str]] = None) -> int:
     """Run the job: on Dataflow submit and return; locally run for --max_runtime_seconds."""
+    options = job_options(argv, __name__)  # unknown flags refused before anything starts
     launched = launch(argv)
-    options = PipelineOptions(argv)
     runner = options.view_as(StandardOptions).runner
     if runner not in LOCAL_RUNNERS + ("BundleBasedDirectRunner",):
         _LOG.info("submitted streaming run %s", launched.context.run_id)

@@ -38,8 +38,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import features, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
-from pipelines.jobs import entry_point
-from pipelines.options import CommonOptions, require_input_dir, run_id_of
+from pipelines.jobs import UsageError, entry_point, job_options
+from pipelines.options import (CommonOptions, as_of_of, check_attributes, require_input_dir,
+                               require_tables, require_writable_dir, run_id_of)
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.health import SumCounts
 from transforms.io import WriteFrames
@@ -90,12 +91,16 @@ class TrainContext(NamedTuple):
 
 
 def parse_as_of(value: Optional[str]) -> pd.Timestamp:
-    """``--as_of`` as a UTC time (now when absent); exits with a message when malformed."""
-    try:
-        as_of = pd.Timestamp(value) if value else pd.Timestamp.now(tz="UTC")
-    except ValueError as err:
-        raise SystemExit(f"--as_of {value!r} is not an RFC 3339 time: {err}")
-    return as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
+    """``--as_of`` as a UTC time (now when absent); a UsageError unless strict RFC 3339."""
+    return as_of_of(value, pd.Timestamp.now(tz="UTC"))
+
+
+def check_inputs(input_dir: str, config: RecsConfig, holdout: bool = False) -> None:
+    """The tables ReadCleanInputs reads exist, and the configured attributes are their columns."""
+    tables = ["catalog", "users", "events"] + (["fitment"] if config.fitment_attributes
+                                               else []) + (["holdout_events"] if holdout else [])
+    check_attributes(require_tables(input_dir, tables), config.segment_attributes,
+                     config.fitment_attributes)
 
 
 def context_from(options: PipelineOptions) -> TrainContext:
@@ -104,12 +109,13 @@ def context_from(options: PipelineOptions) -> TrainContext:
     common = options.view_as(CommonOptions)
     require_input_dir(common.input_dir)
     if common.num_shards < 1:
-        raise SystemExit("--num_shards must be >= 1")
+        raise UsageError("--num_shards must be >= 1")
     as_of = parse_as_of(common.as_of)
     try:
         config = load_config(common.config)
     except ConfigError as err:
-        raise SystemExit(f"--config: {err}")
+        raise UsageError(f"--config: {err}")
+    check_inputs(common.input_dir, config)
     try:
         fconfig = features.FeatureConfig(
             n_cutoffs=own.ranker_cutoffs, cutoff_step_days=own.ranker_cutoff_step_days,
@@ -119,11 +125,13 @@ def context_from(options: PipelineOptions) -> TrainContext:
         tconfig = ranker.TrainConfig(objective=own.ranker_objective,
                                      max_rounds=own.ranker_max_rounds)
     except ValueError as err:
-        raise SystemExit(str(err))
+        raise UsageError(str(err))
     now = pd.Timestamp.now(tz="UTC")
     run_id = run_id_of(common.run_id, now, JOB)
     staging = common.staging_dir or os.path.join(
         os.path.dirname(os.path.abspath(common.warehouse)), "staging", run_id)
+    require_writable_dir("staging_dir", staging)
+    require_writable_dir("ranker_model_dir", own.ranker_model_dir)
     cutoffs = tuple(features.cutoff_grid(as_of, fconfig))
     split = len(cutoffs) - fconfig.valid_cutoffs
     return TrainContext(run_id, as_of, staging, own.ranker_model_dir, config, fconfig, tconfig,
@@ -269,7 +277,7 @@ def summarise(model: ranker.RankerModel, path: str) -> str:
 
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> str:
     """Build examples, train, save; returns the artifact path."""
-    options = PipelineOptions(argv)
+    options = job_options(argv, __name__)
     ctx = context_from(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
