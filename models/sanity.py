@@ -305,3 +305,19 @@ def gate_counters(results: Iterable[GateResult]) -> Dict[str, float]:
             out[f"gate.{r.name}"] = round(float(r.value), 6)
         out[f"gate.{r.name}.tripped"] = int(r.tripped)
     return out
+
+
+def format_gates(rows: pd.DataFrame) -> List[str]:
+    """The gate rows of ``qa_checks`` as the lines a run's summary prints: every gate's value
+    against its threshold, then one line per tripped gate saying what to do."""
+    gates = rows[rows["rule_id"].isin(list(GATE_IDS.values()))]
+    if not len(gates):
+        return []
+    def figure(value: float) -> str:
+        return "n/a" if pd.isna(value) else f"{value:.4g}"
+    lines = ["sanity gates: " + ", ".join(
+        f"{r.name.removeprefix('gate: ')} {figure(r.value)} (limit {figure(r.threshold)})"
+        + (" TRIPPED" if r.violations else "") for r in gates.itertuples())]
+    lines += [f"  TRIPPED {r.name.removeprefix('gate: ')}: {r.detail}"
+              for r in gates.itertuples() if r.violations]
+    return lines

@@ -23,7 +23,7 @@ import apache_beam as beam
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import health
+from models import health, sanity
 from models.stability import format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
@@ -43,7 +43,7 @@ from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceS
                                     WINDOWED_TABLE, settings_from)
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
-from transforms.publish import PublishRunFn, StageOutput
+from transforms.publish import GatherGateSignals, PublishRunFn, StageOutput
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
@@ -71,6 +71,10 @@ class BatchOptions(PipelineOptions):
         parser.add_argument("--min_ratio_vs_last_run", type=float, default=0.5,
                             help="Gate the run when it writes fewer than this share of "
                                  "the last published run's rows.")
+        parser.add_argument("--accept_changes", action="store_true", default=False,
+                            help="Publish even when more users' lists changed against the "
+                                 "last published output than gates.max_changed_user_share "
+                                 "allows (read the stability figures of the gated run first).")
         parser.add_argument("--keep_backups", type=int, default=7,
                             help="Backups of earlier outputs kept after a publish (at least "
                                  "1); older ones are dropped.")
@@ -268,15 +272,19 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         "segment_popularity": popularity | "StagePopularity" >> stage("segment_popularity"),
         "dead_letter": logged_dead | "StageDeadLetters" >> stage("dead_letter"),
     }
+    signals = ({"catalog": catalog.rows, "events": unique_events.rows,
+                "recommendations": stamped}
+               | "GatherGateSignals" >> GatherGateSignals(config))
     run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
                "started_at": ctx.started_at}
     return counters | "GateAndPublish" >> beam.ParDo(
         PublishRunFn(ctx.warehouse, run_row, config, batch.min_ratio_vs_last_run,
-                     batch.keep_backups),
+                     batch.keep_backups, batch.accept_changes, input_tables(config)),
         beam.pvalue.AsSingleton(violations),
         beam.pvalue.AsList(staged["recommendations"]),
         beam.pvalue.AsList(staged["segment_popularity"]),
-        beam.pvalue.AsList(staged["dead_letter"]))
+        beam.pvalue.AsList(staged["dead_letter"]),
+        beam.pvalue.AsSingleton(signals))
 
 
 def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransform:
@@ -292,8 +300,9 @@ def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransf
 def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
     """A short human summary of one run, read back from the warehouse."""
     run = warehouse.query("SELECT * FROM pipeline_runs WHERE run_id = ?", [run_id]).iloc[0]
-    qa = warehouse.query("SELECT rule_id, name, violations FROM qa_checks WHERE run_id = ? "
-                         "ORDER BY rule_id", [run_id])
+    checks = warehouse.query("SELECT rule_id, name, violations, value, threshold, detail "
+                             "FROM qa_checks WHERE run_id = ? ORDER BY rule_id", [run_id])
+    qa = checks[~checks["rule_id"].isin(list(sanity.GATE_IDS.values()))]
     counters = json.loads(run["counters"])
     served = run["recommendations_written"]
     lines = [f"run {run_id}: {run['status'].upper()} — {run['message']}",
@@ -307,6 +316,7 @@ def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
             f"{k} {v / served:.1%}" for k, v in sorted(sources.items(), key=lambda kv: -kv[1])))
     lines.append("QA checks: " + ", ".join(
         f"{r.rule_id}:{r.violations}" for r in qa.itertuples()))
+    lines += sanity.format_gates(checks)
     for table, r in health.reconcile(counters).items():
         lines.append(f"  {table:8s} read {r['read']:>9,} = processed {r['processed']:>9,} "
                      f"+ dead-lettered {r['dead_lettered']:>6,} + deduplicated "

@@ -3,6 +3,7 @@
 Staged outputs are hand-made here; the end-to-end runs are in
 test_bigquery_e2e.py (BigQuery) and test_batch_e2e.py (DuckDB).
 """
+import json
 import os
 import uuid
 
@@ -17,6 +18,7 @@ from models.config import DEFAULT_CONFIG
 from pipelines import publish as publish_cli
 from transforms import schemas
 from transforms.bigquery import client as bigquery_client
+from models.sanity import GateSignals
 from transforms.publish import PublishRunFn
 from transforms.warehouse import BigQueryWarehouse, LocalWarehouse, identifier, parse_table
 
@@ -138,28 +140,60 @@ def test_prune_keeps_the_newest_backups(warehouse, tmp_path):
     assert warehouse.prune_backups(1) == []
 
 
-def _publish_run(warehouse, run_id, rows, tmp_path, refused=()):
-    """The pipeline's gate and publish step (PublishRunFn) on a hand-made staged output."""
+def _publish_run(warehouse, run_id, rows, tmp_path, refused=(), accept_changes=False):
+    """The pipeline's gate and publish step (PublishRunFn) on a hand-made staged output.
+
+    Its gate signals are those of a healthy run (orders up to ``as_of``, a large
+    eligible catalogue, no ties, no concentration), so only what the warehouse
+    sees (refused rows, churn against the last output) can gate it.
+    """
     outputs = stage(warehouse, run_id, recs(rows, run_id), tmp_path)
     counters = {"recommendations.written": len(rows), "users.read": len(rows),
                 "users.processed": len(rows)}
     run = {"run_id": run_id, "job": "batch_recommendations",
            "as_of": pd.Timestamp("2026-03-01", tz="UTC"), "started_at": pd.Timestamp.now(tz="UTC")}
+    signals = GateSignals(newest_order=run["as_of"], users=len(rows), catalog_skus=100,
+                          eligible_skus=100)
     with test_pipeline.TestPipeline() as pipeline:
         def side(label, values):
             return beam.pvalue.AsList(pipeline | label >> beam.Create(values))
         (pipeline
          | "Counters" >> beam.Create([counters])
          | "Publish" >> beam.ParDo(
-             PublishRunFn(warehouse, run, DEFAULT_CONFIG, 0.5, keep_backups=2),
+             PublishRunFn(warehouse, run, DEFAULT_CONFIG, 0.5, keep_backups=2,
+                          accept_changes=accept_changes),
              beam.pvalue.AsSingleton(pipeline | "Violations" >> beam.Create([{}])),
              side("Recs", outputs + list(refused)), side("Popularity", []),
-             side("DeadLetters", [])))
+             side("DeadLetters", []),
+             beam.pvalue.AsSingleton(pipeline | "Signals" >> beam.Create([signals]))))
+
+
+def test_churn_over_the_limit_gates_and_accept_changes_publishes(warehouse, tmp_path):
+    """OLD -> NEW changes 2 of the 3 common users' lists (67% > the default 50%)."""
+    _publish_run(warehouse, "old", OLD, tmp_path)
+    _publish_run(warehouse, "churn", NEW, tmp_path)
+    run = warehouse.query("SELECT status, message, counters FROM pipeline_runs "
+                          "WHERE run_id = ?", ["churn"]).iloc[0]
+    assert run["status"] == "gated" and "churn" in run["message"]
+    assert json.loads(run["counters"])["gate.churn"] == pytest.approx(2 / 3, abs=1e-6)
+    assert sorted(warehouse.read("recommendations")["email_lower"]) == sorted(OLD)  # untouched
+    gate = warehouse.query("SELECT violations, value, threshold, detail FROM qa_checks "
+                           "WHERE run_id = ? AND name = 'gate: churn'", ["churn"]).iloc[0]
+    assert (gate["violations"], gate["threshold"]) == (1, 0.5)
+    assert gate["value"] == pytest.approx(2 / 3) and "--accept_changes" in gate["detail"]
+    rules = warehouse.query("SELECT count(*) AS n FROM qa_checks WHERE run_id = ? AND "
+                            "rule_id <= 15", ["churn"]).iloc[0, 0]
+    assert rules == 15
+    _publish_run(warehouse, "accepted", NEW, tmp_path, accept_changes=True)
+    run = warehouse.query("SELECT status FROM pipeline_runs WHERE run_id = ?",
+                          ["accepted"]).iloc[0]
+    assert run["status"] == "published"
+    assert sorted(warehouse.read("recommendations")["email_lower"]) == sorted(NEW)
 
 
 def test_stability_report_is_written_through_the_warehouse(warehouse, tmp_path):
     _publish_run(warehouse, "old", OLD, tmp_path)
-    _publish_run(warehouse, "new", NEW, tmp_path)
+    _publish_run(warehouse, "new", NEW, tmp_path, accept_changes=True)
     report = warehouse.query("SELECT * FROM stability_report WHERE run_id = ?", ["new"]).iloc[0]
     assert (report["users_common"], report["users_gained"], report["users_lost"]) == (3, 1, 1)
     assert (report["users_previous"], report["users_current"]) == (4, 4)

@@ -3,6 +3,9 @@
 The gate runs inside the pipeline, after every staged write has finished
 (their outputs are its side inputs), because a Dataflow template's launcher
 exits long before the job ends: nothing may depend on code after ``run()``.
+The sanity gates (SPEC §10, ``models.sanity``) are judged there too, from
+signals gathered in the pipeline (:class:`GatherGateSignals`), the counters,
+the last published run's counters and the stability report.
 The same DoFn publishes to either warehouse (``transforms.warehouse``): the
 local one stages Parquet files and swaps inside one DuckDB transaction; the
 BigQuery one stages tables by streaming inserts and swaps with copy jobs.
@@ -12,14 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import apache_beam as beam
 import pandas as pd
 import pyarrow as pa
+from apache_beam import typehints
 
-from models import health, rules
-from models.config import RecsConfig
+from models import health, rules, sanity
+from models.catalog import ineligibility_reasons
+from models.config import RecsConfig, RulesConfig
 from models.stability import stability_report
 from transforms import schemas
 from transforms.bigquery_io import WriteFramesToBigQuery
@@ -57,27 +62,106 @@ class StageOutput(beam.PTransform):
             os.path.join(self._staging_dir, self._name, "part"), self._schema)
 
 
+def catalog_signals(catalog: pd.DataFrame, rules_config: RulesConfig) -> sanity.GateSignals:
+    """Catalogue size and how many SKUs pass the eligibility rules (the same test the
+    recommender applies, ``models.catalog.ineligibility_reasons``)."""
+    eligible = int(sum(r is None for r in ineligibility_reasons(catalog, rules_config)))
+    return sanity.GateSignals(catalog_skus=len(catalog), eligible_skus=eligible)
+
+
+def order_signals(events: pd.DataFrame) -> sanity.GateSignals:
+    """The newest order of one batch of (deduplicated) events."""
+    return sanity.GateSignals(newest_order=sanity.newest_order_time(events))
+
+
+def recommendation_signals(recs: pd.DataFrame, n: int) -> sanity.GateSignals:
+    """Users, users whose scores all tie, and users per SKU of one batch of output rows."""
+    return sanity.GateSignals(users=len(recs), tied_users=sanity.tied_rows(recs, n),
+                              sku_users=sanity.sku_user_counts(recs, n))
+
+
+@typehints.with_input_types(sanity.GateSignals)
+@typehints.with_output_types(sanity.GateSignals)
+class GateSignalsCombineFn(beam.CombineFn):
+    """Adds partial gate signals into one.
+
+    Accumulator: one ``GateSignals`` (counts, the newest order time, and users
+    per recommended SKU), bounded by the number of catalogue SKUs.
+    """
+
+    def create_accumulator(self) -> sanity.GateSignals:
+        return sanity.GateSignals()
+
+    def add_input(self, acc: sanity.GateSignals, partial: sanity.GateSignals
+                  ) -> sanity.GateSignals:
+        return acc.merge(partial)
+
+    def merge_accumulators(self, accs: Iterable[sanity.GateSignals]) -> sanity.GateSignals:
+        total = sanity.GateSignals()
+        for acc in accs:
+            total.merge(acc)
+        return total
+
+    def extract_output(self, acc: sanity.GateSignals) -> sanity.GateSignals:
+        return acc
+
+    def default_label(self) -> str:
+        return "MergeGateSignals"
+
+
+class GatherGateSignals(beam.PTransform):
+    """What the sanity gates measure, as a singleton ``GateSignals``.
+
+    Inputs (a dict of collections of frames): ``catalog`` (the resolved
+    catalogue singleton), ``events`` (deduplicated events) and
+    ``recommendations`` (the output rows). Each yields partial signals; a
+    combiner adds them, so nothing here holds more than one SKU count per SKU.
+    """
+
+    def __init__(self, config: RecsConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, inputs: Dict[str, beam.PCollection]) -> beam.PCollection:
+        n = self._config.rules.recs_per_user
+        return ((inputs["catalog"] | "CatalogSignals" >> beam.Map(
+                    catalog_signals, self._config.rules),
+                 inputs["events"] | "OrderSignals" >> beam.Map(order_signals),
+                 inputs["recommendations"] | "RecommendationSignals" >> beam.Map(
+                     recommendation_signals, n))
+                | "FlattenSignals" >> beam.Flatten()
+                | "MergeSignals" >> beam.CombineGlobally(GateSignalsCombineFn()))
+
+
 class PublishRunFn(beam.DoFn):
     """Writes run logs, and swaps in the new output only when the run is clean.
 
-    A clean run is one that passes every QA rule and the run-health checks
-    (``models.health.verdict``) and whose staged outputs are complete (the
-    warehouse refused none of their rows). Publishing also writes the stability
+    A clean run is one that passes every QA rule, the run-health checks
+    (``models.health.verdict``) and every sanity gate (``models.sanity``), and
+    whose staged outputs are complete (the warehouse refused none of their
+    rows). The gates' rows join the rules' in ``qa_checks`` and their values
+    the counters, published or not. Publishing also writes the stability
     report against the output it replaces, and prunes backups beyond
-    ``keep_backups``.
+    ``keep_backups``. ``accept_changes`` lets a run whose churn against the
+    last output is over the limit publish (the operator has read why).
     """
 
     def __init__(self, warehouse: Warehouse, run: Dict[str, object], config: RecsConfig,
-                 min_ratio_vs_last: float, keep_backups: Optional[int] = None):
+                 min_ratio_vs_last: float, keep_backups: Optional[int] = None,
+                 accept_changes: bool = False,
+                 input_tables: Sequence[str] = health.RECONCILED_TABLES):
         self._warehouse = warehouse
         self._run = run
         self._config = config
         self._min_ratio = min_ratio_vs_last
         self._keep_backups = keep_backups
+        self._accept_changes = accept_changes
+        self._input_tables = tuple(input_tables)
 
     def process(self, counters: Dict[str, int], violations: Dict[int, int],
                 recs_staged: List[Any], popularity_staged: List[Any],
-                dead_letter_staged: List[Any]) -> Iterator[Dict[str, object]]:
+                dead_letter_staged: List[Any], signals: sanity.GateSignals
+                ) -> Iterator[Dict[str, object]]:
         run_id = self._run["run_id"]
         n = self._config.rules.recs_per_user
         tables = schemas.outputs(n)
@@ -89,9 +173,19 @@ class PublishRunFn(beam.DoFn):
             logging.warning("run %s: the warehouse refused rows %s", run_id, refused)
         counters = {**counters, **{f"{name}.refused": k for name, k in refused.items()}}
         written = int(counters.get("recommendations.written", 0))
+        columns = ["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)] + [
+            f"rec{i}_price" for i in range(1, n + 1)]
+        previous = self._warehouse.read("recommendations", columns)
+        current = self._warehouse.frame(staged["recommendations"])[columns]
+        report = stability_report(current.iloc[:0] if previous is None else previous,
+                                  current, n)
+        gates = sanity.evaluate(signals, pd.Timestamp(self._run["as_of"]), counters,
+                                self._warehouse.last_published_counters(), report,
+                                self._config.gates, self._input_tables, self._accept_changes)
+        counters = {**counters, **sanity.gate_counters(gates)}
         verdict = _verdict(violations, written, self._warehouse.last_published_rows(),
-                           self._min_ratio, counters, refused)
-        qa = rules.qa_table(violations, self._config).assign(run_id=run_id)
+                           self._min_ratio, counters, refused, gates)
+        qa = qa_rows(violations, gates, self._config).assign(run_id=run_id)
         row = {
             **self._run,
             "finished_at": pd.Timestamp.now(tz="UTC"),
@@ -116,12 +210,6 @@ class PublishRunFn(beam.DoFn):
         published = {name: staged[name] for name in ("recommendations", "segment_popularity")}
         swap = verdict.status == health.PUBLISHED
         if swap:
-            columns = ["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)] + [
-                f"rec{i}_price" for i in range(1, n + 1)]
-            previous = self._warehouse.read("recommendations", columns)
-            current = self._warehouse.frame(published["recommendations"])[columns]
-            report = stability_report(current.iloc[:0] if previous is None else previous,
-                                      current, n)
             logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}],
                                                             schema=tables["stability_report"])
         leftovers = self._warehouse.leftovers(run_id)
@@ -136,11 +224,20 @@ class PublishRunFn(beam.DoFn):
         yield row
 
 
+def qa_rows(violations: Dict[int, int], gates: Sequence[sanity.GateResult],
+            config: RecsConfig) -> pd.DataFrame:
+    """``qa_checks`` rows: the 15 rules (value = violations, threshold 0), then the gates."""
+    rule_rows = rules.qa_table(violations, config)
+    rule_rows = rule_rows.assign(value=rule_rows["violations"].astype(float), threshold=0.0,
+                                 detail=None)
+    return pd.concat([rule_rows, sanity.gate_rows(gates)], ignore_index=True)
+
+
 def _verdict(violations: Dict[int, int], written: int, last_written: Optional[int],
-             min_ratio: float, counters: Dict[str, int],
-             refused: Dict[str, int]) -> health.Verdict:
+             min_ratio: float, counters: Dict[str, int], refused: Dict[str, int],
+             gates: Sequence[sanity.GateResult] = ()) -> health.Verdict:
     """``models.health.verdict``, and gated when a staged output is incomplete."""
     if refused:
         return health.Verdict(health.GATED, f"alarm: the warehouse refused staged rows "
                                             f"{dict(sorted(refused.items()))}")
-    return health.verdict(violations, written, last_written, min_ratio, counters)
+    return health.verdict(violations, written, last_written, min_ratio, counters, gates)

@@ -44,9 +44,13 @@ DEAD_LETTER = pa.schema([
     ("record", pa.string()),
 ])
 
+# One row per QA rule (ids 1-15, ``value`` = violations, ``threshold`` 0) and per sanity
+# gate (ids 101+, ``models.sanity``: ``violations`` 1 when tripped, the measured value,
+# the configured threshold and a line saying what was seen and what to do).
 QA_CHECKS = pa.schema([
     ("run_id", pa.string()), ("rule_id", pa.int64()), ("name", pa.string()),
-    ("violations", pa.int64()),
+    ("violations", pa.int64()), ("value", pa.float64()), ("threshold", pa.float64()),
+    ("detail", pa.string()),
 ])
 
 PIPELINE_RUNS = pa.schema([
