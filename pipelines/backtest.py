@@ -10,7 +10,6 @@ The comparison lands in the ``backtest`` table of ``--warehouse``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -24,6 +23,9 @@ from models import metrics
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
 from pipelines import batch_recommendations
+from pipelines.jobs import OneLineParser, UsageError, locked_warehouse, run_with_status
+from pipelines.options import as_of_of, require_input_dir
+from pipelines.train_ranker import check_inputs
 from transforms.io import read_frame
 from transforms.warehouse import LocalWarehouse
 
@@ -49,7 +51,8 @@ def evaluate_strategies(input_dir: str, as_of: str, num_shards: int, scratch: st
             "--strategy", strategy, "--num_shards", str(num_shards),
             "--run_id", f"backtest_{strategy}", *config_args])
         if code != 0:
-            raise SystemExit(f"the {strategy} run was gated; see its summary above")
+            print(f"the {strategy} run was gated; see its summary above", file=sys.stderr)
+            raise SystemExit(1)  # gated, like the batch job
         recs = LocalWarehouse(warehouse).query("SELECT * FROM recommendations")
         figures = metrics.evaluate(recs, future, k, catalogue_size)
         shares = figures.pop("fallback_shares")
@@ -65,7 +68,9 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0],
+                           epilog="Exit status: 0 done, 1 a strategy's run was gated, 2 usage "
+                                  "or configuration error, 3 failure.")
     parser.add_argument("--input_dir", default="out/demo_world")
     parser.add_argument("--as_of", required=True,
                         help="End of training history (RFC 3339); holdout starts after it.")
@@ -74,17 +79,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num_shards", type=int, default=8)
     parser.add_argument("--config", default=None, help="Retailer config (YAML/JSON).")
     args = parser.parse_args(argv)
+    as_of = as_of_of(args.as_of, pd.Timestamp.now(tz="UTC"))  # strict, before anything runs
+    if args.num_shards < 1:
+        raise UsageError("--num_shards must be >= 1")
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as err:
-        raise SystemExit(f"--config: {err}")
-    with tempfile.TemporaryDirectory(prefix="backtest_") as scratch:
-        table = evaluate_strategies(args.input_dir, args.as_of, args.num_shards, scratch,
-                                    args.config)
-    table.insert(0, "as_of", pd.Timestamp(args.as_of))
-    LocalWarehouse(args.warehouse).publish(
-        "backtest", {}, {"backtest": pa.Table.from_pandas(table, preserve_index=False)},
-        swap=False)
+        raise UsageError(f"--config: {err}")
+    require_input_dir(args.input_dir)
+    check_inputs(args.input_dir, config, holdout=True)
+    with locked_warehouse(args.warehouse, "backtest"):
+        with tempfile.TemporaryDirectory(prefix="backtest_") as scratch:
+            table = evaluate_strategies(args.input_dir, args.as_of, args.num_shards, scratch,
+                                        args.config)
+        table.insert(0, "as_of", as_of)
+        LocalWarehouse(args.warehouse).publish(
+            "backtest", {}, {"backtest": pa.Table.from_pandas(table, preserve_index=False)},
+            swap=False)
     print("\nBacktest on the held-out period (users recommended by each strategy):")
     print(format_table(table.drop(columns="as_of")))
     return 0
@@ -92,4 +103,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.WARNING)
-    sys.exit(main())
+    sys.exit(run_with_status(main, sys.argv[1:], job="backtest"))

@@ -8,17 +8,17 @@ and every planted anomaly). The same preset and seed always give the same files.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import List, Optional
 
 from models.world import TABLES, WorldSpec, generate, write_world
+from pipelines.jobs import OneLineParser, run_with_status
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse arguments, generate the world, write it and print a short summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("tiny", "demo", "full"), default="demo",
                         help="tiny: ~1,500 users (tests); demo: ~20,000; full: 500,000.")
     parser.add_argument("--seed", type=int, default=7)
@@ -52,4 +52,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_status(main, sys.argv[1:], job="generate_world"))

@@ -10,12 +10,12 @@ jobs on it with the dataset's retailer config, e.g. `configs/completejourney.yam
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import List, Optional
 
 from models import completejourney
+from pipelines.jobs import OneLineParser, run_with_status
 
 DATASETS = {
     "completejourney": "dunnhumby The Complete Journey (grocer, 2,500 households, 2017)",
@@ -24,7 +24,7 @@ DEFAULT_CONFIGS = {"completejourney": "configs/completejourney.yaml"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=sorted(DATASETS),
                         help="; ".join(f"{k}: {v}" for k, v in DATASETS.items()))
     parser.add_argument("--source", required=True,
@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         manifest = completejourney.import_completejourney(args.source, out, args.holdout_days)
     except completejourney.SourceError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a missing or foreign source directory: the user's to fix
     print(f"{args.dataset} {args.source} -> {out} (jsonl) in "
           f"{time.perf_counter() - started:.1f}s")
     for line in completejourney.summary_lines(manifest):
@@ -52,4 +52,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_status(main, sys.argv[1:], job="import_dataset"))

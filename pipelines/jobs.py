@@ -117,6 +117,35 @@ def check_flags(argv: Sequence[str], classes: Iterable[type]) -> None:
     raise UsageError(f"unknown flag {name}{hint}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the jobs that are not Beam pipelines (publish, backtest, generate_world,
+    import_dataset): no abbreviations (``--as`` is not ``--as_of``), and a mistake is one
+    line on stderr with a suggestion, exit 2, instead of the usage text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            word = message.split(": ", 1)[1].split()[0]
+            flags = sorted({opt for parser in [self, *self._subparsers_of()]
+                            for action in parser._actions for opt in action.option_strings
+                            if opt.startswith("--")})
+            name = word.split("=", 1)[0]
+            guess = difflib.get_close_matches(
+                name.replace("-", "_").replace("__", "--", 1), flags, n=1, cutoff=0.6)
+            message = (f"unknown flag {name}; did you mean {guess[0]}?" if guess and
+                       name.startswith("-") else f"unexpected argument {word!r}; see --help")
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    def _subparsers_of(self) -> List[argparse.ArgumentParser]:
+        return [sub for action in self._actions
+                if isinstance(action, argparse._SubParsersAction)
+                for sub in action.choices.values()]
+
+
 def _runner_of(argv: Sequence[str]) -> Optional[str]:
     for i, word in enumerate(argv):
         if word.startswith("--runner="):

@@ -12,21 +12,26 @@ Every publish of the batch job keeps the output it replaces as the backup
 makes a backup production again (the output it replaces becomes a backup in
 turn, so a rollback can be undone) and records itself in ``pipeline_runs``.
 ``load-inputs`` loads a local world's input files into BigQuery tables (for
-demos and the emulator). Exit status: 0 done, 2 refused (bad name, no such backup).
+demos and the emulator). Exit status: 0 done, 2 refused (bad name, no such
+backup, warehouse in use by a run, unreachable endpoint), 3 failure. A local
+warehouse is locked while a command works on it, like a job's run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import List, Optional, Union
 
+from pipelines.jobs import OneLineParser, UsageError, locked_warehouse, run_with_status
+from transforms.bigquery import unreachable
 from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
 
 Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
 
 
 def _parser() -> argparse.ArgumentParser:
-    where = argparse.ArgumentParser(add_help=False)
+    where = OneLineParser(add_help=False)
     target = where.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
     target.add_argument("--warehouse", default="out/warehouse.duckdb",
                         help="DuckDB file of the local warehouse.")
@@ -37,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="Use this BigQuery dataset instead of the local warehouse.")
     target.add_argument("--bigquery_endpoint", default=None,
                         help="A BigQuery emulator's URL (anonymous credentials).")
-    parser = argparse.ArgumentParser(prog="python -m pipelines.publish",
+    parser = OneLineParser(prog="python -m pipelines.publish",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", parents=[where], help="List backups, newest first.")
@@ -61,6 +66,9 @@ def warehouse_from(args: argparse.Namespace) -> Warehouse:
     project = args.bigquery_project or ("test-project" if args.bigquery_endpoint else None)
     if not project:
         raise ValueError("--bigquery_dataset needs --bigquery_project")
+    why = unreachable(args.bigquery_endpoint) if args.bigquery_endpoint else None
+    if why:
+        raise ValueError(f"--bigquery_endpoint {args.bigquery_endpoint} is unreachable ({why})")
     return BigQueryWarehouse(project, args.bigquery_dataset, args.bigquery_endpoint)
 
 
@@ -68,6 +76,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         warehouse = warehouse_from(args)
+    except ValueError as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return 2
+    try:
+        with (locked_warehouse(args.warehouse, f"publish {args.command}")
+              if isinstance(warehouse, LocalWarehouse) else contextlib.nullcontext()):
+            return _command(args, warehouse)
+    except UsageError as err:  # busy or unreadable warehouse
+        print(f"refused: {err}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, warehouse: Warehouse) -> int:
+    try:
         if args.command == "list":
             backups = warehouse.list_backups()
             if backups.empty:
@@ -98,4 +120,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_status(main, sys.argv[1:], job="publish"))

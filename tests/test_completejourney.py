@@ -177,7 +177,7 @@ def test_missing_source_file_is_a_clear_error(tmp_path):
     with pytest.raises(cj.SourceError, match="transactions_sample.csv.gz not found"):
         cj.read_source(str(tmp_path))
     assert import_dataset.main(["completejourney", "--source", str(tmp_path),
-                                "--out", str(tmp_path / "out")]) == 1
+                                "--out", str(tmp_path / "out")]) == 2  # usage: exit 2
 
 
 # --- the real sample ---------------------------------------------------------------
