@@ -20,15 +20,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import (Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set,
-                    Tuple)
+from typing import (Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional,
+                    Sequence, Set, Tuple)
 
 import numpy as np
 import pandas as pd
 
-from models import contracts, popularity, profiles, recommend
+from models import campaign, contracts, popularity, profiles, recommend
 from models.catalog import CatalogArrays, resolve_conflicts
-from models.config import RecsConfig
+from models.config import InputConfig, RecsConfig
 from models.contracts import ORDER_EVENT_NAMES
 
 EVENT_TIME_ATTRIBUTE = "event_time"
@@ -135,6 +135,73 @@ class WindowSpec:
         return out
 
 
+# --- storable text -------------------------------------------------------------------------
+
+# A refused payload is stored whole up to this many UTF-8 bytes, beyond it as its first
+# this-many bytes plus `TRUNCATION_NOTE`: a BigQuery row is limited to 10 MB and a Pub/Sub
+# message may be as large, so a dead letter must be bounded to be storable at all (and the
+# head of a payload is what tells a person what it was).
+DEAD_LETTER_RECORD_BYTES = 64 * 1024
+TRUNCATION_NOTE = " [truncated: first {kept} of {size} bytes]"
+# Why a record whose text cannot be UTF-8 (a lone surrogate such as ``"\\ud800"``) is refused:
+# Beam's coders, BigQuery and Pub/Sub all encode text as UTF-8, so such a value would raise
+# at every step after the parse.
+UNENCODABLE_REASON = "text not encodable as UTF-8 (lone surrogate)"
+
+
+def storable(text: str) -> str:
+    """``text`` with every code point UTF-8 cannot encode (lone surrogates) written as an escape.
+
+    >>> storable("ok"), storable("a" + chr(0xD800) + "b")
+    ('ok', 'a\\\\ud800b')
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_encodable(value) -> bool:
+    """Whether every string in a parsed JSON value (keys included) can be UTF-8 encoded.
+
+    >>> is_encodable({"a": ["x", {"b": 1}]}), is_encodable({"a": ["x" + chr(0xDFFF)]})
+    (True, False)
+    """
+    pending = [value]   # a stack, not recursion: a hostile record may nest a thousand deep
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and storable(item) is not item:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return True
+
+
+def dead_letter_text(payload, limit: int = DEAD_LETTER_RECORD_BYTES) -> str:
+    """A refused payload (bytes or text) as storable text of at most ``limit`` bytes plus a note.
+
+    Bytes that are not UTF-8 become U+FFFD; a payload over ``limit`` bytes keeps
+    its first ``limit`` bytes and ends with `TRUNCATION_NOTE` giving its size.
+
+    >>> dead_letter_text(b"abcdef", limit=4)
+    'abcd [truncated: first 4 of 6 bytes]'
+    >>> dead_letter_text(b"\\xff ok")
+    '\\ufffd ok'
+    """
+    raw = payload if isinstance(payload, bytes) else storable(str(payload)).encode("utf-8")
+    if len(raw) <= limit:
+        return raw.decode("utf-8", errors="replace")
+    return (raw[:limit].decode("utf-8", errors="replace")
+            + TRUNCATION_NOTE.format(kept=limit, size=len(raw)))
+
+
 # --- messages ---------------------------------------------------------------------------
 
 def micros(stamps: pd.Series) -> np.ndarray:
@@ -188,7 +255,8 @@ class ParsedMessages(NamedTuple):
 
 
 def parse_messages(table: str, payloads: Sequence[bytes],
-                   attributes: Sequence[Optional[Mapping[str, str]]]) -> ParsedMessages:
+                   attributes: Sequence[Optional[Mapping[str, str]]],
+                   limits: Optional[InputConfig] = None) -> ParsedMessages:
     """Parses and validates Pub/Sub messages of one SPEC §2 table.
 
     The payload's ``event_time`` is the event time: it is the contract field
@@ -197,6 +265,12 @@ def parse_messages(table: str, payloads: Sequence[bytes],
     ``event_time`` attribute is only compared with it (missing, unparseable
     or different by more than a second are reported, not fatal), so a
     publisher that forgets the attribute cannot stall or crash the job.
+
+    A record holding text UTF-8 cannot encode (a lone surrogate escape such as
+    ``"\\ud800"``, which JSON allows) is refused here with
+    `UNENCODABLE_REASON`: every later step encodes its text, and one such value
+    would fail its bundle again and again. ``limits`` are the config's
+    plausibility bounds (`InputConfig`), the batch job's own.
 
     >>> good = b'{"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",' \\
     ...        b' "event_name": "Viewed Product", "sku": "S1"}'
@@ -209,12 +283,16 @@ def parse_messages(table: str, payloads: Sequence[bytes],
         record, reason = contracts.parse_json_line(payload)
         if record is None:
             bad.append((i, reason))
+        elif not is_encodable(record):
+            bad.append((i, UNENCODABLE_REASON))
         else:
             parsed.append(record)
             positions.append(i)
     if not parsed:
         return ParsedMessages([], bad, [])
-    checked = contracts.validate(table, contracts.records_frame(table, parsed))
+    frame = contracts.records_frame(table, parsed)
+    checked = (contracts.validate(table, frame) if limits is None
+               else contracts.validate(table, frame, limits=limits))
     for p, reason in zip(checked.bad_positions, checked.bad_reasons):
         bad.append((positions[int(p)], str(reason)))
     keep = np.setdiff1d(np.arange(len(parsed)), checked.bad_positions)
@@ -275,6 +353,63 @@ def events_frame(records: Iterable[dict]) -> pd.DataFrame:
 def is_order(record: Mapping) -> bool:
     """An order event (any of the three names that report one order)."""
     return record.get("event_name") in ORDER_EVENT_NAMES
+
+
+# --- the treatment funnel of one recipient ---------------------------------------------------
+
+# What the batch job's CheckSkus calls an event or fitment row whose SKU the catalogue lacks
+# (transforms/recommend.py DropUnknownSkusFn); the streaming job refuses with the same words.
+UNKNOWN_SKU_REASON = "unknown sku"
+RECIPIENT_KEY = campaign.RECIPIENT_KEY
+
+
+class FunnelMemory(NamedTuple):
+    """What the stream remembers of one recipient (campaign, treatment, user).
+
+    Attributes:
+      sent_at_us: event time of its earliest SENT seen (None: no send seen yet).
+      reached: the kinds already counted, so a stage reached twice counts once.
+    """
+
+    sent_at_us: Optional[int]
+    reached: FrozenSet[str]
+
+
+class FunnelVerdict(NamedTuple):
+    memory: FunnelMemory
+    refusal: Optional[str]     # dead-letter reason, the batch job's words
+    repeat: bool               # a stage already reached: reconciled as a duplicate
+
+
+def funnel_step(memory: Optional[FunnelMemory], kind: str, at_us: int) -> FunnelVerdict:
+    """One treatment event against what its recipient's earlier events established.
+
+    The batch job's `campaign.check_funnel`, one event at a time: an event other
+    than SENT needs a SENT of the same recipient at or before its time, else it is
+    refused as ``'<kind> without send'`` (``'before send'`` when the only send is
+    later); of the consistent events only the first of each kind counts.
+
+    >>> v = funnel_step(None, "CLICKED", 5)
+    >>> v.refusal, v.memory
+    ('click without send', FunnelMemory(sent_at_us=None, reached=frozenset()))
+    >>> sent = funnel_step(None, "SENT", 10).memory
+    >>> [funnel_step(sent, "VIEWED", t)[1:] for t in (9, 10)]
+    [('view before send', False), (None, False)]
+    >>> funnel_step(funnel_step(sent, "VIEWED", 11).memory, "VIEWED", 12)[1:]
+    (None, True)
+    """
+    memory = memory or FunnelMemory(None, frozenset())
+    if kind == campaign.SENT:
+        first = memory.sent_at_us is None or at_us < memory.sent_at_us
+        sent_at = at_us if first else memory.sent_at_us
+        return FunnelVerdict(FunnelMemory(sent_at, memory.reached | {kind}), None,
+                             kind in memory.reached)
+    if memory.sent_at_us is None or at_us < memory.sent_at_us:
+        return FunnelVerdict(memory, campaign.funnel_refusal(
+            kind, before_send=memory.sent_at_us is not None), False)
+    if kind in memory.reached:
+        return FunnelVerdict(memory, None, True)
+    return FunnelVerdict(FunnelMemory(memory.sent_at_us, memory.reached | {kind}), None, False)
 
 
 # --- a window's order lines ------------------------------------------------------------------
@@ -673,7 +808,10 @@ def json_safe_rows(frame: pd.DataFrame) -> List[dict]:
 
 
 def json_safe_value(value):
-    """One value as a BigQuery insert accepts it: ISO-8601 times, None for missing.
+    """One value as a BigQuery insert accepts it: ISO-8601 times, None for missing, text storable.
+
+    Text that UTF-8 cannot encode is escaped (`storable`): one such value would
+    otherwise fail every attempt to encode its row, and with it the bundle.
 
     >>> json_safe_value(pd.Timestamp("2026-05-01T10:00:00Z")), json_safe_value(np.int64(3))
     ('2026-05-01T10:00:00+00:00', 3)
@@ -685,4 +823,6 @@ def json_safe_value(value):
     value = _plain(value)
     if isinstance(value, pd.Timestamp):
         return value.isoformat()
+    if isinstance(value, str):
+        return storable(value)
     return value

@@ -19,7 +19,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.window import TimestampedValue
 
-from models import contracts, profiles, recommend
+from models import campaign, contracts, profiles, recommend
 from models import streaming as model
 from models.bandit import BanditConfig
 from models.config import DEFAULT_CONFIG
@@ -27,9 +27,13 @@ from models.popularity import partial_popularity
 from models.world import WorldSpec, generate, write_world
 from transforms.health import SumCounts
 from transforms.io import read_frame
-from transforms.streaming import (DropDuplicates, FileReference, LateDataAudit, ParseMessages,
-                                  RankingChanges, RefreshRecommendations, StreamingBandit,
-                                  TouchedUsers, WindowedPopularity, treatment_counts)
+from transforms.recommend import DropUnknownSkusFn
+from transforms.streaming import (CheckFunnel, CheckSkus, DropDuplicates, FileReference,
+                                  LateDataAudit, ParseMessages, RankingChanges,
+                                  RefreshRecommendations, StreamingBandit, TouchedUsers,
+                                  WindowedPopularity, dead_letter, shard_of_user,
+                                  KeyOrRefuseFn, ParseMessagesFn,
+                                  to_bigquery_row, treatment_counts)
 
 CONFIG = DEFAULT_CONFIG
 BASE = 1_800_000_000            # seconds; a multiple of every window length used here
@@ -144,6 +148,9 @@ def test_parse_messages_stamps_event_time_and_dead_letters_bad_messages():
         _message({**good, "event_id": "E7", "event_time": "not a time"}),
         _message(b"[1, 2]"),
     ]
+    # The contract's own words for a bad time (models/contracts.py decides them).
+    bad_time = contracts.validate("events", contracts.records_frame(
+        "events", [{**good, "event_id": "E7", "event_time": "not a time"}])).bad_reasons[0]
     with TestPipeline() as p:
         parsed = p | beam.Create(messages) | ParseMessages("events")
         assert_that(parsed.rows | beam.ParDo(_WithTimestamp()),
@@ -151,10 +158,13 @@ def test_parse_messages_stamps_event_time_and_dead_letters_bad_messages():
         assert_that(parsed.dead_letters | beam.Map(lambda d: (d["reason"], d["record"][:14])),
                     equal_to([("malformed JSON", '{"event_id": "'),
                               ("order event without order_id", '{"event_id": "'),
-                              ("wrong type for event_time", '{"event_id": "'),
+                              (bad_time, '{"event_id": "'),
                               ("record is not a JSON object", "[1, 2]")]), label="Dead")
         assert_that(parsed.counts | SumCounts(), equal_to([{
             "events.read": 8, "events.dead_lettered": 4,
+            "dead_letter.malformed JSON": 1, "dead_letter.order event without order_id": 1,
+            f"dead_letter.{bad_time}": 1,
+            "dead_letter.record is not a JSON object": 1,
             "events.event_time_attribute.missing": 1,
             "events.event_time_attribute.unparseable": 1,
             "events.event_time_attribute.mismatch": 1}]), label="Counts")
@@ -494,3 +504,221 @@ def test_refresh_reports_unknown_and_duplicate_users(tmp_path):
     out = model.refresh_users(requests, ref, scorer, as_of, CONFIG)
     assert out.rows["user_id"].tolist() == ["U1"]
     assert out.duplicate_users == ["U5"] and out.unknown_users == ["U404"]
+
+
+# --- poisoned elements, oversized messages, parity with the batch job (#13) -------------------------
+
+SURROGATE = chr(0xD800)          # what a JSON "\ud800" decodes to: no UTF-8 writer takes it
+
+
+def _poisoned(good, field):
+    """``good`` as message bytes with a lone-surrogate escape at the start of ``field``."""
+    text = json.dumps(good)
+    return text.replace(f'"{field}": "', f'"{field}": "\\ud800', 1).encode()
+
+
+def _storable(row):
+    """Every text of a dead-letter row encodes as UTF-8 (BigQuery, Pub/Sub, Beam's coders)."""
+    return all(v is None or v.encode("utf-8") is not None for v in row.values())
+
+
+class _StampAndId(beam.DoFn):
+    def process(self, record):
+        yield record["event_id"]
+
+
+def test_a_poisoned_message_never_stops_the_stream():
+    """Lone-surrogate escapes in any id: dead letters with a reason, and the stream goes on."""
+    at = pd.Timestamp(BASE + 1, unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    good = {"event_id": "E1", "event_time": at, "user_id": "U1",
+            "event_name": "Placed Order", "sku": "S01", "order_id": "O1", "price": 120.0}
+    poisoned = [_poisoned({**good, "event_id": f"P-{f}"}, f)
+                for f in ("event_id", "user_id", "sku", "order_id")]
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([_message(good)] + [_message(p) for p in poisoned])
+              .add_elements([_message({**good, "event_id": "E2"}),
+                             _message({**good, "event_id": "E1"})]))  # after: still processed
+    stream = finish(stream)
+    reasons = sorted(model.parse_messages("events", poisoned, [{}] * 4).bad)
+    assert all(reason for _, reason in reasons)
+    with streaming_pipeline() as p:
+        parsed = p | stream | ParseMessages("events")
+        unique = parsed.rows | DropDuplicates("events", pd.Timedelta(seconds=60))
+        assert_that(unique.rows | beam.ParDo(_StampAndId()), equal_to(["E1", "E2"]),
+                    label="Processed")
+        assert_that(parsed.dead_letters | beam.Map(lambda d: (
+            d["reason"], _storable(d), d["record"].split('"event_id": "')[1].split('"')[0])),
+            equal_to([(reason, True, ("\\ud800" if f == "event_id" else "") + f"P-{f}")
+                      for (_, reason), f in zip(
+                reasons, ("event_id", "user_id", "sku", "order_id"))]), label="Dead")
+        counts = (parsed.counts, unique.counts) | beam.Flatten()
+        assert_that(summed("Counts", counts | beam.Filter(
+            lambda kv: not kv[0].startswith(("dead_letter.", "events.event_time_attribute")))),
+            equal_to([{"events.read": 7, "events.dead_lettered": 4,
+                       "events.deduplicated": 1}]), label="Reconciled")
+
+
+def _outputs(dofn, elements):
+    """(tag, value) of everything a DoFn emits for ``elements`` in one bundle.
+
+    For values Beam cannot even carry between steps (a lone surrogate fails
+    every coder, so no TestStream or Create can hold one): the DoFn that meets
+    such a value must turn it into something that can travel.
+    """
+    out = []
+    dofn.start_bundle()
+    emitted = [o for e in elements for o in (dofn.process(e) or ())]
+    emitted += list(dofn.finish_bundle() or ())
+    for o in emitted:
+        tag = o.tag if isinstance(o, beam.pvalue.TaggedOutput) else None
+        value = o.value if tag else o
+        out.append((tag, getattr(value, "value", value)))
+    return out
+
+
+def test_a_payload_of_unencodable_text_is_a_storable_dead_letter():
+    """A text payload holding a raw lone surrogate: its dead letter escapes it (it used to crash)."""
+    good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
+            "event_name": "Viewed Product", "sku": "S01"}
+    payloads = [json.dumps({**good, "user_id": "U" + SURROGATE}), json.dumps(good)]
+    out = _outputs(ParseMessagesFn("events"), payloads)
+    rows = [v["event_id"] for tag, v in out if tag is None]
+    dead = [v for tag, v in out if tag == "dead_letter"]
+    assert rows == ["E1"] and len(dead) == 1
+    assert _storable(dead[0]) and "U\\ud800" in dead[0]["record"] and dead[0]["reason"]
+
+
+def test_keyed_steps_refuse_keys_utf8_cannot_encode():
+    """A record that reaches a keyed step with an unencodable key is a dead letter, not a crash."""
+    bad = {**order(9, 2).value, "event_id": "E" + SURROGATE}
+    out = _outputs(KeyOrRefuseFn("events", "DropDuplicates", ("event_id",)),
+                   [order(1, 1).value, bad])
+    assert [v[0] for tag, v in out if tag is None] == ["E1"]
+    dead = [v for tag, v in out if tag == "dead_letter"]
+    assert [(d["step"], d["reason"], _storable(d), json.loads(d["record"])["event_id"])
+            for d in dead] == [("DropDuplicates", model.UNENCODABLE_REASON, True,
+                                "E" + SURROGATE)]
+    assert dict(v for tag, v in out if tag == "counts") == {
+        "events.dead_lettered": 1, f"dead_letter.{model.UNENCODABLE_REASON}": 1}
+    sent = {**_treatment(1, 1, "A", "SENT").value, "user_id": "U" + SURROGATE}
+    out = _outputs(KeyOrRefuseFn("treatment_events", "CheckFunnel", model.RECIPIENT_KEY),
+                   [sent, _treatment(2, 1, "A", "SENT").value])
+    assert [v[0] for tag, v in out if tag is None] == [("C", "A", "U2")]
+    assert [v["reason"] for tag, v in out if tag == "dead_letter"] == [model.UNENCODABLE_REASON]
+
+
+def test_rows_for_bigquery_and_dead_letters_escape_unencodable_text():
+    row = to_bigquery_row({"user_id": "U" + SURROGATE, "n": np.int64(3)})
+    assert row == {"user_id": "U\\ud800", "n": 3}
+    letter = dead_letter("users", "Step", "why " + SURROGATE, "x" + SURROGATE, {"a": "b"})
+    assert letter["record"] == "x\\ud800" and letter["reason"] == "why \\ud800"
+    assert _storable(letter)
+    assert shard_of_user("U" + SURROGATE, 4) in range(4)
+
+
+def test_oversized_messages_are_dead_lettered_with_their_head_and_size():
+    """5 MB and 9.9 MB messages (legal on Pub/Sub) in one bundle with good ones.
+
+    What Dataflow hands the parse: each oversized message is an "oversized
+    record" dead letter whose stored payload is its first 64 KiB plus its size
+    (a BigQuery row holds at most 10 MB); the others in the bundle are processed.
+    """
+    good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
+            "event_name": "Viewed Product", "sku": "S01"}
+    sizes = (5 * 1024 * 1024, 9_900_000)
+    big = [b'{"event_id": "BIG", "pad": "' + b"x" * (n - 30) + b'"}' for n in sizes]
+    messages = ([_message(good)] + [_message(b, event_time="2026-05-01T10:00:00Z") for b in big]
+                + [_message({**good, "event_id": "E2"})])
+    limit = model.DEAD_LETTER_RECORD_BYTES
+
+    def facts(letter):
+        record = letter["record"]
+        head, note = record[:limit], record[limit:]
+        return (letter["reason"], head.startswith('{"event_id": "BIG"'), note,
+                json.loads(letter["attributes"]))
+
+    with TestPipeline() as p:
+        parsed = p | beam.Create(messages, reshuffle=False) | ParseMessages("events")
+        assert_that(parsed.rows | beam.Map(lambda r: r["event_id"]), equal_to(["E1", "E2"]),
+                    label="Processed")
+        assert_that(parsed.dead_letters | beam.Map(facts), equal_to([
+            ("oversized record", True,
+             model.TRUNCATION_NOTE.format(kept=limit, size=len(b)),
+             {"event_time": "2026-05-01T10:00:00Z"}) for b in big]), label="Dead")
+        assert_that(parsed.counts | SumCounts(), equal_to([{
+            "events.read": 4, "events.dead_lettered": 2, "dead_letter.oversized record": 2,
+            "events.event_time_attribute.missing": 2}]), label="Counts")
+
+
+def test_unknown_skus_are_dead_lettered_as_in_batch(tmp_path):
+    directory = small_world(tmp_path / "w")
+    reference = FileReference(directory, CONFIG, 0, "")
+    # The batch job's words for the same refusal (transforms/recommend.py).
+    frame = pd.DataFrame({"sku": ["S99"], "event_id": ["E9"]})
+    batch = list(DropUnknownSkusFn("events").process(frame, pd.DataFrame({"sku": SKUS})))
+    batch_reason = batch[0].value["reason"].iloc[0]
+    with TestPipeline() as p:
+        out = (p | beam.Create([order(1, 1).value, order(2, 2, sku="S99").value,
+                                intent(3, 3, sku="S99").value, intent(4, 4).value])
+               | CheckSkus("events", reference))
+        assert_that(out.rows | beam.Map(lambda r: r["event_id"]), equal_to(["E1", "E4"]),
+                    label="Known")
+        assert_that(out.dead_letters | beam.Map(lambda d: (
+            d["step"], d["reason"], json.loads(d["record"])["event_id"],
+            json.loads(d["record"])["event_time"])), equal_to([
+                ("CheckSkus", batch_reason, "E2",
+                 pd.Timestamp(BASE + 2, unit="s", tz="UTC").isoformat()),
+                ("CheckSkus", batch_reason, "E3",
+                 pd.Timestamp(BASE + 3, unit="s", tz="UTC").isoformat())]), label="Dead")
+        assert_that(out.counts | SumCounts(), equal_to([{
+            "events.dead_lettered": 2, f"dead_letter.{batch_reason}": 2}]), label="Counts")
+
+
+def _recipient(i, seconds, kind, user="U1", treatment="A"):
+    return TimestampedValue({"event_id": f"T{i}", "user_id": user, "treatment_id": treatment,
+                             "campaign_id": "C", "kind": kind, "reason": None,
+                             "event_time_us": (BASE + seconds) * US}, BASE + seconds)
+
+
+def test_funnel_needs_a_send_per_recipient_as_in_batch():
+    """SENT then CLICKED passes; CLICKED alone, or before its send, or after the TTL is refused."""
+    ttl = pd.Timedelta(seconds=100)
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([_recipient(1, 10, "SENT"), _recipient(2, 11, "CLICKED"),
+                             _recipient(3, 12, "CLICKED"),                   # repeat
+                             _recipient(4, 5, "VIEWED"),                     # before its send
+                             _recipient(5, 11, "CLICKED", user="U2"),        # no send at all
+                             _recipient(6, 11, "CLICKED", treatment="B"),    # other treatment
+                             _recipient(7, 20, "SENT", user="U3")])
+              .advance_watermark_to(BASE + 30)
+              .add_elements([_recipient(8, 30, "VIEWED", user="U3")])        # within the TTL
+              .advance_watermark_to(BASE + 200)                              # U1, U3 forgotten
+              .add_elements([_recipient(9, 200, "VIEWED")]))
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        out = p | stream | CheckFunnel(ttl)
+        assert_that(out.rows | beam.Map(lambda r: r["event_id"]),
+                    equal_to(["T1", "T2", "T7", "T8"]), label="Counted")
+        assert_that(out.dead_letters | beam.Map(lambda d: (json.loads(d["record"])["event_id"],
+                                                           d["step"], d["reason"])),
+                    equal_to([("T4", "CheckFunnel", "view before send"),
+                              ("T5", "CheckFunnel", "click without send"),
+                              ("T6", "CheckFunnel", "click without send"),
+                              ("T9", "CheckFunnel", "view without send")]), label="Dead")
+        assert_that(summed("Counts", out.counts), equal_to([{
+            "treatment_events.dead_lettered": 4, "dead_letter.view before send": 1,
+            "dead_letter.click without send": 2, "dead_letter.view without send": 1,
+            "treatment_events.deduplicated": 1, "treatment_events.repeated.CLICKED": 1}]),
+            label="Counts")
+
+
+def test_funnel_refusals_are_the_batch_check_funnels_words():
+    at = pd.Timestamp("2026-05-01", tz="UTC")
+    kinds = ["DELIVERED", "DELIVERY_FAILED", "VIEWED", "CLICKED"]
+    alone = pd.DataFrame({"event_id": kinds, "campaign_id": "C", "treatment_id": "T",
+                          "user_id": kinds, "kind": kinds, "event_time": at})
+    batch = dict(zip(*campaign.check_funnel(alone).rejected[["kind", "refusal"]].T.values))
+    stream = {k: model.funnel_step(None, k, 0).refusal for k in kinds}
+    assert stream == batch and set(batch.values()) >= {"click without send"}

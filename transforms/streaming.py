@@ -45,7 +45,7 @@ from models import rules
 from models import streaming as model
 from models.bandit import BanditConfig
 from models.campaign import ALL, KIND_FIELDS, FunnelCounts
-from models.config import RecsConfig
+from models.config import InputConfig, RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS, InsertRows
@@ -115,11 +115,24 @@ def to_global_window(label: str, pcoll: beam.PCollection) -> beam.PCollection:
     return pcoll | label >> beam.WindowInto(window.GlobalWindows())
 
 
-def dead_letter(table: str, step: str, reason: str, record: str,
+def dead_letter(table: str, step: str, reason: str, record,
                 attributes: Optional[dict] = None) -> DeadLetter:
-    """A dead-letter row: the original payload text, where it was refused and why."""
-    return {"table": table, "step": step, "reason": reason, "record": record,
+    """A dead-letter row: the original payload, where it was refused and why.
+
+    Always storable: text UTF-8 cannot encode is escaped and a payload over
+    `models.streaming.DEAD_LETTER_RECORD_BYTES` keeps its head and its size
+    (`models.streaming.dead_letter_text`), so writing a dead letter never fails
+    for what the refused record held.
+    """
+    return {"table": table, "step": step, "reason": model.storable(reason),
+            "record": model.dead_letter_text(record),
             "attributes": json.dumps(attributes, sort_keys=True) if attributes else None}
+
+
+def refusal_counts(table: str, reason: str, n: int = 1) -> Iterator[beam.pvalue.TaggedOutput]:
+    """The counters of ``n`` dead letters: per table (reconciliation) and per reason."""
+    yield count(f"{table}.dead_lettered", n)
+    yield count(f"dead_letter.{model.storable(reason)}", n)
 
 
 # --- reference data ------------------------------------------------------------------------
@@ -239,8 +252,9 @@ class ParseMessagesFn(beam.DoFn):
 
     FLUSH_AT = 500
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, limits: Optional[InputConfig] = None):
         self._table = table
+        self._limits = limits
 
     def start_bundle(self) -> None:
         self._payloads: List[bytes] = []
@@ -264,7 +278,7 @@ class ParseMessagesFn(beam.DoFn):
             return
         payloads, attributes = self._payloads, self._attributes
         self._payloads, self._attributes = [], []
-        parsed = model.parse_messages(self._table, payloads, attributes)
+        parsed = model.parse_messages(self._table, payloads, attributes, self._limits)
         now = Timestamp.now()
 
         def emit(value, at: Timestamp, tag: Optional[str] = None):
@@ -279,13 +293,15 @@ class ParseMessagesFn(beam.DoFn):
             return emit(tagged.value, now, tagged.tag)
 
         yield counter(f"{self._table}.read", len(payloads))
+        reasons: Dict[str, int] = {}
         for position, reason in parsed.bad:
-            raw = payloads[position]
-            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-            yield emit(dead_letter(self._table, "ParseMessages", reason, text,
+            # An oversized payload (up to Pub/Sub's 10 MB) is stored as its head and size.
+            yield emit(dead_letter(self._table, "ParseMessages", reason, payloads[position],
                                    attributes[position]), now, Tag.DEAD_LETTER.value)
-        if parsed.bad:
-            yield counter(f"{self._table}.dead_lettered", len(parsed.bad))
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, n in sorted(reasons.items()):
+            for tagged in refusal_counts(self._table, reason, n):
+                yield emit(tagged.value, now, tagged.tag)
         for status in set(parsed.attribute_status) - {model.ATTRIBUTE_OK}:
             yield counter(f"{self._table}.event_time_attribute.{status}",
                           parsed.attribute_status.count(status))
@@ -294,15 +310,20 @@ class ParseMessagesFn(beam.DoFn):
 
 
 class ParseMessages(beam.PTransform):
-    """Pub/Sub messages (with attributes) of one table → timestamped records + dead letters."""
+    """Pub/Sub messages (with attributes) of one table → timestamped records + dead letters.
 
-    def __init__(self, table: str):
+    ``limits`` are the config's plausibility bounds (``config.inputs``), the
+    batch job's own; None keeps the contract's defaults.
+    """
+
+    def __init__(self, table: str, limits: Optional[InputConfig] = None):
         super().__init__()
         self._table = table
+        self._limits = limits
 
     def expand(self, messages: beam.PCollection) -> Parsed:
         out = messages | "ParseAndValidate" >> beam.ParDo(
-            ParseMessagesFn(self._table)).with_outputs(
+            ParseMessagesFn(self._table, self._limits)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
         return Parsed(out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value], out[Tag.COUNTS.value])
 
@@ -349,6 +370,51 @@ class RowsAndCounts(NamedTuple):
     counts: beam.PCollection
 
 
+class Checked(NamedTuple):
+    """Records that passed a check, the refused ones as dead letters, counters (global window)."""
+
+    rows: beam.PCollection
+    dead_letters: beam.PCollection
+    counts: beam.PCollection
+
+
+def record_text(record: Record) -> str:
+    """A parsed record as JSON text for its dead letter (``event_time`` as RFC 3339 again)."""
+    payload = {k: v for k, v in record.items() if k != "event_time_us"}
+    if "event_time_us" in record:
+        payload["event_time"] = pd.Timestamp(record["event_time_us"], unit="us",
+                                             tz="UTC").isoformat()
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+@typehints.with_input_types(Record)
+@typehints.with_output_types(Tuple[typehints.Any, Record])
+class KeyOrRefuseFn(beam.DoFn):
+    """Keys a record by some of its fields; a key UTF-8 cannot encode becomes a dead letter.
+
+    A state or shuffle key is encoded before any code of ours sees it, so a
+    key holding a lone surrogate would fail its bundle on every retry: the
+    DirectRunner gives up after four attempts, Dataflow retries forever, and
+    either way the stream stops. `ParseMessages` refuses such records first;
+    this keeps every keyed step safe on its own as well.
+    """
+
+    def __init__(self, table: str, step: str, fields: Sequence[str]):
+        self._table = table
+        self._step = step
+        self._fields = tuple(fields)
+
+    def process(self, record: Record) -> Iterator:
+        key = tuple(record.get(f) for f in self._fields)
+        if model.is_encodable(key):
+            yield key[0] if len(key) == 1 else key, record
+            return
+        reason = model.UNENCODABLE_REASON
+        yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
+            self._table, self._step, reason, record_text(record)))
+        yield from refusal_counts(self._table, reason)
+
+
 class DropDuplicates(beam.PTransform):
     """Records keyed by ``event_id``; redelivered copies dropped and counted (SPEC §2)."""
 
@@ -357,14 +423,144 @@ class DropDuplicates(beam.PTransform):
         self._table = table
         self._ttl = ttl
 
-    def expand(self, records: beam.PCollection) -> RowsAndCounts:
-        out = (records
-               | "KeyByEventId" >> beam.Map(lambda r: (r["event_id"], r)).with_output_types(
-                   Tuple[str, Record])
+    def expand(self, records: beam.PCollection) -> Checked:
+        keyed = records | "KeyByEventId" >> beam.ParDo(
+            KeyOrRefuseFn(self._table, "DropDuplicates", ("event_id",))).with_output_types(
+            Tuple[str, Record]).with_outputs(
+            Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
+        out = (keyed[Tag.ROWS.value]
                | "FirstCopyOnly" >> beam.ParDo(
                    DropDuplicateIdsFn(self._table, self._ttl)).with_outputs(
                    Tag.COUNTS.value, main=Tag.ROWS.value))
-        return RowsAndCounts(out[Tag.ROWS.value], out[Tag.COUNTS.value])
+        counts = ((keyed[Tag.COUNTS.value], out[Tag.COUNTS.value])
+                  | "FlattenDedupeCounts" >> beam.Flatten())
+        return Checked(out[Tag.ROWS.value], keyed[Tag.DEAD_LETTER.value], counts)
+
+
+# --- parity with the batch job: unknown SKUs, the treatment funnel --------------------------------
+
+@typehints.with_input_types(Record)
+@typehints.with_output_types(Record)
+class CheckSkusFn(beam.DoFn):
+    """Dead-letters events whose SKU the current reference catalogue lacks (the batch CheckSkus).
+
+    The SKU set is built once per reference version and worker process.
+    """
+
+    def __init__(self, table: str, reference: FileReference):
+        self._table = table
+        self._reference = reference
+        self._key = uuid.uuid4().hex
+
+    def process(self, record: Record) -> Iterator:
+        ref = self._reference.current()
+        skus = cached(self._key, ref.version, lambda: frozenset(ref.catalog["sku"]))
+        if record.get("sku") in skus:
+            yield record
+            return
+        reason = model.UNKNOWN_SKU_REASON
+        yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
+            self._table, "CheckSkus", reason, record_text(record)))
+        yield from refusal_counts(self._table, reason)
+
+
+class CheckSkus(beam.PTransform):
+    """Events of known SKUs pass; the rest are dead-lettered as the batch job does (``unknown sku``).
+
+    Applied before deduplication, where the batch job applies it, so a
+    redelivered copy of a refused event is refused too and the counts of both
+    jobs reconcile the same way (read = processed + dead-lettered + deduplicated).
+    """
+
+    def __init__(self, table: str, reference: FileReference):
+        super().__init__()
+        self._table = table
+        self._reference = reference
+
+    def expand(self, records: beam.PCollection) -> Checked:
+        out = records | "KnownSkusOnly" >> beam.ParDo(
+            CheckSkusFn(self._table, self._reference)).with_outputs(
+            Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
+        return Checked(out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value], out[Tag.COUNTS.value])
+
+
+@typehints.with_input_types(Tuple[Tuple[str, str, str], Record])
+@typehints.with_output_types(Record)
+class FunnelStateFn(beam.DoFn):
+    """Per recipient (campaign, treatment, user): events without a send are dead letters.
+
+    The batch job's `campaign.check_funnel`, event by event
+    (`models.streaming.funnel_step`): state is the earliest SENT's time and
+    the kinds already counted; an event other than SENT with no send before
+    it is refused with the batch job's words (``'click without send'``), a
+    stage reached twice is reconciled as a duplicate (as the batch job counts
+    it). The state is cleared by an event-time timer ``ttl`` after the send:
+    the TTL covers a window plus its allowed lateness, the longest a click can
+    still meet its send in a bandit window (a click later than that could
+    not count with it in any window anyway).
+
+    Unlike the batch job, which sees every event at once, the stream judges a
+    click on what arrived before it: a click that arrives ahead of its own
+    send (Pub/Sub does not order messages) is refused as without send.
+    """
+
+    MEMORY = ReadModifyWriteStateSpec("memory", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, ttl: pd.Timedelta, table: str = "treatment_events"):
+        self._ttl = _duration(ttl)
+        self._table = table
+
+    def process(self, element: Tuple[Tuple[str, str, str], Record],
+                memory=beam.DoFn.StateParam(MEMORY),
+                expiry=beam.DoFn.TimerParam(EXPIRY)) -> Iterator:
+        _, record = element
+        before = memory.read()
+        at, kind = int(record["event_time_us"]), record["kind"]
+        verdict = model.funnel_step(before, kind, at)
+        if verdict.refusal is not None:
+            yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
+                self._table, "CheckFunnel", verdict.refusal, record_text(record)))
+            yield from refusal_counts(self._table, verdict.refusal)
+            return
+        if verdict.memory != before:
+            memory.write(verdict.memory)
+            if before is None or verdict.memory.sent_at_us != before.sent_at_us:
+                expiry.set(Timestamp(micros=verdict.memory.sent_at_us) + self._ttl)
+        if verdict.repeat:
+            # A stage reached twice is one stage reached (the batch CheckFunnel's counters).
+            yield count(f"{self._table}.deduplicated", 1)
+            yield count(f"{self._table}.repeated.{kind}", 1)
+            return
+        yield record
+
+    @on_timer(EXPIRY)
+    def expire(self, memory=beam.DoFn.StateParam(MEMORY)) -> None:
+        memory.clear()
+
+
+class CheckFunnel(beam.PTransform):
+    """Treatment records → those consistent with their recipient's send (the batch CheckFunnel)."""
+
+    def __init__(self, ttl: pd.Timedelta, table: str = "treatment_events"):
+        super().__init__()
+        self._ttl = ttl
+        self._table = table
+
+    def expand(self, records: beam.PCollection) -> Checked:
+        keyed = records | "KeyByRecipient" >> beam.ParDo(
+            KeyOrRefuseFn(self._table, "CheckFunnel", model.RECIPIENT_KEY)).with_output_types(
+            Tuple[Tuple[str, str, str], Record]).with_outputs(
+            Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
+        out = (keyed[Tag.ROWS.value]
+               | "FirstOfEachStage" >> beam.ParDo(
+                   FunnelStateFn(self._ttl, self._table)).with_outputs(
+                   Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
+        dead = ((keyed[Tag.DEAD_LETTER.value], out[Tag.DEAD_LETTER.value])
+                | "FlattenFunnelDeadLetters" >> beam.Flatten())
+        counts = ((keyed[Tag.COUNTS.value], out[Tag.COUNTS.value])
+                  | "FlattenFunnelCounts" >> beam.Flatten())
+        return Checked(out[Tag.ROWS.value], dead, counts)
 
 
 # --- rolling popularity --------------------------------------------------------------------------
@@ -806,7 +1002,8 @@ class StampRefreshTimeFn(beam.DoFn):
 
 def shard_of_user(user_id: str, num_shards: int) -> int:
     """Stable shard of a user id (the same in every worker process)."""
-    return zlib.crc32(user_id.encode("utf-8")) % num_shards
+    # surrogatepass: a hash never fails, whatever text reached it.
+    return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % num_shards
 
 
 @typehints.with_input_types(Tuple[int, Iterable[Tuple[str, RefreshRequest]]],
