@@ -42,7 +42,8 @@ from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS
 from transforms.health import NAMESPACE
 from transforms.warehouse import bigquery_dataset, bigquery_project, table_name
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
-                                  DropDuplicates, FileReference, LateDataAudit, ParseMessages,
+                                  CheckFunnel, CheckSkus, DropDuplicates, FileReference,
+                                  LateDataAudit, ParseMessages,
                                   PeriodCounters, RankingChanges, RefreshRecommendations,
                                   StreamingBandit, TouchedUsers, WindowedPopularity, WriteRows,
                                   frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
@@ -208,14 +209,21 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     events = (pipeline
               | "ReadEvents" >> ReadFromPubSub(subscription=opts.events_subscription,
                                                with_attributes=True)
-              | "ParseEvents" >> ParseMessages("events"))
+              | "ParseEvents" >> ParseMessages("events", config.inputs))
     treatments = (pipeline
                   | "ReadTreatmentEvents" >> ReadFromPubSub(
                       subscription=opts.treatments_subscription, with_attributes=True)
-                  | "ParseTreatmentEvents" >> ParseMessages("treatment_events"))
-    unique_events = events.rows | "DedupeEvents" >> DropDuplicates("events", ctx.dedupe_ttl)
+                  | "ParseTreatmentEvents" >> ParseMessages("treatment_events", config.inputs))
+    # As in the batch job: unknown SKUs refused before deduplication, the funnel after it.
+    known_events = events.rows | "CheckEventSkus" >> CheckSkus("events", reference)
+    unique_events = known_events.rows | "DedupeEvents" >> DropDuplicates("events",
+                                                                         ctx.dedupe_ttl)
     unique_treatments = treatments.rows | "DedupeTreatmentEvents" >> DropDuplicates(
         "treatment_events", ctx.dedupe_ttl)
+    # A send is remembered for a window plus its lateness: the longest a click can still
+    # meet its send in one bandit window (docs/streaming.md).
+    funnel = unique_treatments.rows | "CheckTreatmentFunnel" >> CheckFunnel(
+        spec.size + spec.lateness)
 
     orders = unique_events.rows | "OrderEvents" >> beam.Filter(model.is_order)
     popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config)
@@ -231,12 +239,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         reference, popularity.first_panes, config, spec, common.num_shards, ctx.run_id,
         MODEL_VERSION)
 
-    treatment_keyed = unique_treatments.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
-    bandit = unique_treatments.rows | "RollingBanditState" >> StreamingBandit(ctx.bandit, spec)
+    treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
+    bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(ctx.bandit, spec)
     treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
         "treatment_events", spec)
 
-    counts = ([events.counts, treatments.counts, unique_events.counts, unique_treatments.counts]
+    counts = ([events.counts, treatments.counts, known_events.counts, unique_events.counts,
+               unique_treatments.counts, funnel.counts]
               + notice_counts
               + [to_global_window(f"{name}CountsToGlobalWindow", pcoll) for name, pcoll in (
                   ("Popularity", popularity.counts), ("OrderAudit", order_audit.counts),
@@ -258,7 +267,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         "bandit_state": bandit_rows,
         "streaming_health": health,
     }
-    refused = [events.dead_letters, treatments.dead_letters, bandit_dead,
+    refused = [events.dead_letters, treatments.dead_letters, known_events.dead_letters,
+               unique_events.dead_letters, unique_treatments.dead_letters, funnel.dead_letters,
+               bandit_dead,
                to_global_window("RefreshDeadLettersToGlobalWindow", recs.dead_letters)]
     fields = {"recommendation_updates": recommendation_fields(config.rules.recs_per_user),
               "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS}
@@ -295,8 +306,10 @@ def _log_unwritable(row: dict) -> None:
 
 def _dead_letter_message(row: dict) -> PubsubMessage:
     """A refused record as a message: the raw payload, with table, step and reason attributes."""
-    attributes = {k: str(row[k]) for k in ("table", "step", "reason", "run_id") if row.get(k)}
-    return PubsubMessage((row.get("record") or "").encode("utf-8"), attributes)
+    # Storable text only (dead letters already are; a publish must never be what fails).
+    attributes = {k: model.storable(str(row[k])) for k in ("table", "step", "reason", "run_id")
+                  if row.get(k)}
+    return PubsubMessage(model.storable(row.get("record") or "").encode("utf-8"), attributes)
 
 
 def _camel(name: str) -> str:
