@@ -229,11 +229,15 @@ def attribute_time(attributes: Optional[Mapping[str, str]]) -> Optional[pd.Times
     raw = raw.strip()
     try:
         if raw.isdigit():  # what Beam's Pub/Sub sources also accept: epoch milliseconds
-            return pd.Timestamp(int(raw), unit="ms", tz="UTC")
-        stamp = pd.Timestamp(raw)
+            stamp = pd.Timestamp(int(raw), unit="ms", tz="UTC")
+        else:
+            stamp = pd.Timestamp(raw)
+        if stamp is pd.NaT:
+            return None
+        # Past year 2262 (e.g. "9999-12-31T23:59:59Z") comparing with the payload's time
+        # would overflow and fail the whole bundle: such an attribute is unparseable.
+        stamp = stamp.as_unit("ns")
     except (ValueError, OverflowError):
-        return None
-    if stamp is pd.NaT:
         return None
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
