@@ -130,6 +130,20 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
     table = f"`{project}.{DATASET}"
     try:
         ordered = {buyer_a: skus[0], buyer_b: skus[1], buyer_c: skus[2], late_buyer: skus[3]}
+        # A poisoned message first (#13): a lone surrogate escape in the user id once
+        # failed its bundle four times and stopped the job; everything after it must flow.
+        poison = json.dumps(_event("E-POISON", "U-POISON", "Placed Order", skus[0],
+                                   order_id="O-POISON")).replace('"U-POISON"', '"\\ud800"')
+        publish("events", poison.encode()).result()
+        publish("treatments", json.dumps({
+            "event_id": "T-POISON", "event_time": _iso(_now()), "user_id": buyer_a,
+            "treatment_id": "T01", "campaign_id": "C", "kind": "SENT"}).replace(
+            '"T01"', '"\\udfff"').encode()).result()
+        publish("events", _event("E-UNKNOWN-SKU", buyer_b, "Placed Order", "NO-SUCH-SKU",
+                                 order_id="O-UNKNOWN")).result()
+        publish("treatments", {"event_id": "T-LONE-CLICK", "event_time": _iso(_now()),
+                               "user_id": buyer_b, "treatment_id": "T01", "campaign_id": "C",
+                               "kind": "CLICKED"}).result()
         first = _event("E-A", buyer_a, "Placed Order", ordered[buyer_a], order_id="O-A")
         publish("events", first, event_time=first["event_time"]).result()
         publish("events", first, event_time=first["event_time"]).result()   # redelivery
@@ -170,11 +184,30 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
         bad = next(r for r in dead if r["record"].startswith('{"event_id": "E-BAD"'))
         assert bad["table"] == "events" and bad["step"] == "ParseMessages"
         assert json.loads(bad["attributes"]) == {"event_time": "x"} and bad["reason"]
-        response = subscriber.pull(subscription=paths["dead-letters"][1], max_messages=10,
-                                   timeout=30)
-        assert any(m.message.data.startswith(b'{"event_id": "E-BAD"')
-                   and m.message.attributes["table"] == "events"
-                   for m in response.received_messages)
+        refused = {"E-POISON": ("events", "ParseMessages"),
+                   "T-POISON": ("treatment_events", "ParseMessages"),
+                   "E-UNKNOWN-SKU": ("events", "CheckSkus"),
+                   "T-LONE-CLICK": ("treatment_events", "CheckFunnel")}
+
+        def refused_rows(rows):
+            return {i: r for r in rows for i in refused if f'"{i}"' in r["record"]}
+        dead = wait_for("the poisoned, unknown-SKU and lone-click messages as dead letters",
+                        lambda: query(f"SELECT * FROM {table}.streaming_dead_letter`"),
+                        lambda rows: set(refused_rows(rows)) == set(refused))
+        found = refused_rows(dead)
+        assert {i: (r["table"], r["step"]) for i, r in found.items()} == refused
+        assert found["E-UNKNOWN-SKU"]["reason"] == "unknown sku"
+        assert found["T-LONE-CLICK"]["reason"] == "click without send"
+        assert "\\ud800" in found["E-POISON"]["record"] and found["E-POISON"]["reason"]
+        published = []   # the dead-letter topic gets every refused message, in any order
+        for _ in range(5):
+            response = subscriber.pull(subscription=paths["dead-letters"][1], max_messages=50,
+                                       timeout=30)
+            published += [m.message for m in response.received_messages]
+            if any(m.data.startswith(b'{"event_id": "E-BAD"') for m in published):
+                break
+        assert any(m.data.startswith(b'{"event_id": "E-BAD"') and m.attributes["table"] == "events"
+                   for m in published)
 
         bandit = wait_for(
             "bandit state with T01's view and click",
@@ -194,7 +227,9 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
             return totals
         expected = ("late.orders.too_late", "events.deduplicated", "events.dead_lettered",
                     "events.event_time_attribute.missing",
-                    "events.event_time_attribute.unparseable", "refresh.unknown_users")
+                    "events.event_time_attribute.unparseable", "refresh.unknown_users",
+                    "treatment_events.dead_lettered", "dead_letter.unknown sku",
+                    "dead_letter.click without send")
         wait_for("counters of the duplicate, the attributes, the too-late order and the "
                  "unknown buyer", counters, lambda c: all(c.get(n, 0) >= 1 for n in expected))
         audit = query(f"SELECT * FROM {table}.streaming_health` WHERE kind = 'late_data' "
