@@ -101,6 +101,14 @@ def test_every_message_gets_its_verdict_in_the_streaming_parser(messages):
     assert not wrong, f"{len(wrong)} of {len(messages)} messages:\n" + "\n".join(wrong)
 
 
+def test_every_message_gets_its_verdict_after_the_streaming_reference_checks(messages, world):
+    """Unknown SKUs and clicks without a send are refused in streaming as in batch (issue #13)."""
+    parsed = h.stream_outcomes(messages)
+    outcomes = h.stream_reference_outcomes(messages, parsed, h.reference_skus(world))
+    wrong = h.mismatches(messages, outcomes)
+    assert not wrong, f"{len(wrong)} of {len(messages)} messages:\n" + "\n".join(wrong)
+
+
 _SINK = {}
 
 
@@ -112,45 +120,64 @@ class _Keep(beam.DoFn):
         _SINK.setdefault(self._key, []).append(element)
 
 
+def _beam_outcomes(cases, rows, dead):
+    """Each case's outcome from a pipeline's rows and dead letters.
+
+    A dead letter of the parse holds the payload's text, one of a later check
+    the record re-serialised (found by event id); a row is found by event id.
+    """
+    free = list(dead)
+    accepted = Counter(r["event_id"] for r in rows)
+    outcomes = []
+    for case in cases:
+        text = case.raw.decode("utf-8", errors="replace")[:100]
+        try:
+            event_id = json.loads(case.raw.decode("utf-8").lstrip("\ufeff")).get("event_id")
+        except (ValueError, AttributeError):
+            event_id = None
+
+        def found(d):
+            if d["step"] == "ParseMessages":
+                return d["record"][:100] == text
+            return event_id is not None and json.loads(d["record"]).get("event_id") == event_id
+
+        hit = next((d for d in free if found(d) and h.reason_matches(case.expect, d["reason"])),
+                   None) or next((d for d in free if found(d)), None)
+        if hit is not None:
+            free.remove(hit)
+            outcomes.append(h.Outcome(h.DEAD, hit["reason"]))
+        elif event_id is not None and accepted[event_id] > 0:
+            accepted[event_id] -= 1
+            outcomes.append(h.Outcome(h.ACCEPT))
+        else:
+            outcomes.append(h.Outcome(h.LOST, "neither a row nor a dead letter"))
+    return outcomes
+
+
 @pytest.mark.parametrize("table", ["events", "treatment_events"])
-def test_the_beam_parse_transform_gives_each_message_its_verdict(messages, table):
-    """ParseMessages in a pipeline: every message a record or a dead letter with its reason."""
+def test_the_beam_transforms_give_each_message_its_verdict(messages, clean_world, table):
+    """ParseMessages (then CheckSkus for events) in a pipeline: a record or a dead letter each."""
+    from models.config import DEFAULT_CONFIG
+    from transforms.streaming import CheckSkus, FileReference
+
     mine = [m for m in messages if m.table == table]
     _SINK.clear()
     with TestPipeline() as p:
         parsed = (p | beam.Create([PubsubMessage(m.raw, m.attributes) for m in mine],
                                   reshuffle=False)
                   | ParseMessages(table))
-        _ = parsed.rows | "KeepRows" >> beam.ParDo(_Keep("rows"))
-        _ = parsed.dead_letters | "KeepDead" >> beam.ParDo(_Keep("dead"))
+        rows, dead = parsed.rows, [parsed.dead_letters]
+        if table == "events":
+            checked = rows | CheckSkus(table, FileReference(clean_world[0], DEFAULT_CONFIG, 600))
+            rows, dead = checked.rows, dead + [checked.dead_letters]
+        _ = rows | "KeepRows" >> beam.ParDo(_Keep("rows"))
+        _ = tuple(dead) | "AllDead" >> beam.Flatten() | "KeepDead" >> beam.ParDo(_Keep("dead"))
     rows, dead = _SINK.get("rows", []), _SINK.get("dead", [])
     assert len(rows) + len(dead) == len(mine)
     assert all(isinstance(d["reason"], str) and d["reason"] for d in dead)
-    # Map outcomes back to cases: dead letters by payload text and reason, rows by event id.
-    expected = _parser_cases(mine)
-    free = list(dead)
-    accepted = Counter(r["event_id"] for r in rows)
-    outcomes = []
-    for case in expected:
-        text = case.raw.decode("utf-8", errors="replace")[:100]
-        hit = next((d for d in free if d["record"][:100] == text
-                    and (h.reason_matches(case.expect, d["reason"])
-                         or h.expected_kind(case.expect) != h.DEAD)), None)
-        if hit is None:
-            hit = next((d for d in free if d["record"][:100] == text), None)
-        if hit is not None:
-            free.remove(hit)
-            outcomes.append(h.Outcome(h.DEAD, hit["reason"]))
-            continue
-        try:
-            event_id = json.loads(case.raw.decode("utf-8").lstrip("\ufeff")).get("event_id")
-        except (ValueError, AttributeError):
-            event_id = None
-        if event_id is not None and accepted[event_id] > 0:
-            accepted[event_id] -= 1
-            outcomes.append(h.Outcome(h.ACCEPT))
-        else:
-            outcomes.append(h.Outcome(h.LOST, "neither a row nor a dead letter"))
+    # The funnel needs its state in arrival order (a streaming pipeline); the pure check covers it.
+    expected = mine if table == "events" else _parser_cases(mine)
+    outcomes = _beam_outcomes(expected, rows, dead)
     wrong = h.mismatches(expected, outcomes)
     assert not wrong, f"{len(wrong)} of {len(mine)} {table} messages:\n" + "\n".join(wrong)
 

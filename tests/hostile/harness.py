@@ -502,3 +502,44 @@ def unsafe_published_values(recs: pd.DataFrame, rec_columns: int = 4) -> List[st
             if not https.fullmatch(value):
                 problems.append(f"rec{k}_image_url: unsafe URL {value!r}"[:200])
     return problems
+
+
+def stream_reference_outcomes(messages: Sequence[Case], parsed: Sequence[Outcome],
+                              known_skus, config: Optional[RecsConfig] = None
+                              ) -> List[Outcome]:
+    """The streaming job's checks after the parse, in message order (as the stream sees them).
+
+    Events whose SKU the reference catalogue lacks are refused (`CheckSkus`); a
+    treatment event goes through `models.streaming.funnel_step` against what
+    its recipient's earlier messages established (`CheckFunnel`'s state), so a
+    click without a send is refused and a stage reached twice is a duplicate.
+    """
+    from models import streaming
+
+    limits = (config or RecsConfig()).inputs
+    memory: Dict[tuple, object] = {}
+    out = []
+    for message, outcome in zip(messages, parsed):
+        if outcome.kind != ACCEPT:
+            out.append(outcome)
+            continue
+        record = streaming.parse_messages(message.table, [message.raw], [message.attributes],
+                                          limits).records[0]
+        if message.table == "events":
+            out.append(Outcome(ACCEPT) if record["sku"] in known_skus
+                       else Outcome(DEAD, streaming.UNKNOWN_SKU_REASON))
+            continue
+        key = tuple(record[k] for k in streaming.RECIPIENT_KEY)
+        verdict = streaming.funnel_step(memory.get(key), record["kind"],
+                                        int(record["event_time_us"]))
+        if verdict.refusal is not None:
+            out.append(Outcome(DEAD, verdict.refusal))
+            continue
+        memory[key] = verdict.memory
+        out.append(Outcome(DEDUP) if verdict.repeat else Outcome(ACCEPT))
+    return out
+
+
+def reference_skus(world: World) -> set:
+    """The SKUs of the streaming job's reference catalogue (the world's, conflicts resolved)."""
+    return set(catalog.resolve_conflicts(world.catalog).catalog["sku"])
