@@ -581,7 +581,8 @@ def test_a_payload_of_unencodable_text_is_a_storable_dead_letter():
     """A text payload holding a raw lone surrogate: its dead letter escapes it (it used to crash)."""
     good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
             "event_name": "Viewed Product", "sku": "S01"}
-    payloads = [json.dumps({**good, "user_id": "U" + SURROGATE}), json.dumps(good)]
+    raw = json.dumps({**good, "user_id": "U" + SURROGATE}, ensure_ascii=False)   # not \\ud800
+    payloads = [raw, json.dumps(good)]
     out = _outputs(ParseMessagesFn("events"), payloads)
     rows = [v["event_id"] for tag, v in out if tag is None]
     dead = [v for tag, v in out if tag == "dead_letter"]
