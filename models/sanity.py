@@ -314,7 +314,9 @@ def format_gates(rows: pd.DataFrame) -> List[str]:
     if not len(gates):
         return []
     def figure(value: float) -> str:
-        return "n/a" if pd.isna(value) else f"{value:.4g}"
+        if pd.isna(value):
+            return "n/a"
+        return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
     lines = ["sanity gates: " + ", ".join(
         f"{r.name.removeprefix('gate: ')} {figure(r.value)} (limit {figure(r.threshold)})"
         + (" TRIPPED" if r.violations else "") for r in gates.itertuples())]
