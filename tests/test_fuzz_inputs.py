@@ -108,13 +108,16 @@ def test_specific_reasons_for_hostile_lines():
     assert all(len(r) < 20_000 for r in pd.concat(dead)["record"])
 
 
-def test_email_case_and_whitespace_are_normalised():
+def test_email_case_is_normalised_and_padding_refused():
+    """Any case is one address; whitespace is no part of an addr-spec, so a padded one is refused."""
     frame = contracts.records_frame("users", [
-        {"user_id": "U1", "email": "  Ana.Lopez@Example.COM "},
-        {"user_id": "U2", "email": "ana.lopez@example.com"}])
+        {"user_id": "U1", "email": "Ana.Lopez@Example.COM"},
+        {"user_id": "U2", "email": "ana.lopez@example.com"},
+        {"user_id": "U3", "email": "  Ana.Lopez@Example.COM "}])
     checked = contracts.validate("users", frame)
     assert checked.rows["email_lower"].tolist() == ["ana.lopez@example.com"] * 2
-    assert len(checked.bad_positions) == 0
+    assert checked.bad_positions.tolist() == [2]
+    assert checked.bad_reasons.tolist() == ["malformed email"]
 
 
 def test_integers_beyond_int64_are_refused_not_crashing():
@@ -122,7 +125,7 @@ def test_integers_beyond_int64_are_refused_not_crashing():
         {"sku": "S", "make": "Ford", "model": "GT", "year": 9.22e18},
         {"sku": "S", "make": "Ford", "model": "GT", "year": 2015}])
     checked = contracts.validate("fitment", frame)
-    assert checked.bad_reasons.tolist() == ["absurd year"]
+    assert checked.bad_reasons.tolist() == ["implausible year"]
     assert checked.rows["year"].tolist() == [2015]
 
 

@@ -15,6 +15,8 @@ import pandas as pd
 from apache_beam import typehints
 from apache_beam.metrics import Metrics
 
+from models.contracts import storable_text
+
 Count = Tuple[str, int]
 DEAD_LETTER_COLUMNS = ("table", "step", "reason", "record")
 NAMESPACE = "segment_recs"
@@ -37,12 +39,17 @@ def count(name: str, value: int) -> beam.pvalue.TaggedOutput:
 
 def dead_letters(table: str, step: str, reasons: Sequence[str],
                  records: Sequence[str]) -> pd.DataFrame:
-    """A dead-letter frame: the original record text and why it was refused."""
+    """A dead-letter frame: the original record text and why it was refused.
+
+    Record text is made storable (lone surrogates escaped): the record that a
+    writer could not take must not stop the write of its own dead letter.
+    """
     return pd.DataFrame({
         "table": np.full(len(reasons), table, dtype=object),
         "step": np.full(len(reasons), step, dtype=object),
         "reason": np.asarray(reasons, dtype=object),
-        "record": np.asarray(records, dtype=object),
+        "record": np.asarray([storable_text(r) if isinstance(r, str) else r for r in records],
+                             dtype=object),
     })
 
 

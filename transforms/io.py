@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquetBatched, WriteToParquetBatched
 
 from models import contracts
+from models.config import InputConfig
 from transforms.health import Tag, count, dead_letters
 
 BATCH_ROWS = 20_000
@@ -43,14 +44,20 @@ def find_table(directory: str, table: str) -> str:
 @typehints.with_input_types(List[bytes])
 @typehints.with_output_types(pd.DataFrame)
 class ParseJsonLinesFn(beam.DoFn):
-    """Parses a batch of JSON lines and validates it against the table's contract."""
+    """Parses a batch of JSON lines and validates it against the table's contract.
 
-    def __init__(self, table: str):
+    A UTF-8 byte-order mark starting a line is dropped: some exporters put one where
+    a file (or each of several concatenated files) starts, and it is not data.
+    """
+
+    def __init__(self, table: str, limits: InputConfig = contracts.DEFAULT_LIMITS):
         self._table = table
+        self._limits = limits
 
     def process(self, lines: List[bytes]) -> Iterator:
         records, raw, bad_lines, bad_reasons = [], [], [], []
         for line in lines:
+            line = contracts.strip_bom(line)
             if not line.strip():
                 continue
             record, reason = contracts.parse_json_line(line)
@@ -65,7 +72,8 @@ class ParseJsonLinesFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
                 self._table, "Parse", bad_reasons, bad_lines))
         if records:
-            checked = contracts.validate(self._table, contracts.records_frame(self._table, records))
+            checked = contracts.validate(self._table, contracts.records_frame(self._table, records),
+                                         self._limits)
             yield from _emit(self._table, checked,
                              [_text(raw[i]) for i in checked.bad_positions])
 
@@ -75,8 +83,9 @@ class ParseJsonLinesFn(beam.DoFn):
 class ValidateArrowFn(beam.DoFn):
     """Validates a Parquet record batch against the table's contract."""
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, limits: InputConfig = contracts.DEFAULT_LIMITS):
         self._table = table
+        self._limits = limits
 
     def process(self, table: pa.Table) -> Iterator:
         frame = table.to_pandas()
@@ -85,14 +94,15 @@ class ValidateArrowFn(beam.DoFn):
             if nulls.any():
                 frame[name] = frame[name].astype(object).where(~nulls, None)
         yield count(f"{self._table}.read", len(frame))
-        checked = contracts.validate(self._table, frame)
+        checked = contracts.validate(self._table, frame, self._limits)
         yield from _emit(self._table, checked,
                          contracts.to_record_json(frame, checked.bad_positions))
 
 
 def _text(line: bytes, limit: int = 10_000) -> str:
-    """A raw line as storable text: undecodable bytes escaped, huge lines cut."""
-    text = line.decode("utf-8", errors="backslashreplace") if isinstance(line, bytes) else line
+    """A raw line as storable text: undecodable bytes and lone surrogates escaped, huge lines cut."""
+    text = (line.decode("utf-8", errors="backslashreplace") if isinstance(line, bytes)
+            else contracts.storable_text(line))
     return text if len(text) <= limit else text[:limit] + f"... [{len(text):,} chars]"
 
 
@@ -104,7 +114,8 @@ def _emit(table: str, checked: contracts.Validated, bad_records: Sequence[str]) 
         yield checked.rows
 
 
-def read_frame(directory: str, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+def read_frame(directory: str, table: str, limits: InputConfig = contracts.DEFAULT_LIMITS
+               ) -> Tuple[pd.DataFrame, Dict[str, int]]:
     """A whole local table validated in memory (for small reports), with rejects by reason."""
     path = find_table(directory, table)
     rejected: Dict[str, int] = {}
@@ -114,6 +125,7 @@ def read_frame(directory: str, table: str) -> Tuple[pd.DataFrame, Dict[str, int]
         records = []
         with FileSystems.open(path) as handle:
             for line in handle:
+                line = contracts.strip_bom(line)
                 if not line.strip():
                     continue
                 record, reason = contracts.parse_json_line(line)
@@ -122,26 +134,31 @@ def read_frame(directory: str, table: str) -> Tuple[pd.DataFrame, Dict[str, int]
                 else:
                     records.append(record)
         frame = contracts.records_frame(table, records)
-    checked = contracts.validate(table, frame)
+    checked = contracts.validate(table, frame, limits)
     for reason in checked.bad_reasons:
         rejected[reason] = rejected.get(reason, 0) + 1
     return checked.rows, rejected
 
 
 class ReadTable(beam.PTransform):
-    """Reads one SPEC §2 table from a local file (JSON Lines or Parquet) and validates it."""
+    """Reads one SPEC §2 table from a local file (JSON Lines or Parquet) and validates it.
 
-    def __init__(self, table: str, path: str, batch_rows: int = BATCH_ROWS):
+    ``limits`` is the run's ``inputs`` configuration: what a plausible record is.
+    """
+
+    def __init__(self, table: str, path: str, batch_rows: int = BATCH_ROWS,
+                 limits: InputConfig = contracts.DEFAULT_LIMITS):
         super().__init__()
         self._table = table
         self._path = path
         self._batch_rows = batch_rows
+        self._limits = limits
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> TableRead:
         if self._path.endswith(".parquet"):
             validated = (pbegin
                          | "ReadParquet" >> ReadFromParquetBatched(self._path)
-                         | "Validate" >> beam.ParDo(ValidateArrowFn(self._table)).with_outputs(
+                         | "Validate" >> beam.ParDo(ValidateArrowFn(self._table, self._limits)).with_outputs(
                              Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
         else:
             validated = (pbegin
@@ -151,7 +168,7 @@ class ReadTable(beam.PTransform):
                          | "BatchLines" >> beam.BatchElements(
                              min_batch_size=self._batch_rows, max_batch_size=self._batch_rows)
                          | "ParseAndValidate" >> beam.ParDo(
-                             ParseJsonLinesFn(self._table)).with_outputs(
+                             ParseJsonLinesFn(self._table, self._limits)).with_outputs(
                              Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
         return TableRead(validated[Tag.ROWS.value], validated[Tag.DEAD_LETTER.value],
                          validated[Tag.COUNTS.value])
