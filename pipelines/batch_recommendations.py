@@ -293,8 +293,8 @@ def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransf
         return ReadBigQueryTable(
             table, ctx.bigquery.inputs[table],
             ctx.bigquery.events_window if table == WINDOWED_TABLE else None,
-            ctx.bigquery.endpoint)
-    return ReadTable(table, find_table(options.input_dir, table))
+            ctx.bigquery.endpoint, limits=ctx.config.inputs)
+    return ReadTable(table, find_table(options.input_dir, table), limits=ctx.config.inputs)
 
 
 def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:

@@ -36,6 +36,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.utils.windowed_value import WindowedValue
 
 from models import contracts
+from models.config import InputConfig
 from transforms import schemas
 from transforms.bigquery import BigQueryOptions
 from transforms.health import NAMESPACE, Tag, count, dead_letters
@@ -171,15 +172,16 @@ def rows_to_frame(table: str, rows: Sequence[dict]) -> pd.DataFrame:
 class ValidateRowsFn(beam.DoFn):
     """Validates a batch of BigQuery rows against the table's contract (as ``ReadTable``)."""
 
-    def __init__(self, table: str):
+    def __init__(self, table: str, limits: InputConfig = contracts.DEFAULT_LIMITS):
         self._table = table
+        self._limits = limits
 
     def process(self, rows: List[dict]) -> Iterator:
         if not rows:
             return
         frame = rows_to_frame(self._table, rows)
         yield count(f"{self._table}.read", len(frame))
-        checked = contracts.validate(self._table, frame)
+        checked = contracts.validate(self._table, frame, self._limits)
         if len(checked.bad_positions):
             yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
                 self._table, "Validate", checked.bad_reasons,
@@ -234,11 +236,14 @@ class ReadBigQueryTable(beam.PTransform):
         ref: the BigQuery table holding it.
         window: read only rows inside this time window (a parameterised query).
         endpoint: the emulator endpoint, for the window query's client; None on Google Cloud.
+        limits: the run's ``inputs`` configuration (what a plausible record is).
     """
 
     def __init__(self, table: str, ref: TableRef, window: Optional[TimeWindow] = None,
-                 endpoint: Optional[str] = None, batch_rows: int = BATCH_ROWS):
+                 endpoint: Optional[str] = None, batch_rows: int = BATCH_ROWS,
+                 limits: InputConfig = contracts.DEFAULT_LIMITS):
         super().__init__()
+        self._limits = limits
         self._table = table
         self._ref = ref
         self._window = window
@@ -258,7 +263,7 @@ class ReadBigQueryTable(beam.PTransform):
                        | "QueryWindow" >> beam.ParDo(QueryPagesFn(self._ref, self._endpoint,
                                                                   self._batch_rows))
                        | "SpreadPages" >> beam.Reshuffle())
-        validated = batches | "Validate" >> beam.ParDo(ValidateRowsFn(self._table)).with_outputs(
+        validated = batches | "Validate" >> beam.ParDo(ValidateRowsFn(self._table, self._limits)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
         return TableRead(validated[Tag.ROWS.value], validated[Tag.DEAD_LETTER.value],
                          validated[Tag.COUNTS.value])

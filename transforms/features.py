@@ -385,7 +385,8 @@ class ReadCleanInputs(beam.PTransform):
         tables += ("fitment",) if self._config.fitment_attributes else ()
         tables += ("holdout_events",) if self._holdout else ()
         read = {table: pbegin | f"Read{table.title().replace('_', '')}" >> ReadTable(
-            table, find_table(self._input_dir, table)) for table in tables}
+            table, find_table(self._input_dir, table), limits=self._config.inputs)
+            for table in tables}
         catalog = read["catalog"].rows | "CleanCatalog" >> CleanCatalog()
         fitment_rows = (read["fitment"].rows if "fitment" in read
                         else pbegin | "NoFitment" >> beam.Create([]))
