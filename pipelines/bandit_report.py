@@ -27,8 +27,9 @@ from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
-from pipelines.options import (CommonOptions, as_of_of, check_attributes, require_input_dir,
-                               require_tables, require_writable_dir, run_id_of)
+from pipelines.options import (CommonOptions, as_of_of, check_attributes, check_run_id,
+                               require_input_dir, require_tables, require_writable_dir,
+                               run_id_of)
 from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
 from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
 from transforms.health import DeadLetterCounts, SumCounts
@@ -190,6 +191,7 @@ def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
     """Run the job; returns 0 when published, 1 when gated."""
     options = job_options(argv, __name__).view_as(BanditOptions)
+    check_run_id(options)
     path = options.view_as(CommonOptions).warehouse
     with locked_warehouse(path, JOB) as lock:
         ctx = bandit_context(options, JOB)

@@ -30,8 +30,8 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
 from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
-                               require_columns, require_input_dir, require_tables,
-                               require_writable_dir, run_id_of)
+                               check_run_id, require_columns, require_input_dir,
+                               require_tables, require_writable_dir, run_id_of)
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel
@@ -343,6 +343,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     """
     options = job_options(argv, __name__)
     local = options.view_as(SourceSinkOptions).sink != "bigquery"
+    check_run_id(options)
     with (locked_warehouse(options.view_as(CommonOptions).warehouse, JOB) if local
           else contextlib.nullcontext()) as lock:
         ctx = context_from(options)

@@ -27,7 +27,7 @@ from pipelines.bandit_report import (BanditContext, BanditOptions, bandit_contex
                                      bandit_state, read_treatment_events)
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
-from pipelines.options import CommonOptions, require_writable_file
+from pipelines.options import CommonOptions, check_run_id, require_writable_file
 from transforms.campaign import (BANDIT_STATE, REPORT_TABLES, CampaignReport, OrderEvents,
                                  PublishReport, split_tables)
 from transforms.health import DeadLetterCounts, SumCounts
@@ -130,6 +130,7 @@ def summarise(warehouse: LocalWarehouse, run_id: str, html_path: str) -> str:
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> int:
     """Run the job; returns 0 when published, 1 when gated."""
     options = job_options(argv, __name__).view_as(CampaignOptions)
+    check_run_id(options)
     path = options.view_as(CommonOptions).warehouse
     with locked_warehouse(path, JOB) as lock:
         ctx = campaign_context(options)

@@ -41,7 +41,7 @@ from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
 from pipelines.jobs import UsageError, entry_point, holder, job_options, locked_warehouse
-from pipelines.options import CommonOptions, require_input_dir, run_id_of
+from pipelines.options import CommonOptions, check_run_id, require_input_dir, run_id_of
 from pipelines.train_ranker import check_inputs, parse_as_of
 from transforms import schemas
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
@@ -369,6 +369,7 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
     """
     options = job_options(argv, __name__)
     common = options.view_as(CommonOptions)
+    check_run_id(options)
     with (locked_warehouse(common.warehouse, JOB) if publish
           else contextlib.nullcontext()) as lock:
         ctx = context_from(options)

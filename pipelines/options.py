@@ -180,6 +180,11 @@ def run_id_of(given: Optional[str], now: datetime, prefix: str = "") -> str:
     return given
 
 
+def check_run_id(options: PipelineOptions) -> None:
+    """Refuse a bad ``--run_id`` before anything is written, even the warehouse's lock file."""
+    run_id_of(options.view_as(CommonOptions).run_id, datetime.now())
+
+
 class CommonOptions(PipelineOptions):
     """Inputs, warehouse, reference time and run id."""
 
