@@ -1050,6 +1050,7 @@ class RefreshShardFn(beam.DoFn):
             yield count("refresh.without_window_popularity", 1)
         if len(out.unserved):
             yield count("users.unserved", len(out.unserved))
+            yield count(f"dead_letter.{model.recommend.UNSERVED_REASON}", len(out.unserved))
             for user in out.unserved["user_id"]:
                 yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
                     "users", "RefreshRecommendations", model.recommend.UNSERVED_REASON,
