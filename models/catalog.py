@@ -7,6 +7,7 @@ deterministic rule, and every losing row is reported.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -89,10 +90,37 @@ def service_sku_mask(skus: pd.Series, rules: RulesConfig) -> np.ndarray:
         f"(?i:{pattern})").fillna(False).to_numpy(bool)
 
 
+# Rule 7's image URL: https, a host name (labels of letters, digits and inner hyphens), an
+# optional port, then only RFC 3986 URL characters. No whitespace, quotes, angle brackets,
+# backslashes, control or non-ASCII characters: the URL goes into an HTML attribute of the
+# e-mail, and `https://x/a.jpg" onerror="...` must not be able to leave it.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+IMAGE_URL_PATTERN = (rf"[Hh][Tt][Tt][Pp][Ss]://{_HOST_LABEL}(?:\.{_HOST_LABEL})*(?::\d{{1,5}})?"
+                     r"(?:[/?#][A-Za-z0-9\-._~:/?#\[\]@!$&()*+,;=%]*)?")
+_IMAGE_URL = re.compile(IMAGE_URL_PATTERN, re.ASCII)
+
+
+def is_image_url(url: object) -> bool:
+    """Rule 7 for one value: an https URL with a real host that is safe inside an HTML attribute.
+
+    >>> [is_image_url(u) for u in ("https://img.example.com/a.jpg", "HTTPS://cdn:8443/x?s=2")]
+    [True, True]
+    >>> [is_image_url(u) for u in ("http://img/a.jpg", "https:///x", 'https://x/a.jpg" onerror="x',
+    ...                            "https://x/a b.jpg", "https://x/<script>", None)]
+    [False, False, False, False, False, False]
+    """
+    return isinstance(url, str) and _IMAGE_URL.fullmatch(url) is not None
+
+
 def https_mask(urls: pd.Series) -> np.ndarray:
-    """Rule 7: image URLs a mail client loads without a mixed-content warning."""
-    text = urls.astype(object).where(urls.notna(), "").astype(str).str.lower()
-    return (text.str.startswith("https://") & (text.str.len() > 8)).to_numpy(bool)
+    """Rule 7 over a column: the one predicate behind catalogue eligibility and the QA check.
+
+    Decided once per distinct URL (a QA frame repeats each catalogue URL across users).
+    """
+    raw = urls.to_numpy(object)
+    verdict = {u: is_image_url(u) for u in {u for u in raw if isinstance(u, str)}}
+    return np.fromiter((isinstance(u, str) and verdict[u] for u in raw), dtype=bool,
+                       count=len(raw))
 
 
 def low_value_mask(part_types: pd.Series, rules: RulesConfig) -> np.ndarray:

@@ -2,8 +2,9 @@
 import pandas as pd
 import pytest
 
-from models.catalog import (CatalogArrays, https_mask, ineligibility_reasons, is_low_value,
-                            low_value_mask, resolve_conflicts, service_sku_mask)
+from models import contracts
+from models.catalog import (CatalogArrays, https_mask, ineligibility_reasons, is_image_url,
+                            is_low_value, low_value_mask, resolve_conflicts, service_sku_mask)
 from models.config import RulesConfig
 
 RULES = RulesConfig()
@@ -195,3 +196,53 @@ def test_build_is_order_independent():
     a2 = CatalogArrays.build(f.iloc[::-1], RULES)
     for field in ("sku", "price", "part_type", "variant_key", "eligible"):
         assert getattr(a1, field).tolist() == getattr(a2, field).tolist()
+
+
+# --- #13: padded SKUs and rule 7 -------------------------------------------------------
+
+def test_padded_duplicate_sku_no_longer_wins_the_catalogue_conflict():
+    """A padded " AA001R " with another part type was stripped into AA001R and, its part type
+    sorting first, replaced the genuine row; now validation refuses it before resolution."""
+    genuine = dict(row("AA001R", "Mirror"), tags=[])
+    padded = dict(row(" AA001R ", "Air Filter"), tags=[])
+    checked = contracts.validate("catalog", contracts.records_frame("catalog", [genuine, padded]))
+    assert checked.bad_positions.tolist() == [1]
+    assert checked.bad_reasons.tolist() == ["padded sku"]
+    resolved = resolve_conflicts(checked.rows)
+    assert resolved.catalog[["sku", "part_type"]].values.tolist() == [["AA001R", "Mirror"]]
+    assert len(resolved.conflicts) == 0
+    # the control: had the padded row reached resolution as AA001R, it would have won
+    stripped = resolve_conflicts(frame(row("AA001R", "Mirror"), row("AA001R", "Air Filter")))
+    assert stripped.catalog["part_type"].tolist() == ["Air Filter"]
+
+
+HOSTILE_IMAGE_URLS = [
+    "https:///x", "https://", 'https://x/a.jpg" onerror="alert(1)', "https://x/a.jpg'",
+    "https://x/a b.jpg", " https://x/a.jpg", "https://x/<script>", "https://x/a.jpg\x00",
+    "https://x/\x1b[31m.jpg", "https://x\\evil/a.jpg", "https://-x-/a.jpg",
+    "https://x/caf\u00e9.jpg", "https://x:port/a.jpg", "http://img/a.jpg", "//img/a.jpg",
+    "javascript:alert(1)", "", None, 42,
+]
+
+
+@pytest.mark.parametrize("url", HOSTILE_IMAGE_URLS)
+def test_rule_7_refuses_urls_that_are_not_safe_https(url):
+    assert not is_image_url(url)
+    assert https_mask(pd.Series([url], dtype=object)).tolist() == [False]
+    assert ineligibility_reasons(frame(row("A", image_url=url)), RULES).tolist() == [
+        "image URL not https"]
+
+
+@pytest.mark.parametrize("url", [
+    "https://img/x.jpg", "https://cdn.example.com/p/AA001R.jpg?w=600&h=400#main",
+    "HTTPS://CDN.EXAMPLE.COM/A.PNG", "https://img.example.com:8443/a%20b.jpg",
+    "https://xn--caf-dma.example/a.jpg", "https://img.example.com"])
+def test_rule_7_accepts_real_https_image_urls(url):
+    assert is_image_url(url)
+    assert ineligibility_reasons(frame(row("A", image_url=url)), RULES).tolist() == [None]
+
+
+def test_rule_7_is_one_predicate_for_eligibility_and_qa():
+    """The QA check re-derives rule 7 from the output with the very predicate eligibility uses."""
+    import models.rules as rules
+    assert rules.https_mask is https_mask

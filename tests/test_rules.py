@@ -124,6 +124,10 @@ PLANTS = {
     "6 service SKU": (6, lambda r, b: _set_rec(r, "u1", 4, "SVC-9")),
     "7 http image": (7, lambda r, b: _set(r, "u1", "rec2_image_url", "http://img/H2.jpg")),
     "7 missing image": (7, lambda r, b: _set(r, "u2", "rec1_image_url", None)),
+    "7 image without host": (7, lambda r, b: _set(r, "u2", "rec1_image_url", "https:///x")),
+    "7 image leaves its attribute": (7, lambda r, b: _set(
+        r, "u1", "rec3_image_url", 'https://img/I1.jpg" onerror="alert(1)')),
+    "7 space in image": (7, lambda r, b: _set(r, "u1", "rec4_image_url", "https://img/a b.jpg")),
     "8 does not fit": (8, lambda r, b: _set_rec(r, "u1", 4, "NOFIT")),
     "9 two of one variant group": (9, lambda r, b: _set_rec(r, "u2", 3, "VB")),
     "9 duplicate SKU": (9, lambda r, b: _set_rec(r, "u2", 3, "VA")),

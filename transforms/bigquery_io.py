@@ -263,7 +263,8 @@ class ReadBigQueryTable(beam.PTransform):
                        | "QueryWindow" >> beam.ParDo(QueryPagesFn(self._ref, self._endpoint,
                                                                   self._batch_rows))
                        | "SpreadPages" >> beam.Reshuffle())
-        validated = batches | "Validate" >> beam.ParDo(ValidateRowsFn(self._table, self._limits)).with_outputs(
+        validated = batches | "Validate" >> beam.ParDo(
+            ValidateRowsFn(self._table, self._limits)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
         return TableRead(validated[Tag.ROWS.value], validated[Tag.DEAD_LETTER.value],
                          validated[Tag.COUNTS.value])
