@@ -152,16 +152,13 @@ UNENCODABLE_REASON = "text not encodable as UTF-8 (lone surrogate)"
 def storable(text: str) -> str:
     """``text`` with every code point UTF-8 cannot encode (lone surrogates) written as an escape.
 
+    `contracts.storable_text` (the batch job's), with a fast path for ASCII,
+    which is almost every value; the same object comes back when nothing changed.
+
     >>> storable("ok"), storable("a" + chr(0xD800) + "b")
     ('ok', 'a\\\\ud800b')
     """
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if text.isascii() else contracts.storable_text(text)
 
 
 def is_encodable(value) -> bool:
@@ -284,6 +281,9 @@ def parse_messages(table: str, payloads: Sequence[bytes],
     """
     parsed, positions, bad = [], [], []
     for i, payload in enumerate(payloads):
+        # A byte-order mark some publishers put first is ignored, as at a file's start.
+        payload = (contracts.strip_bom(payload) if isinstance(payload, bytes)
+                   else str(payload).removeprefix("\ufeff"))
         record, reason = contracts.parse_json_line(payload)
         if record is None:
             bad.append((i, reason))

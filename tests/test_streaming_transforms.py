@@ -170,6 +170,14 @@ def test_parse_messages_stamps_event_time_and_dead_letters_bad_messages():
             "events.event_time_attribute.mismatch": 1}]), label="Counts")
 
 
+def test_a_byte_order_mark_before_the_json_is_ignored():
+    good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
+            "event_name": "Viewed Product", "sku": "S01"}
+    out = model.parse_messages("events", [b"\xef\xbb\xbf" + json.dumps(good).encode(),
+                                          "\ufeff" + json.dumps(good)], [{}, {}])
+    assert [r["event_id"] for r in out.records] == ["E1", "E1"] and out.bad == []
+
+
 def test_dead_letters_keep_the_raw_payload_and_attributes():
     with TestPipeline() as p:
         parsed = p | beam.Create([_message(b"\xff not json", event_time="x")]) | ParseMessages(
