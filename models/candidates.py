@@ -244,14 +244,17 @@ def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: 
     occurrences = np.asarray(x.sum(axis=0)).ravel()
     off = (co.row != co.col) & (co.data >= min_cooccurrence)
     i, j, c = co.row[off], co.col[off], co.data[off]
-    table = pd.DataFrame({
-        "sku": np.asarray(skus, dtype=object)[i],
-        "neighbour": np.asarray(skus, dtype=object)[j],
-        "similarity": _similarity(similarity, c, occurrences[i], occurrences[j]),
-        "cooccurrence": c.astype(np.int64),
-    })
-    table = _top_per(table, "sku", top_n, ["similarity", "cooccurrence", "neighbour"],
-                     [False, False, True])
+    sim = _similarity(similarity, c, occurrences[i], occurrences[j])
+    # Top-N on integer codes (codes follow SKU order, so ties by code are ties by SKU); the
+    # strings are attached to the kept rows only, which keeps memory near the sparse matrix.
+    order = np.lexsort((j, -c, -sim, i))
+    i, j, c, sim = i[order], j[order], c[order], sim[order]
+    starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]]) if len(i) else np.zeros(0, int)
+    rank = np.arange(len(i)) - np.repeat(starts, np.diff(np.r_[starts, len(i)]))
+    keep = rank < top_n if top_n is not None else np.ones(len(i), dtype=bool)
+    names = np.asarray(skus, dtype=object)
+    table = pd.DataFrame({"sku": names[i[keep]], "neighbour": names[j[keep]],
+                          "similarity": sim[keep], "cooccurrence": c[keep].astype(np.int64)})
     return ItemSimilarity(table, len(rows), int(capped), generated, int(off.sum()), len(table))
 
 
