@@ -94,18 +94,25 @@ class GateSignals:
         return self
 
 
-def newest_order_time(events: pd.DataFrame) -> Optional[pd.Timestamp]:
-    """Event time of the newest order event (any of the three order names), or None.
+def newest_order_time(events: pd.DataFrame, as_of: Optional[pd.Timestamp] = None
+                      ) -> Optional[pd.Timestamp]:
+    """Event time of the newest order event (any of the three order names) at or before
+    ``as_of`` (popularity gives later orders no weight), or None.
 
-    >>> ev = pd.DataFrame({"event_name": ["Placed Order", "Viewed Product"],
-    ...                    "event_time": pd.to_datetime(["2026-01-01", "2026-02-01"], utc=True)})
-    >>> str(newest_order_time(ev))
+    >>> ev = pd.DataFrame({"event_name": ["Placed Order", "Viewed Product", "Placed Order"],
+    ...                    "event_time": pd.to_datetime(["2026-01-01", "2026-02-01",
+    ...                                                  "2026-03-01"], utc=True)})
+    >>> str(newest_order_time(ev, pd.Timestamp("2026-02-15", tz="UTC")))
     '2026-01-01 00:00:00+00:00'
     """
     if not len(events):
         return None
-    orders = events.loc[events["event_name"].isin(ORDER_EVENT_NAMES), "event_time"]
-    newest = pd.to_datetime(orders, utc=True).max() if len(orders) else pd.NaT
+    times = pd.to_datetime(events["event_time"], utc=True)
+    usable = events["event_name"].isin(ORDER_EVENT_NAMES).to_numpy(bool, copy=True)
+    if as_of is not None:
+        usable &= (times <= as_of).to_numpy(bool)
+    orders = times[usable]
+    newest = orders.max() if len(orders) else pd.NaT
     return None if pd.isna(newest) else pd.Timestamp(newest)
 
 
@@ -165,8 +172,9 @@ def stale_history(newest_order: Optional[pd.Timestamp], as_of: pd.Timestamp,
     """
     if newest_order is None:
         return GateResult(STALE_HISTORY, None, max_age_days, True,
-                          "no orders in the history: nothing to rank by; check the events "
-                          "input (is it empty, or are its event names SPEC §2 order events?)")
+                          f"no orders at or before --as_of {as_of:%Y-%m-%dT%H:%M:%SZ}: nothing "
+                          f"to rank by; check the events input (is it empty, are its event "
+                          f"names SPEC §2 order events?) and --as_of")
     age = (as_of - newest_order).total_seconds() / 86_400.0
     tripped = age > max_age_days
     detail = (f"history ends {newest_order:%Y-%m-%d %H:%M}Z, {age:,.0f} days before --as_of "

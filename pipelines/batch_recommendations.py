@@ -274,7 +274,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     }
     signals = ({"catalog": catalog.rows, "events": unique_events.rows,
                 "recommendations": stamped}
-               | "GatherGateSignals" >> GatherGateSignals(config))
+               | "GatherGateSignals" >> GatherGateSignals(config, ctx.as_of))
     run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
                "started_at": ctx.started_at}
     return counters | "GateAndPublish" >> beam.ParDo(

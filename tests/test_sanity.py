@@ -184,3 +184,11 @@ def test_format_gates_names_the_tripped_gate():
     assert "tied_scores 0 (limit 0.5)" in lines[0]
     assert lines[1].startswith("  TRIPPED stale_history: no orders")
     assert len(lines) == 2
+
+
+def test_orders_after_as_of_do_not_count_as_history():
+    events = pd.DataFrame({"event_name": ["Placed Order", "Placed Order"],
+                           "event_time": pd.to_datetime(["2025-01-01", "2026-06-01"], utc=True)})
+    assert sanity.newest_order_time(events, AS_OF) == pd.Timestamp("2025-01-01", tz="UTC")
+    assert sanity.newest_order_time(events.iloc[1:], AS_OF) is None  # only a future order
+    assert sanity.newest_order_time(events) == pd.Timestamp("2026-06-01", tz="UTC")

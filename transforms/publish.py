@@ -69,9 +69,9 @@ def catalog_signals(catalog: pd.DataFrame, rules_config: RulesConfig) -> sanity.
     return sanity.GateSignals(catalog_skus=len(catalog), eligible_skus=eligible)
 
 
-def order_signals(events: pd.DataFrame) -> sanity.GateSignals:
-    """The newest order of one batch of (deduplicated) events."""
-    return sanity.GateSignals(newest_order=sanity.newest_order_time(events))
+def order_signals(events: pd.DataFrame, as_of: pd.Timestamp) -> sanity.GateSignals:
+    """The newest order at or before ``as_of`` of one batch of (deduplicated) events."""
+    return sanity.GateSignals(newest_order=sanity.newest_order_time(events, as_of))
 
 
 def recommendation_signals(recs: pd.DataFrame, n: int) -> sanity.GateSignals:
@@ -118,15 +118,16 @@ class GatherGateSignals(beam.PTransform):
     combiner adds them, so nothing here holds more than one SKU count per SKU.
     """
 
-    def __init__(self, config: RecsConfig):
+    def __init__(self, config: RecsConfig, as_of: pd.Timestamp):
         super().__init__()
         self._config = config
+        self._as_of = as_of
 
     def expand(self, inputs: Dict[str, beam.PCollection]) -> beam.PCollection:
         n = self._config.rules.recs_per_user
         return ((inputs["catalog"] | "CatalogSignals" >> beam.Map(
                     catalog_signals, self._config.rules),
-                 inputs["events"] | "OrderSignals" >> beam.Map(order_signals),
+                 inputs["events"] | "OrderSignals" >> beam.Map(order_signals, self._as_of),
                  inputs["recommendations"] | "RecommendationSignals" >> beam.Map(
                      recommendation_signals, n))
                 | "FlattenSignals" >> beam.Flatten()
