@@ -197,7 +197,10 @@ def test_the_batch_job_on_hostile_files_publishes_and_every_line_is_accounted_fo
             handle.write(b"\n".join(hostile) + b"\n")
         non_blank[table] = len(lines) + sum(1 for line in hostile if line.strip())
     warehouse = str(tmp_path / "warehouse.duckdb")
-    assert batch_recommendations.run(["--input_dir", world, "--warehouse", warehouse]) == 0
+    with open(f"{world}/world.json") as handle:  # without --as_of the history is stale (#13)
+        as_of = json.load(handle)["as_of"]
+    assert batch_recommendations.run(["--input_dir", world, "--warehouse", warehouse,
+                                      "--as_of", as_of]) == 0
     with duckdb.connect(warehouse, read_only=True) as con:
         run = con.execute("SELECT status, counters FROM pipeline_runs").fetchone()
         dead = dict(con.execute('SELECT "table", COUNT(*) FROM dead_letter GROUP BY 1').fetchall())
@@ -206,3 +209,106 @@ def test_the_batch_job_on_hostile_files_publishes_and_every_line_is_accounted_fo
         assert figures["read"] == non_blank[table], (table, figures)
         assert figures["unexplained"] == 0, (table, figures)
         assert figures["dead_lettered"] >= 7 and dead[table] >= figures["dead_lettered"]
+
+
+def test_the_batch_job_on_the_issue_13_records(tmp_path):
+    """Issue #13's records in one run: a lone surrogate (which used to crash the job), a padded
+    duplicate SKU, a BOM-led file, a lower-case make, an unknown vehicle, a year of 69, a
+    zero-unit order line and a repeated key. The job publishes, each bad record is a dead
+    letter with its reason, the good ones are served, and every line is accounted for."""
+    import duckdb
+
+    from models.health import RECONCILED_TABLES, reconcile
+    from pipelines import batch_recommendations, generate_world
+
+    world = str(tmp_path / "world")
+    generate_world.main(["--preset", "tiny", "--seed", "5", "--out", world, "--bad_rows", "0"])
+    with open(f"{world}/world.json") as handle:
+        as_of = json.load(handle)["as_of"]
+
+    def lines(table):
+        with open(f"{world}/{table}.jsonl", "rb") as handle:
+            return [line for line in handle.read().splitlines() if line.strip()]
+
+    fitment = [json.loads(line) for line in lines("fitment")]
+    catalog = {r["sku"]: r for r in map(json.loads, lines("catalog"))}
+    vehicle = next(r for r in fitment if not catalog[r["sku"]]["is_universal"]
+                   and catalog[r["sku"]]["price"] >= 100)
+    genuine = catalog[vehicle["sku"]]
+    first_event = json.loads(lines("events")[0])
+    extra = {
+        "users": [
+            '{"user_id": "U-SURR", "email": "x\\ud800@example.com", "make": "Ford"}',
+            json.dumps({"user_id": "U-LOWER", "email": "Lower.Case@Example.com",
+                        "make": vehicle["make"].lower(),
+                        "model": "  " + vehicle["model"].lower().replace(" ", "  ") + " ",
+                        "year": vehicle["year"], "updated_at": "2025-01-01T00:00:00Z"}),
+            json.dumps({"user_id": "U-EXACT", "email": "exact.case@example.com",
+                        "make": vehicle["make"], "model": vehicle["model"],
+                        "year": vehicle["year"], "updated_at": "2025-01-01T00:00:00Z"}),
+            json.dumps({"user_id": "U-NOFIT", "email": "nofit@example.com", "make": "Zzyzx",
+                        "model": "Roadster", "year": 2015}),
+            json.dumps({"user_id": "U-69", "email": "y69@example.com", "make": "Ford",
+                        "model": "Mustang", "year": 69}),
+        ],
+        "catalog": [json.dumps(dict(genuine, sku=f" {genuine['sku']} ", part_type="AAA Padded"))],
+        "events": [
+            json.dumps(dict(first_event, event_id="E-ZERO", event_name="Placed Order",
+                            order_id="O-ZERO", quantity=0)),
+            '{"event_id": "E-SURR", "event_time": "2026-01-01T00:00:00Z", "user_id": "U1", '
+            '"event_name": "Viewed Product", "sku": "\\udfff"}',
+            json.dumps(dict(first_event, event_id="E-DUP"))[:-1] + ', "sku": "OTHER-SKU"}',
+            json.dumps(dict(first_event, event_id="E-NOW", event_time="now")),
+        ],
+    }
+    for table, new in extra.items():
+        with open(f"{world}/{table}.jsonl", "ab") as handle:
+            handle.write(b"\n".join(line.encode() for line in new) + b"\n")
+    with open(f"{world}/fitment.jsonl", "rb") as handle:  # a BOM where the file starts
+        body = handle.read()
+    with open(f"{world}/fitment.jsonl", "wb") as handle:
+        handle.write(b"\xef\xbb\xbf" + body)
+    expected_read = {table: len(lines(table)) for table in RECONCILED_TABLES}
+
+    warehouse = str(tmp_path / "warehouse.duckdb")
+    assert batch_recommendations.run(["--input_dir", world, "--warehouse", warehouse,
+                                      "--as_of", as_of]) == 0
+    with duckdb.connect(warehouse, read_only=True) as con:
+        status, counters = con.execute("SELECT status, counters FROM pipeline_runs").fetchone()
+        dead = con.execute('SELECT "table", reason, record FROM dead_letter').df()
+        recs = con.execute("SELECT * FROM recommendations").df()
+    counters = json.loads(counters)
+    assert status == "published"
+    for table, figures in reconcile(counters).items():
+        assert figures["read"] == expected_read[table], (table, figures)
+        assert figures["unexplained"] == 0, (table, figures)
+
+    reasons = set(zip(dead["table"], dead["reason"]))
+    assert {("users", "invalid unicode in email"), ("users", "implausible year"),
+            ("catalog", "padded sku"), ("events", "zero quantity on order"),
+            ("events", "invalid unicode in sku"), ("events", "duplicate key sku"),
+            ("events", "malformed event_time")} <= reasons
+    assert not dead["reason"].str.contains("malformed JSON").any()  # the BOM is not a record
+    assert dead["record"].str.contains("\\ud800", regex=False).any()  # stored, escaped
+    # the padded row is gone before resolution: the genuine SKU keeps its part type
+    assert not dead["reason"].str.contains(f"sku {genuine['sku']} listed").any()
+    parts = recs.melt(value_vars=[c for c in recs.columns if c.startswith("rec_part_")])
+    types = recs.melt(value_vars=[c for c in recs.columns if c.endswith("_part_type")])
+    assert "AAA Padded" not in set(types["value"])
+    assert set(types.loc[parts["value"] == genuine["sku"], "value"]) <= {genuine["part_type"]}
+
+    # make "ford" meets fitment's "Ford": served exactly as the same vehicle spelt as fitment does
+    lower = recs.loc[recs["user_id"] == "U-LOWER"].iloc[0]
+    exact = recs.loc[recs["user_id"] == "U-EXACT"].iloc[0]
+    assert lower["make"] == vehicle["make"].upper()
+    assert lower["model"] == vehicle["model"].upper()
+    same = ["make", "model", "year", "segment", "source"] + [f"rec_part_{i}" for i in range(1, 5)]
+    assert lower[same].tolist() == exact[same].tolist()
+    assert lower["source"] != "global"
+    fits = {r["sku"] for r in fitment if (r["make"], r["model"], r["year"]) == (
+        vehicle["make"], vehicle["model"], vehicle["year"])}
+    assert all(lower[f"rec_part_{i}"] in fits or catalog[lower[f"rec_part_{i}"]]["is_universal"]
+               for i in range(1, 5))
+    # a vehicle no fitment row names is counted, not silently served from global
+    assert counters["users.vehicle_unknown"] >= 1
+    assert "U-NOFIT" in set(recs["user_id"]) or counters.get("users.unserved", 0) >= 1

@@ -299,6 +299,13 @@ class RecommendShardFn(beam.DoFn):
             return
         models = self._models(catalog, pop)
         fitting = _fitting_by_vehicle(fitment, attrs)
+        if attrs:
+            # A vehicle no fitment row names (a typo, a model the shop has no data for) is
+            # served universal parts and global popularity: counted, so it is seen.
+            vehicles = popularity.segment_keys(users, attrs)
+            unknown = (vehicles.notna().to_numpy(bool)
+                       & ~vehicles.isin(list(fitting)).to_numpy(bool))
+            yield count("users.vehicle_unknown", int(unknown.sum()))
         recs, unserved = recommend.recommend_all(models.recommender, users, fitting)
         if len(unserved):
             missed = unserved[["user_id", *self._config.group_attributes]]
