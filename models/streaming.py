@@ -145,8 +145,8 @@ DEAD_LETTER_RECORD_BYTES = 64 * 1024
 TRUNCATION_NOTE = " [truncated: first {kept} of {size} bytes]"
 # Why a record whose text cannot be UTF-8 (a lone surrogate such as ``"\\ud800"``) is refused:
 # Beam's coders, BigQuery and Pub/Sub all encode text as UTF-8, so such a value would raise
-# at every step after the parse.
-UNENCODABLE_REASON = "text not encodable as UTF-8 (lone surrogate)"
+# at every step after the parse. The words are `contracts.parse_json_line`'s, per field.
+UNENCODABLE_REASON = "invalid unicode in {field}"
 
 
 def storable(text: str) -> str:
@@ -179,6 +179,18 @@ def is_encodable(value) -> bool:
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
     return True
+
+
+def unencodable_field(record: Mapping, fields: Sequence) -> Optional[str]:
+    """The first of ``fields`` whose name or value holds text UTF-8 cannot encode, else None.
+
+    >>> unencodable_field({"a": "x", "b": ["y" + chr(0xD800)]}, ["a", "b"])
+    'b'
+    """
+    for field in fields:
+        if not (is_encodable(field) and is_encodable(record.get(field))):
+            return field
+    return None
 
 
 def dead_letter_text(payload, limit: int = DEAD_LETTER_RECORD_BYTES) -> str:
@@ -268,9 +280,10 @@ def parse_messages(table: str, payloads: Sequence[bytes],
     publisher that forgets the attribute cannot stall or crash the job.
 
     A record holding text UTF-8 cannot encode (a lone surrogate escape such as
-    ``"\\ud800"``, which JSON allows) is refused here with
-    `UNENCODABLE_REASON`: every later step encodes its text, and one such value
-    would fail its bundle again and again. ``limits`` are the config's
+    ``"\\ud800"``, which JSON allows) is refused here (`UNENCODABLE_REASON`,
+    which `contracts.parse_json_line` already gives the batch job): every later
+    step encodes its text, and one such value would fail its bundle again and
+    again. ``limits`` are the config's
     plausibility bounds (`InputConfig`), the batch job's own.
 
     >>> good = b'{"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",' \\
@@ -287,8 +300,10 @@ def parse_messages(table: str, payloads: Sequence[bytes],
         record, reason = contracts.parse_json_line(payload)
         if record is None:
             bad.append((i, reason))
-        elif not is_encodable(record):
-            bad.append((i, UNENCODABLE_REASON))
+        elif not is_encodable(record):   # behind the contract's own check: never reached yet
+            field = unencodable_field(record, sorted(record, key=str))
+            bad.append((i, UNENCODABLE_REASON.format(
+                field=field if is_encodable(field) else "extra field")))
         else:
             parsed.append(record)
             positions.append(i)

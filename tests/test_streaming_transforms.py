@@ -598,6 +598,18 @@ def test_a_payload_of_unencodable_text_is_a_storable_dead_letter():
     assert _storable(dead[0]) and "U\\ud800" in dead[0]["record"] and dead[0]["reason"]
 
 
+def test_the_parse_refuses_unencodable_text_even_past_the_contract_parser(monkeypatch):
+    """The second guard: a parser change that let a lone surrogate through is still caught."""
+    good = {"event_id": "E1", "event_time": "2026-05-01T10:00:00Z", "user_id": "U1",
+            "event_name": "Viewed Product", "sku": "S01"}
+    leaky = {b"1": {**good, "sku": "S" + SURROGATE}, b"2": {**good, "x" + SURROGATE: 1},
+             b"3": good}
+    monkeypatch.setattr(contracts, "parse_json_line", lambda payload: (leaky[payload], None))
+    out = model.parse_messages("events", [b"1", b"2", b"3"], [{}] * 3)
+    assert out.bad == [(0, "invalid unicode in sku"), (1, "invalid unicode in extra field")]
+    assert [r["event_id"] for r in out.records] == ["E1"]
+
+
 def test_keyed_steps_refuse_keys_utf8_cannot_encode():
     """A record that reaches a keyed step with an unencodable key is a dead letter, not a crash."""
     bad = {**order(9, 2).value, "event_id": "E" + SURROGATE}
@@ -606,15 +618,16 @@ def test_keyed_steps_refuse_keys_utf8_cannot_encode():
     assert [v[0] for tag, v in out if tag is None] == ["E1"]
     dead = [v for tag, v in out if tag == "dead_letter"]
     assert [(d["step"], d["reason"], _storable(d), json.loads(d["record"])["event_id"])
-            for d in dead] == [("DropDuplicates", model.UNENCODABLE_REASON, True,
+            for d in dead] == [("DropDuplicates", "invalid unicode in event_id", True,
                                 "E" + SURROGATE)]
     assert dict(v for tag, v in out if tag == "counts") == {
-        "events.dead_lettered": 1, f"dead_letter.{model.UNENCODABLE_REASON}": 1}
+        "events.dead_lettered": 1, "dead_letter.invalid unicode in event_id": 1}
     sent = {**_treatment(1, 1, "A", "SENT").value, "user_id": "U" + SURROGATE}
     out = _outputs(KeyOrRefuseFn("treatment_events", "CheckFunnel", model.RECIPIENT_KEY),
                    [sent, _treatment(2, 1, "A", "SENT").value])
     assert [v[0] for tag, v in out if tag is None] == [("C", "A", "U2")]
-    assert [v["reason"] for tag, v in out if tag == "dead_letter"] == [model.UNENCODABLE_REASON]
+    assert [v["reason"] for tag, v in out if tag == "dead_letter"] == [
+        "invalid unicode in user_id"]
 
 
 def test_rows_for_bigquery_and_dead_letters_escape_unencodable_text():

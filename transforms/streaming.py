@@ -405,11 +405,12 @@ class KeyOrRefuseFn(beam.DoFn):
         self._fields = tuple(fields)
 
     def process(self, record: Record) -> Iterator:
-        key = tuple(record.get(f) for f in self._fields)
-        if model.is_encodable(key):
+        field = model.unencodable_field(record, self._fields)
+        if field is None:
+            key = tuple(record.get(f) for f in self._fields)
             yield key[0] if len(key) == 1 else key, record
             return
-        reason = model.UNENCODABLE_REASON
+        reason = model.UNENCODABLE_REASON.format(field=field)
         yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
             self._table, self._step, reason, record_text(record)))
         yield from refusal_counts(self._table, reason)
