@@ -3,12 +3,18 @@
 Reading order of the graph (pipelines/streaming_refresh.py wires it):
 
     Pub/Sub messages → ParseMessages (contract check, event-time timestamps, dead letters)
+      → events: CheckSkus (unknown SKUs dead-lettered, as the batch job does)
       → DropDuplicates (stateful per event_id, TTL timer)
       → orders → WindowedPopularity (per-period partials → sliding windows → popularity at end)
                → RankingChanges (consecutive windows → users of vehicles whose top picks moved)
       → events + notices → TouchedUsers (stateful per user: recent stream events)
       → RefreshRecommendations (per refresh period: the touched users, scored like the batch job)
-    treatment events → StreamingBandit (per-period sums → transforms.bandit.BanditState)
+    treatment events → CheckFunnel (stateful per recipient: no send, no count; as batch)
+      → StreamingBandit (per-period sums → transforms.bandit.BanditState)
+
+Nothing a message holds can stop the job: every refusal is a dead letter with
+a reason (storable: escaped, bounded), and every keyed step refuses a key
+Beam could not encode instead of failing its bundle.
     orders, treatment counts → LateDataAudit (seen vs included per window: late and too-late)
 
 Slowly changing inputs (catalogue, fitment, users, order history) come from a
