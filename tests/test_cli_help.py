@@ -27,3 +27,17 @@ def test_help_lists_the_jobs_flags(job):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for flag in JOBS[job]:
         assert flag in proc.stdout, (job, flag)
+
+
+BEAM_JOBS = ["batch_recommendations", "bandit_report", "campaign_report", "train_ranker",
+             "evaluate_ranker", "streaming_refresh"]
+
+
+@pytest.mark.parametrize("job", BEAM_JOBS)
+def test_help_states_the_exit_statuses_and_the_flag_rule(job):
+    proc = subprocess.run([sys.executable, "-m", f"pipelines.{job}", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "any other flag is refused" in text
+    assert "0 published (or done), 1 gated, 2 usage or configuration error, 3 failure" in text
