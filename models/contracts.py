@@ -455,7 +455,10 @@ def _as_time(values: pd.Series) -> Tuple[pd.Series, np.ndarray, np.ndarray]:
     raw = obj.to_numpy(object)
     _, is_str = _kinds(raw)
     rfc = _spread(_all_match(_RFC3339_VALUE, raw[is_str]), is_str)
-    stamps = pd.to_datetime(obj.where(rfc, None), utc=True, errors="coerce", format="ISO8601")
+    chosen = obj.where(rfc, None)
+    if rfc.any() and any(c in "".join(raw[rfc]) for c in "tz"):
+        chosen = chosen.map(lambda v: v.upper() if isinstance(v, str) else v)  # RFC 3339 allows
+    stamps = pd.to_datetime(chosen, utc=True, errors="coerce", format="ISO8601")
     unparsed = rfc & stamps.isna().to_numpy(bool)  # e.g. month 13
     malformed = (is_str & ~rfc) | unparsed
     wrong = present & ~is_str

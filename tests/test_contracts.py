@@ -1,5 +1,6 @@
 """Tests for models.contracts: JSON Lines parsing and per-table validation (SPEC §2)."""
 import datetime as dt
+import json
 
 import numpy as np
 import pandas as pd
@@ -335,3 +336,227 @@ def test_unknown_sku_mask():
     assert mask.tolist() == [False, True, True, False, True]
     assert unknown_sku_mask(pd.Series([], dtype=object), known).tolist() == []
     assert unknown_sku_mask(pd.Series(["A"]), np.array([], dtype=str)).tolist() == [True]
+
+
+# --- #13: strict records -------------------------------------------------------------
+
+from models.config import InputConfig  # noqa: E402
+from models.contracts import (is_email, parse_rfc3339, storable_text,  # noqa: E402
+                              strip_bom, vehicle_spelling)
+
+_STRING_FIELDS = {
+    "catalog": (_catalog, ["sku", "title", "part_type", "brand", "image_url", "variant_group"]),
+    "users": (_user, ["user_id", "email", "make", "model"]),
+    "events": (_event, ["event_id", "user_id", "sku", "order_id"]),
+    "treatment_events": (_treatment, ["event_id", "user_id", "treatment_id", "campaign_id"]),
+}
+_STRING_CASES = [(table, field) for table, (_, fields) in _STRING_FIELDS.items()
+                 for field in fields]
+
+
+@pytest.mark.parametrize("table, field", _STRING_CASES)
+def test_lone_surrogate_in_any_string_field_is_a_dead_letter_not_a_crash(table, field):
+    make_row, _ = _STRING_FIELDS[table]
+    line = json.dumps(make_row(**{field: "x\ud800y"}))  # ensure_ascii: the JSON text "\ud800"
+    assert "\\ud800" in line
+    assert parse_json_line(line) == (None, f"invalid unicode in {field}")
+    # a frame that holds one anyway (BigQuery rows, a caller's own frame) is refused too
+    assert _single_reason(table, make_row(**{field: "x\udfffy"})) == f"invalid unicode in {field}"
+
+
+def test_lone_surrogate_in_an_extra_field_or_nested_value_is_refused():
+    assert parse_json_line('{"sku": "A", "utm": {"a": ["\\ud83d"]}}') == (
+        None, "invalid unicode in extra field")
+    assert parse_json_line('{"sku": "A", "\\ud800": 1}') == (None, "invalid unicode in extra field")
+    # a proper pair is one character, not an error
+    record, reason = parse_json_line('{"sku": "A", "title": "\\ud83d\\ude97"}')
+    assert reason is None and record["title"] == "\U0001F697"
+
+
+def test_dead_letter_text_is_storable():
+    assert storable_text("x\ud800") == "x\\ud800"
+    storable_text("x\ud800").encode("utf-8")  # no UnicodeEncodeError
+    assert storable_text("plain é") == "plain é"
+
+
+@pytest.mark.parametrize("table, field", _STRING_CASES)
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\x9b", "\n"])
+def test_control_characters_are_refused_in_every_contract_string(table, field, char):
+    make_row, _ = _STRING_FIELDS[table]
+    value = f"ab{char}cd" if field != "email" else f"a{char}b@x.com"
+    assert _single_reason(table, make_row(**{field: value})) == f"control character in {field}"
+
+
+def test_ansi_escape_in_a_sku_never_reaches_the_rows():
+    checked = _check("events", [_event(sku="\x1b[31mAA001R\x1b[0m"), _event(event_id="e2")])
+    assert checked.bad_reasons.tolist() == ["control character in sku"]
+    assert checked.rows["sku"].tolist() == ["SKU-1"]
+
+
+def test_control_characters_in_tags_are_refused():
+    assert _single_reason("catalog", _catalog(tags=["ok", "bad\x00tag"])) == "wrong type for tags"
+
+
+@pytest.mark.parametrize("table, field", [
+    ("catalog", "sku"), ("catalog", "variant_group"), ("events", "event_id"),
+    ("events", "user_id"), ("events", "sku"), ("events", "order_id"),
+    ("treatment_events", "treatment_id"), ("treatment_events", "campaign_id"),
+    ("users", "user_id")])
+@pytest.mark.parametrize("padding", [" {} ", "{} ", " {}", "\u3000{}", "{}\u00a0"])
+def test_padded_identifiers_are_refused_not_stripped(table, field, padding):
+    make_row = {"catalog": _catalog, "events": _event, "treatment_events": _treatment,
+                "users": _user}[table]
+    assert _single_reason(table, make_row(**{field: padding.format("AA001R")})) == (
+        f"padded {field}")
+
+
+def test_identifiers_are_kept_exactly_and_inner_spaces_are_allowed():
+    checked = _check("events", [_event(sku="AA 001R"), _event(event_id="e2", sku="aa001r")])
+    assert checked.rows["sku"].tolist() == ["AA 001R", "aa001r"]
+    # blank is still "missing", not "padded"
+    assert _single_reason("events", _event(sku="   ")) == "missing sku"
+
+
+def test_free_text_is_still_trimmed():
+    checked = _check("catalog", [_catalog(title="  Header  ", part_type=" Header ")])
+    assert checked.rows.loc[0, "title"] == "Header"
+    assert checked.rows.loc[0, "part_type"] == "Header"
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"sku": "A", "sku": "B"}', "duplicate key sku"),
+    ('{"sku" : "A", "price": 1, "sku":"B"}', "duplicate key sku"),
+    ('{"sku": "A", "\\u0073ku": "B"}', "duplicate key sku"),
+    ('{"sku": "A", "x": {"k": 1, "k": 2}}', "duplicate key extra field"),
+    ('{"sku": "A", "zz": 1, "zz": 2}', "duplicate key extra field"),
+    ('{"sku": "A", "price": NaN, "sku": "B"}', "duplicate key sku"),
+])
+def test_duplicate_json_keys_are_refused(line, reason):
+    assert parse_json_line(line) == (None, reason)
+    assert parse_json_line(line.encode()) == (None, reason)
+
+
+@pytest.mark.parametrize("line", [
+    '{"sku": "sku", "title": "\\"sku\\": 1"}', '{"a": {"sku": 1}, "sku": 2}',
+    '{"sku": "A", "title": "18\\" wheel"}', '{"sku"\t:\t"A", "price" : 2}'])
+def test_lines_that_only_look_like_repeats_parse(line):
+    record, reason = parse_json_line(line)
+    assert reason is None and record["sku"] in ("sku", 2, "A")
+
+
+def test_bom_is_stripped_once_where_a_line_starts():
+    assert strip_bom(b'\xef\xbb\xbf{"sku": "A"}') == b'{"sku": "A"}'
+    assert strip_bom(b'{"sku": "A"}') == b'{"sku": "A"}'
+    assert parse_json_line(strip_bom(b'\xef\xbb\xbf{"sku": "A"}')) == ({"sku": "A"}, None)
+
+
+# RFC 3339 with an explicit offset, for every time field.
+@pytest.mark.parametrize("text", [
+    "now", "today", "2026/02/20 10:00", "2026", "2026-02-20", "2026-02-20T10:00:00",
+    "2026-02-20 10:00:00", "03/02/2026", "2026-02-20T10:00Z", "2026-02-20T10:00:00+0100",
+    "2026-02-20T10:00:00Z\n", "20260220T100000Z", "2026-02-30T10:00:00Z", "Fri, 20 Feb 2026"])
+def test_times_without_rfc3339_offset_are_refused(text):
+    assert parse_rfc3339(text) is None
+    assert _single_reason("events", _event(event_time=text)) == "malformed event_time"
+    assert _single_reason("users", _user(updated_at=text)) == "malformed updated_at"
+    assert _single_reason("treatment_events", _treatment(event_time=text)) == (
+        "malformed event_time")
+
+
+@pytest.mark.parametrize("text, utc", [
+    ("2026-02-20T10:00:00Z", "2026-02-20T10:00:00Z"),
+    ("2026-02-20t10:00:00.123456z", "2026-02-20T10:00:00.123456Z"),
+    ("2026-02-20 10:00:00+01:00", "2026-02-20T09:00:00Z"),
+    ("2026-02-20T10:00:00.5-05:30", "2026-02-20T15:30:00.5Z")])
+def test_rfc3339_times_agree_with_parse_rfc3339(text, utc):
+    checked = _check("events", [_event(event_time=text)])
+    assert checked.rows.loc[0, "event_time"] == pd.Timestamp(utc) == parse_rfc3339(text)
+
+
+def test_typed_naive_timestamps_stay_accepted_as_utc():
+    frame = pd.DataFrame({"event_id": ["e"], "event_time": pd.to_datetime(["2026-01-15 10:00"]),
+                          "user_id": ["u"], "event_name": ["Cart Update"], "sku": ["S"]})
+    assert validate("events", frame).rows.loc[0, "event_time"] == pd.Timestamp(T0)
+
+
+@pytest.mark.parametrize("email", [
+    "victim@x.com\r\nBcc: all@x.com", "a@b@c.com", '"bob" <bob@x.com>', "bob <bob@x.com>",
+    "a" * 1990 + "@example.com", "bob@x.com\x00", "bob smith@x.com", "bob@x.com,eve@y.com",
+    "bob@localhost", "bob@x..com", "bob@-x.com", "bob@x-.com", ".bob@x.com", "bob.@x.com",
+    "bob..b@x.com", "@x.com", "bob@", "bob@x.com ", "bob@exa mple.com", "bob@x_y.com",
+    "bób@x.com", "bob@x.com.", '"bob"@x.com', "bob(c)@x.com"])
+def test_malformed_emails_are_refused(email):
+    assert not is_email(email)
+    assert _single_reason("users", _user(email=email)) in (
+        "malformed email", "control character in email")
+
+
+@pytest.mark.parametrize("email", [
+    "Jane@Example.com", "JANE.DOE+cars@mail.example.co.uk", "o'neil@x.com", "a@xn--bcher-kva.de",
+    "x_y-z{1}@sub-domain.example.org", "a" * 64 + "@" + "b" * 63 + ".com"])
+def test_addr_specs_in_any_case_pass(email):
+    assert is_email(email)
+    checked = _check("users", [_user(email=email)])
+    assert checked.rows.loc[0, "email_lower"] == email.lower()
+
+
+def test_email_over_254_characters_is_refused():
+    email = "a@" + ".".join(["b" * 60] * 5) + ".com"
+    assert len(email) > 254 and not is_email(email)
+
+
+@pytest.mark.parametrize("year", [0, 1, 69, 1899, 2101])
+@pytest.mark.parametrize("table", ["users", "fitment"])
+def test_implausible_vehicle_years_are_refused(table, year):
+    row = _user(year=year) if table == "users" else {
+        "sku": "S", "make": "Ford", "model": "Mustang", "year": year}
+    assert _single_reason(table, row) == "implausible year"
+
+
+def test_vehicle_year_range_is_configurable():
+    limits = InputConfig(min_vehicle_year=1960, max_vehicle_year=2030)
+    rows = [_user(year=1955), _user(user_id="u2", year=1965), _user(user_id="u3", year=2031)]
+    checked = validate("users", records_frame("users", rows), limits)
+    assert checked.bad_reasons.tolist() == ["implausible year", "implausible year"]
+    assert checked.rows["user_id"].tolist() == ["u2"]
+
+
+def test_wholesale_quantity_passes_with_a_raised_cap():
+    line = _event(event_name="Placed Order", order_id="o1", quantity=50_000)
+    assert _single_reason("events", line) == "absurd quantity"
+    raised = InputConfig(max_quantity=100_000)
+    checked = validate("events", records_frame("events", [line]), raised)
+    assert len(checked.bad_positions) == 0 and checked.rows["quantity"].tolist() == [50_000]
+
+
+def test_price_cap_is_configurable():
+    rows = [_catalog(price=2_000.0)]
+    assert len(validate("catalog", records_frame("catalog", rows)).bad_positions) == 0
+    checked = validate("catalog", records_frame("catalog", rows), InputConfig(max_price=1_000.0))
+    assert checked.bad_reasons.tolist() == ["absurd price"]
+
+
+@pytest.mark.parametrize("name", ORDER_EVENT_NAMES)
+def test_order_lines_need_a_positive_quantity(name):
+    assert _single_reason("events", _event(event_name=name, order_id="o", quantity=0)) == (
+        "zero quantity on order")
+    assert _single_reason("events", _event(event_name=name, order_id="o", quantity=-2)) == (
+        "negative quantity")
+    assert _single_reason("events", _event(event_name=name, order_id="o", quantity=1)) is None
+    assert _single_reason("events", _event(event_name=name, order_id="o", quantity=_DROP)) is None
+
+
+def test_make_and_model_are_matched_case_insensitively_in_users_and_fitment():
+    users = _check("users", [_user(make="ford", model="mustang  gt"),
+                             _user(user_id="u2", make=" FORD ", model="Mustang GT")]).rows
+    fitment = _check("fitment", [{"sku": "S", "make": "Ford", "model": "MUSTANG gt",
+                                  "year": 2015}]).rows
+    assert users["make"].tolist() == ["FORD", "FORD"] == fitment["make"].tolist() * 2
+    assert users["model"].tolist() == ["MUSTANG GT"] * 2 == fitment["model"].tolist() * 2
+    assert vehicle_spelling("Straße") == vehicle_spelling("STRASSE")
+    assert _single_reason("fitment", {"sku": "S", "make": "  ", "model": "M", "year": 2015}) == (
+        "missing make")
+
+
+def test_validate_keeps_default_limits_for_callers_that_pass_none():
+    assert validate("events", records_frame("events", [_event()])).rows["sku"].tolist() == ["SKU-1"]

@@ -178,3 +178,37 @@ def test_read_table_gives_same_rows_from_jsonl_and_parquet(tmp_path, fmt):
             lambda f: f[["event_id", "event_name", "price", "order_id"]])),
             equal_to([("E1", "Ordered Product", 99.0, "O1"),
                       ("E2", "Viewed Product", 12.5, None)]))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_read_table_ignores_a_bom_where_the_file_starts(tmp_path, suffix):
+    """A UTF-8 BOM before the first record used to dead-letter it as malformed JSON."""
+    import gzip
+
+    from models.config import InputConfig
+    from transforms.io import read_frame
+
+    body = b"\xef\xbb\xbf" + b"".join(json.dumps(_event(i)).encode() + b"\n" for i in (1, 2))
+    path = tmp_path / f"events{suffix}"
+    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    with TestPipeline() as p:
+        read = p | ReadTable("events", str(path), limits=InputConfig(max_quantity=5))
+        assert_that(read.rows | "Ids" >> beam.FlatMap(lambda f: list(f["event_id"])),
+                    equal_to(["E1", "E2"]), label="BothRecordsRead")
+        assert_that(read.dead_letters, equal_to([]), label="NoDeadLetters")
+    frame, rejected = read_frame(str(tmp_path), "events")
+    assert frame["event_id"].tolist() == ["E1", "E2"] and rejected == {}
+
+
+def test_read_table_applies_the_runs_input_limits(tmp_path):
+    from models.config import InputConfig
+
+    path = _write_jsonl(tmp_path / "events.jsonl", [_event(1, quantity=50_000), _event(2)])
+    with TestPipeline() as p:
+        default = p | "Default" >> ReadTable("events", path)
+        raised = p | "Raised" >> ReadTable("events", path,
+                                           limits=InputConfig(max_quantity=100_000))
+        assert_that(default.dead_letters | "Why" >> beam.FlatMap(lambda f: list(f["reason"])),
+                    equal_to(["absurd quantity"]), label="CappedByDefault")
+        assert_that(raised.rows | "Ids" >> beam.FlatMap(lambda f: list(f["event_id"])),
+                    equal_to(["E1", "E2"]), label="WholesaleLinePasses")

@@ -124,7 +124,7 @@ def read_frame(directory: str, table: str, limits: InputConfig = contracts.DEFAU
     else:
         records = []
         with FileSystems.open(path) as handle:
-            for line in handle:
+            for line in iter(handle.readline, b""):  # a .gz handle is not iterable
                 line = contracts.strip_bom(line)
                 if not line.strip():
                     continue
