@@ -61,8 +61,9 @@ def test_every_line_is_a_row_or_a_dead_letter_with_a_reason(data):
     rows, dead, counts = _run(table, lines)
     n_rows = sum(len(f) for f in rows)
     n_dead = sum(len(f) for f in dead)
-    non_blank = sum(1 for line in lines if line.strip())
-    assert counts[f"{table}.read"] == non_blank
+    # a line holding only a byte-order mark is as blank as an empty one
+    non_blank = sum(1 for line in lines if contracts.strip_bom(line).strip())
+    assert counts.get(f"{table}.read", 0) == non_blank
     assert n_rows + n_dead == non_blank
     for frame in dead:
         assert frame["reason"].map(lambda r: isinstance(r, str) and r != "").all()
