@@ -47,7 +47,7 @@ from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteState
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
-from models import rules
+from models import contracts, rules
 from models import streaming as model
 from models.bandit import BanditConfig
 from models.campaign import ALL, KIND_FIELDS, FunnelCounts
@@ -254,9 +254,15 @@ class ParseMessagesFn(beam.DoFn):
     valid record leaves with its payload ``event_time`` as the element
     timestamp. Refused messages become dead letters holding the raw payload,
     its attributes and the reason; they never stop the job.
+
+    A message over the contract's record bound (`contracts.MAX_RECORD_BYTES`;
+    Pub/Sub allows 10 MB) is refused as it arrives and never buffered, and
+    the buffer is flushed at ``FLUSH_BYTES``: a bundle of large messages
+    cannot hold gigabytes in a worker.
     """
 
     FLUSH_AT = 500
+    FLUSH_BYTES = 32 * 1024 * 1024
 
     def __init__(self, table: str, limits: Optional[InputConfig] = None):
         self._table = table
@@ -265,15 +271,22 @@ class ParseMessagesFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._payloads: List[bytes] = []
         self._attributes: List[Optional[dict]] = []
+        self._bytes = 0
 
     def process(self, message) -> Iterator:
         if isinstance(message, (bytes, str)):
-            self._payloads.append(message)
-            self._attributes.append(None)
+            data, attributes = message, None
         else:
-            self._payloads.append(message.data)
-            self._attributes.append(dict(message.attributes or {}))
-        if len(self._payloads) >= self.FLUSH_AT:
+            data, attributes = message.data, dict(message.attributes or {})
+        if len(data) > contracts.MAX_RECORD_BYTES:
+            _, reason = contracts.parse_json_line(data)   # the bound comes first: no parse
+            yield from self._outputs(1, [(reason, data, attributes)],
+                                     model.ParsedMessages([], [], []), in_bundle=True)
+            return
+        self._payloads.append(data)
+        self._attributes.append(attributes)
+        self._bytes += len(data)
+        if len(self._payloads) >= self.FLUSH_AT or self._bytes >= self.FLUSH_BYTES:
             yield from self._flush(in_bundle=True)
 
     def finish_bundle(self) -> Iterator:
@@ -283,32 +296,39 @@ class ParseMessagesFn(beam.DoFn):
         if not self._payloads:
             return
         payloads, attributes = self._payloads, self._attributes
-        self._payloads, self._attributes = [], []
+        self._payloads, self._attributes, self._bytes = [], [], 0
         parsed = model.parse_messages(self._table, payloads, attributes, self._limits)
+        refused = [(reason, payloads[i], attributes[i]) for i, reason in parsed.bad]
+        yield from self._outputs(len(payloads), refused, parsed, in_bundle)
+
+    def _outputs(self, read: int, refused: List[Tuple[str, object, Optional[dict]]],
+                 parsed: model.ParsedMessages, in_bundle: bool) -> Iterator:
+        """Counters, dead letters and records of ``read`` messages.
+
+        In a bundle (``process``) outputs are timestamped values; at its end
+        (``finish_bundle``) they must be windowed values (the global window).
+        """
         now = Timestamp.now()
 
         def emit(value, at: Timestamp, tag: Optional[str] = None):
-            if in_bundle:
-                out = window.TimestampedValue(value, at)
-            else:
-                out = _global(value, at)
+            out = window.TimestampedValue(value, at) if in_bundle else _global(value, at)
             return out if tag is None else beam.pvalue.TaggedOutput(tag, out)
 
         def counter(name: str, n: int):
             tagged = count(name, n)
             return emit(tagged.value, now, tagged.tag)
 
-        yield counter(f"{self._table}.read", len(payloads))
+        yield counter(f"{self._table}.read", read)
         reasons: Dict[str, int] = {}
-        for position, reason in parsed.bad:
+        for reason, payload, attributes in refused:
             # An oversized payload (up to Pub/Sub's 10 MB) is stored as its head and size.
-            yield emit(dead_letter(self._table, "ParseMessages", reason, payloads[position],
-                                   attributes[position]), now, Tag.DEAD_LETTER.value)
+            yield emit(dead_letter(self._table, "ParseMessages", reason, payload, attributes),
+                       now, Tag.DEAD_LETTER.value)
             reasons[reason] = reasons.get(reason, 0) + 1
         for reason, n in sorted(reasons.items()):
             for tagged in refusal_counts(self._table, reason, n):
                 yield emit(tagged.value, now, tagged.tag)
-        for status in set(parsed.attribute_status) - {model.ATTRIBUTE_OK}:
+        for status in sorted(set(parsed.attribute_status) - {model.ATTRIBUTE_OK}):
             yield counter(f"{self._table}.event_time_attribute.{status}",
                           parsed.attribute_status.count(status))
         for record in parsed.records:
