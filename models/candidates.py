@@ -269,8 +269,9 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
     ``score(u, j) = Σ_i affinity(u, i) · similarity(i → j)`` using the
     neighbour table of :func:`item_similarity` (SAR's user-affinity ×
     item-similarity product, one sparse matrix product for all users).
-    ``exclude_seen`` drops SKUs the user already bought (SAR's
-    ``remove_seen``): what they buy again is buy-again's job.
+    ``exclude_seen`` drops every SKU the user already bought, also those
+    beyond the history cap (SAR's ``remove_seen``): what they buy again is
+    buy-again's job.
 
     Returns:
       frame ``user_id, sku, score``, at most ``max_per_user`` per user, best first.
@@ -279,11 +280,13 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
     lines = lines.assign(_w=_decay(lines["event_time"], as_of, half_life_days))
     affinity = lines.groupby(["user_id", "sku"], sort=False).agg(
         a=("_w", "sum"), event_time=("event_time", "max")).reset_index()
+    bought = affinity[["user_id", "sku"]]  # everything, for exclude_seen
     affinity = _top_per(affinity, "user_id", max_history, ["event_time", "sku"], [False, True])
-    skus = pd.Index(np.union1d(np.union1d(affinity["sku"].to_numpy(str),
+    skus = pd.Index(np.union1d(np.union1d(bought["sku"].to_numpy(str),
                                           table["sku"].to_numpy(str)),
                                table["neighbour"].to_numpy(str)))
-    u_codes, users = pd.factorize(affinity["user_id"], sort=True)
+    users = pd.Index(pd.unique(bought["user_id"])).sort_values()
+    u_codes = users.get_indexer(affinity["user_id"])
     a = sparse.csr_matrix((affinity["a"].to_numpy(float),
                            (u_codes, skus.get_indexer(affinity["sku"].to_numpy(str)))),
                           shape=(len(users), len(skus)))
@@ -291,13 +294,16 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
                            (skus.get_indexer(table["sku"].to_numpy(str)),
                             skus.get_indexer(table["neighbour"].to_numpy(str)))),
                           shape=(len(skus), len(skus)))
-    scores = (a @ s).tocoo()
+    product = a @ s
+    if exclude_seen:  # zero every SKU the user bought (beyond the history cap too), all at once
+        seen = sparse.csr_matrix((np.ones(len(bought)), (
+            users.get_indexer(bought["user_id"]),
+            skus.get_indexer(bought["sku"].to_numpy(str)))), shape=product.shape)
+        product = product - product.multiply(seen)
+    scores = product.tocoo()
     out = pd.DataFrame({"user_id": np.asarray(users, dtype=object)[scores.row],
                         "sku": np.asarray(skus, dtype=object)[scores.col],
                         "score": scores.data})
-    if exclude_seen and len(out):
-        seen = a.tocsr()[scores.row, scores.col]
-        out = out.loc[np.asarray(seen).ravel() == 0]
     out = out.loc[out["score"] > 0]
     return _top_per(out, "user_id", max_per_user, ["score", "sku"], [False, True])
 

@@ -247,3 +247,25 @@ def test_recently_bought_window():
     got = candidates.recently_bought(lines, TREND_AS_OF, 7)
     assert sorted(map(tuple, got.values.tolist())) == [("u", "B"), ("v", "A")]
     assert candidates.recently_bought(lines, TREND_AS_OF, 0).empty
+
+
+def test_no_order_lines_gives_empty_results_not_errors():
+    empty = FIVE.iloc[:0]
+    assert candidates.buy_again(empty, AS_OF).empty
+    built = candidates.item_similarity(empty, AS_OF)
+    assert built.table.empty and built.pairs_generated == built.pairs_kept == 0
+    assert candidates.also_bought(empty, AS_OF).scores.empty
+    assert candidates.trending(empty, AS_OF).empty
+    assert candidates.recently_bought(empty, AS_OF, 365).empty
+
+
+def test_exclude_seen_covers_items_beyond_the_history_cap():
+    table = candidates.item_similarity(FIVE, AS_OF, "count", top_n=None, max_history=None,
+                                       mode="basket").table
+    # y bought D long ago and A, B recently; with a cap of 2 only A and B carry affinity,
+    # and D (a neighbour of A and B) must still not come back as "also bought".
+    y = lines_of([("y", "o0", "D", 1), ("y", "o1", "A", 10), ("y", "o2", "B", 11)])
+    scores = candidates.also_bought_scores(y, table, AS_OF, half_life_days=NO_DECAY,
+                                           max_history=2)
+    assert scores["sku"].tolist() == ["C"]
+    assert scores["score"].tolist() == pytest.approx([2 + 2])  # c_AC + c_BC
