@@ -14,6 +14,7 @@ accumulator) and calls :func:`evaluate` in the publish step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -272,6 +273,17 @@ def churn(changed_share: Optional[float], common: int, max_share: float,
         detail += ("; read the stability figures, then rerun with --accept_changes if the "
                    "change is intended")
     return GateResult(CHURN, changed_share, max_share, over and not accept_changes, detail)
+
+
+def baseline_gates(gates: GatesConfig) -> GatesConfig:
+    """The gates of a global-popularity baseline run (``--strategy global``): one list for
+    every user is that strategy's definition, so concentration is not held against it; the
+    other gates stand.
+
+    >>> baseline_gates(GatesConfig(max_sku_user_share=0.9)).max_sku_user_share
+    1.0
+    """
+    return dataclasses.replace(gates, max_sku_user_share=1.0)
 
 
 def evaluate(signals: GateSignals, as_of: pd.Timestamp, counters: Mapping[str, float],

@@ -277,8 +277,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                | "GatherGateSignals" >> GatherGateSignals(config, ctx.as_of))
     run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
                "started_at": ctx.started_at}
+    gated = config if batch.strategy != "global" else config.replace(
+        gates=sanity.baseline_gates(config.gates))  # the baseline's one list is not nonsense
     return counters | "GateAndPublish" >> beam.ParDo(
-        PublishRunFn(ctx.warehouse, run_row, config, batch.min_ratio_vs_last_run,
+        PublishRunFn(ctx.warehouse, run_row, gated, batch.min_ratio_vs_last_run,
                      batch.keep_backups, batch.accept_changes, input_tables(config)),
         beam.pvalue.AsSingleton(violations),
         beam.pvalue.AsList(staged["recommendations"]),

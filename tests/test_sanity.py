@@ -192,3 +192,10 @@ def test_orders_after_as_of_do_not_count_as_history():
     assert sanity.newest_order_time(events, AS_OF) == pd.Timestamp("2025-01-01", tz="UTC")
     assert sanity.newest_order_time(events.iloc[1:], AS_OF) is None  # only a future order
     assert sanity.newest_order_time(events) == pd.Timestamp("2026-06-01", tz="UTC")
+
+
+def test_the_global_baseline_is_not_gated_for_concentration_but_for_the_rest():
+    gates = sanity.baseline_gates(GatesConfig())
+    assert gates.max_sku_user_share == 1.0
+    assert gates.max_history_age_days == GatesConfig().max_history_age_days
+    assert not sanity.sku_concentration(Counter({"A": 10}), 10, gates.max_sku_user_share).tripped

@@ -127,8 +127,11 @@ def test_batch_job_never_logs_or_prints_an_email(world, tmp_path, caplog, capfd)
     emails = {str(e).strip().lower() for e in users["email"].dropna()}
     assert len(emails) > 1000
     caplog.set_level(logging.DEBUG)
+    with open(os.path.join(world, "world.json")) as handle:  # without it the history is stale
+        as_of = json.load(handle)["as_of"]
     code = batch_recommendations.run(["--input_dir", world, "--warehouse",
-                                      str(tmp_path / "warehouse.duckdb"), "--num_shards", "2"])
+                                      str(tmp_path / "warehouse.duckdb"), "--num_shards", "2",
+                                      "--as_of", as_of])
     assert code == 0
     out, err = capfd.readouterr()
     text = "\n".join([out, err] + [r.getMessage() for r in caplog.records]).lower()
