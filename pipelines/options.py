@@ -115,8 +115,9 @@ def require_columns(table: str, where: str, columns: Optional[Iterable[str]],
         if name not in columns:
             close = difflib.get_close_matches(name, sorted(columns), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            shown = sorted(columns)[:40] + (["..."] if len(columns) > 40 else [])
             raise UsageError(f"{setting} {name!r} is not a column of the {table} table "
-                             f"({where}); its columns: {', '.join(sorted(columns))}{hint}")
+                             f"({where}){hint}; its columns: {', '.join(shown)}")
 
 
 def check_attributes(paths: dict, segment_attributes: Sequence[str],
