@@ -596,6 +596,8 @@ def test_rerun_on_the_same_input_is_idempotent(clean_world, first_warehouse, tmp
                    "deduplicated", "qa_violations"):
         assert two[column] == one[column], column
     counters = json.loads(two["counters"])
+    # Only the rerun has a published run to compare with: its churn 0, its inputs 100% (#13).
+    assert (counters.pop("gate.churn"), counters.pop("gate.input_shrinkage")) == (0.0, 1.0)
     assert counters == json.loads(one["counters"])
     assert all(r["unexplained"] == 0 for r in reconcile(counters).values())
     stability = again["stability_report"].set_index("run_id").loc["again"]
