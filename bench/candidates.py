@@ -1,4 +1,4 @@
-"""Backtest of the issue #14 candidate sources and slot mixes on the real grocer, beside SQL baselines.
+"""Backtest of the #14 candidate sources and slot mixes on the real grocer, beside SQL baselines.
 
     python bench/candidates.py                       # imports the data into bench/work if missing
     python bench/candidates.py --data out/completejourney --periods 3 --ks 4,10
@@ -47,7 +47,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -227,8 +227,8 @@ class Grocer:
         self.sql.execute("SET TimeZone = 'UTC'")
         self.sql.execute(LINES_SQL, [jsonl(data, "events"), jsonl(data, "holdout_events")])
         self.sql.register("eligible", self.eligible)
-        self.sql.execute("CREATE TABLE users AS SELECT DISTINCT CAST(user_id AS VARCHAR) AS user_id "
-                         "FROM read_json_auto(?, format = 'newline_delimited')",
+        self.sql.execute("CREATE TABLE users AS SELECT DISTINCT CAST(user_id AS VARCHAR) "
+                         "AS user_id FROM read_json_auto(?, format = 'newline_delimited')",
                          [jsonl(data, "users")])
 
     def run_sql(self, query: str, cutoff: pd.Timestamp, k: int) -> pd.DataFrame:
@@ -271,7 +271,8 @@ def eligible_only(frame: pd.DataFrame, eligible: frozenset) -> pd.DataFrame:
     return frame.loc[frame["sku"].isin(eligible)].reset_index(drop=True)
 
 
-def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int, log: Dict) -> Dict[str, pd.DataFrame]:
+def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int,
+                      log: Dict) -> Dict[str, pd.DataFrame]:
     """Every strategy's slots for one cutoff at one k."""
     train = g.lines.loc[g.lines["event_time"] < cutoff].reset_index(drop=True)
     ok = g.eligible_set
@@ -362,8 +363,8 @@ def backtest(g: Grocer, periods: int, ks: List[int]) -> dict:
                 got["users_served"] = int(slots["user_id"].nunique())
                 got["mean_list_length"] = float(slots.groupby("user_id").size().mean())
                 if name.startswith("mix"):
-                    got["slot_sources"] = {
-                        s: float(v) for s, v in slots["source"].value_counts(normalize=True).items()}
+                    shares = slots["source"].value_counts(normalize=True)
+                    got["slot_sources"] = {s: float(v) for s, v in shares.items()}
                 figures[name] = got
             clusters[k].append(np.asarray(buyers, dtype=object))
             period["by_k"][str(k)] = {"strategies": figures, **log,
@@ -456,7 +457,8 @@ def time_similarity(data: str, repeats: int) -> dict:
     joined = py.merge(sql, on=["sku", "neighbour"], how="outer", suffixes=("_py", "_sql"),
                       indicator=True)
     both = joined["_merge"] == "both"
-    same = both & np.isclose(joined["similarity_py"].fillna(-1), joined["similarity_sql"].fillna(-1))
+    same = both & np.isclose(joined["similarity_py"].fillna(-1),
+                             joined["similarity_sql"].fillna(-1))
     sides["agreement"] = {"python_rows": int(len(py)), "sql_rows": int(len(sql)),
                           "rows_in_both_with_equal_similarity": int(same.sum())}
     sides["cpu_ratio_python_over_sql"] = round(

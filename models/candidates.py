@@ -84,7 +84,7 @@ def recently_bought(order_lines: pd.DataFrame, as_of: pd.Timestamp, days: int) -
 
 def repurchase_intervals(order_lines: pd.DataFrame, as_of: pd.Timestamp,
                          min_gap_days: float = 1.0, min_gaps: int = 1) -> pd.DataFrame:
-    """Each SKU's typical repurchase interval: the median gap between a user's consecutive orders of it.
+    """Each SKU's typical repurchase interval: median gap between a user's consecutive orders of it.
 
     Gaps are pooled over every user who bought the SKU twice or more. A gap
     under ``min_gap_days`` (two baskets on one shopping trip) is not a
@@ -207,7 +207,7 @@ def _similarity(measure: str, c_ij: np.ndarray, c_ii: np.ndarray, c_jj: np.ndarr
 
 
 def _capped_items(lines: pd.DataFrame, unit: str, max_history: Optional[int]):
-    """Distinct (unit, sku) with each unit's most recent ``max_history`` SKUs; and the number cut."""
+    """Distinct (unit, sku), each unit's ``max_history`` most recent SKUs; and the number cut."""
     last = lines.groupby([unit, "sku"], sort=False)["event_time"].max().reset_index()
     kept = _top_per(last, unit, max_history, ["event_time", "sku"], [False, True])
     return kept, len(last) - len(kept)
@@ -341,8 +341,8 @@ def trending(order_lines: pd.DataFrame, as_of: pd.Timestamp, period_days: float 
 
     Formula, with P = ``period_days``::
 
-        recent(i)   = Σ over orders of i in (as_of − P, as_of]     of 0.5 ** ((as_of − t) / h)
-        previous(i) = Σ over orders of i in (as_of − 2P, as_of − P] of 0.5 ** ((as_of − P − t) / h)
+        recent(i)   = Σ orders of i in (as_of − P, as_of]      of 0.5 ** ((as_of − t) / h)
+        previous(i) = Σ orders of i in (as_of − 2P, as_of − P] of 0.5 ** ((as_of − P − t) / h)
         growth(i)   = recent / previous − 1           (+inf when previous = 0)
         multiplier  = 1 + boost   if recent_orders ≥ min_count and growth ≥ growth_threshold
                     = 1           otherwise
@@ -386,8 +386,8 @@ def trending(order_lines: pd.DataFrame, as_of: pd.Timestamp, period_days: float 
         growth = np.where(out["previous"] > 0, out["recent"] / out["previous"] - 1.0, np.inf)
     growth = np.where(out["recent"] > 0, growth, np.where(out["previous"] > 0, -1.0, 0.0))
     out["growth"] = growth
-    hot = ((out["recent_orders"] >= min_count)
-           & (out["growth"] >= growth_threshold - GROWTH_TOLERANCE * max(1.0, abs(growth_threshold))))
+    threshold = growth_threshold - GROWTH_TOLERANCE * max(1.0, abs(growth_threshold))
+    hot = (out["recent_orders"] >= min_count) & (out["growth"] >= threshold)
     out["multiplier"] = np.where(hot, 1.0 + boost, 1.0)
     return out.reset_index()
 
@@ -406,7 +406,7 @@ def trending_candidates(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def apply_boost(scores: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Multiply a source's ``score`` by each SKU's trending multiplier (1 for SKUs not in ``table``).
+    """A source's ``score`` times each SKU's trending multiplier (1 for SKUs not in ``table``).
 
     >>> s = pd.DataFrame({"sku": ["A", "B"], "score": [1.0, 1.1]})
     >>> t = pd.DataFrame({"sku": ["A"], "multiplier": [1.2]})

@@ -183,14 +183,15 @@ def test_buy_again_frequency_is_decayed_and_ranked_per_user():
     assert p.set_index("sku").loc["milk", "score"] == pytest.approx(freq * 0.5)
     assert p["sku"].tolist() == ["tv", "milk"]  # tv: 0.5 ** 0.1 = 0.93 > 0.66
     top = candidates.buy_again(DUE_LINES, DUE_AS_OF, half_life_days=10.0, max_per_user=1)
-    assert top.groupby("user_id").size().max() == 1 and top.loc[top.user_id == "p", "sku"].item() == "tv"
+    assert top.groupby("user_id").size().max() == 1
+    assert top.loc[top.user_id == "p", "sku"].item() == "tv"
 
 
 # --- trending -----------------------------------------------------------------------------
 
 def trend_lines(recent: int, previous: int, offset_days: float = 1.0, period: float = 14.0,
                 sku: str = "A"):
-    """``recent`` orders ``offset_days`` before as_of, ``previous`` at the same offset one period earlier."""
+    """``recent`` orders ``offset_days`` before as_of; ``previous`` the same, one period earlier."""
     rows = [(f"r{i}", f"r{i}", sku, 28 - offset_days) for i in range(recent)]
     rows += [(f"p{i}", f"p{i}", sku, 28 - period - offset_days) for i in range(previous)]
     return lines_of(rows)

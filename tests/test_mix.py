@@ -1,4 +1,4 @@
-"""Hand-checked slot mixes (models/mix.py, issue #14): fallback, no duplicates, diversity, rule 4."""
+"""Hand-checked slot mixes (models/mix.py, #14): fallback, no duplicates, diversity, rule 4."""
 import numpy as np
 import pandas as pd
 import pytest
