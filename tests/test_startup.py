@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -354,7 +355,8 @@ def test_a_crash_exits_3_with_one_line_and_keeps_the_traceback(world, tmp_path, 
         pass
 
 
-def test_exit_status_mapping():
+def test_exit_status_mapping(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the crash's traceback file
     def gated(argv):
         return 1
 
@@ -371,5 +373,6 @@ def test_exit_status_mapping():
     assert jobs.run_with_status(refused, []) == 2
     assert jobs.run_with_status(old_style, []) == 2
     assert jobs.run_with_status(crashed, []) == 3
+    assert len(list(tmp_path.glob("job-*.traceback"))) == 1
     assert jobs.run_with_status(lambda argv: "path", [], returns_status=False) == 0
     assert str(UsageError("a\n  b")) == "a b"  # always one line
