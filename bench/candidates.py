@@ -89,10 +89,22 @@ LINES_SQL = f"""
 CREATE OR REPLACE TABLE lines AS
 SELECT order_id, sku, any_value(user_id) AS user_id, min(event_time) AS event_time
 FROM (SELECT order_id, sku, user_id, CAST(event_time AS TIMESTAMPTZ) AS event_time
-      FROM read_json_auto([?, ?], format = 'newline_delimited')
-      WHERE event_name IN {ORDER_NAMES})
+      FROM {{reader}}
+      WHERE event_name IN {ORDER_NAMES} AND order_id IS NOT NULL AND sku IS NOT NULL)
 GROUP BY order_id, sku;
 """
+
+
+def lines_sql(data: str) -> str:
+    """LINES_SQL over the directory's events and holdout_events, JSON Lines or Parquet."""
+    parquet = os.path.exists(os.path.join(data, "events.parquet"))
+    suffix = "parquet" if parquet else "jsonl"
+    files = [os.path.join(data, f"{t}.{suffix}") for t in ("events", "holdout_events")]
+    listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files
+                             if os.path.exists(f)) + "]"
+    reader = (f"read_parquet({listed}, union_by_name = true)" if parquet
+              else f"read_json_auto({listed}, format = 'newline_delimited')")
+    return LINES_SQL.format(reader=reader)
 
 GLOBAL_POPULARITY_SQL = """
 WITH pop AS (
@@ -190,7 +202,7 @@ def load_lines(data: str) -> pd.DataFrame:
     """Distinct order lines of history and holdout (the sources' input), times in UTC."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    con.execute(LINES_SQL, [jsonl(data, "events"), jsonl(data, "holdout_events")])
+    con.execute(lines_sql(data))
     lines = con.execute("SELECT * FROM lines").df()
     lines["event_time"] = pd.to_datetime(lines["event_time"], utc=True)
     for column in ("order_id", "sku", "user_id"):
@@ -225,7 +237,7 @@ class Grocer:
         self.lines = load_lines(data)
         self.sql = duckdb.connect()
         self.sql.execute("SET TimeZone = 'UTC'")
-        self.sql.execute(LINES_SQL, [jsonl(data, "events"), jsonl(data, "holdout_events")])
+        self.sql.execute(lines_sql(data))
         self.sql.register("eligible", self.eligible)
         self.sql.execute("CREATE TABLE users AS SELECT DISTINCT CAST(user_id AS VARCHAR) "
                          "AS user_id FROM read_json_auto(?, format = 'newline_delimited')",
@@ -469,6 +481,23 @@ def time_similarity(data: str, repeats: int) -> dict:
     return sides
 
 
+def add_scale_timing(world: str, repeats: int) -> int:
+    """Times the also-bought build on a bigger world; kept beside the grocer's in the results."""
+    timing = time_similarity(world, repeats)
+    timing.update({"world": os.path.basename(os.path.normpath(world)), "commit": commit(),
+                   "generated_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds")})
+    result = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS, encoding="utf-8") as handle:
+            result = json.load(handle)
+    result.setdefault("also_bought_build_at_scale", {})[timing["world"]] = timing
+    with open(RESULTS, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1, default=str)
+        handle.write("\n")
+    print(f"added {timing['world']} to {os.path.relpath(RESULTS, ROOT)}", flush=True)
+    return 0
+
+
 def commit() -> Optional[str]:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
@@ -485,12 +514,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--periods", type=int, default=3, help="cutoffs, 28 days apart")
     parser.add_argument("--ks", default="4,10", help="list lengths, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per side")
+    parser.add_argument("--scale_world", default=None,
+                        help="only time the also-bought build on this world directory (e.g. a "
+                             "generated preset, Parquet or JSON Lines) and add it to the results")
     parser.add_argument("--part", choices=("all", "python", "duckdb_sql"), default="all",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.part != "all":
         print(json.dumps(build_side(args.part, args.data, args.repeats)))
         return 0
+    if args.scale_world:
+        return add_scale_timing(args.scale_world, args.repeats)
     ensure_data(args.data, args.source)
     started = time.perf_counter()
     g = Grocer(args.data, args.config)
