@@ -188,17 +188,22 @@ def _field(key: object) -> str:
     return key if key in CONTRACT_FIELDS else "extra field"
 
 
-def _may_repeat_a_key(raw: bytes, record: dict) -> bool:
-    """False when the line provably holds no key twice (the usual case: a few C-level scans).
+_JSON_WHITESPACE = b" \t\r\n"
 
-    In a line without backslashes no string can hold a quote, so ``":`` occurs once
-    per key written without whitespace before its colon; when that count equals the
-    record's keys and no quote is followed by whitespace (``"sku" :``), no key is
-    repeated. A line with a backslash (an escaped key could hide a repeat), a nested
-    object, such whitespace or a repeat is checked the slow way.
+
+def _may_repeat_a_key(raw: bytes, n_keys: int) -> bool:
+    """False when ``raw`` provably holds no key twice (the usual case: two C-level passes).
+
+    In text without backslashes no string can hold a quote, so once JSON whitespace
+    is deleted every key ends in exactly one ``":`` (deleting never removes one, and
+    at worst makes a value look like an extra key, which only costs the slow check).
+    When that count equals the keys parsed, no key is repeated. Text with a
+    backslash (an escaped key could hide a repeat), a nested object or a repeat is
+    checked the slow way. ``raw`` may be many lines joined and ``n_keys`` their keys
+    in total: each line has at least as many ``":`` as keys, so equal totals clear
+    every line at once.
     """
-    return (raw.count(b'":') != len(record) or b"\\" in raw or b'" ' in raw
-            or b'"\t' in raw or b'"\r' in raw or b'"\n' in raw)
+    return b"\\" in raw or raw.translate(None, _JSON_WHITESPACE).count(b'":') != n_keys
 
 
 class _Repeats:
@@ -251,47 +256,78 @@ def parse_json_line(line: str | bytes) -> Tuple[Optional[dict], Optional[str]]:
     price is reported as a bad price rather than as malformed JSON, and a lone
     surrogate (``"\\ud800"``, which no UTF-8 writer can store) as
     ``invalid unicode in <field>``. A key given twice is ``duplicate key <field>``:
-    orjson would silently keep the last value, so the line is re-parsed with a
-    hook only when a key's quoted name occurs more than once in it. Records over
-    ``MAX_RECORD_BYTES`` are refused before parsing.
+    orjson would silently keep the last value, so a line is re-parsed with a hook
+    unless a cheap count proves it repeats no key (:func:`_may_repeat_a_key`).
+    Records over ``MAX_RECORD_BYTES`` are refused before parsing.
     """
-    if len(line) > MAX_RECORD_BYTES:
-        return None, "oversized record"
-    if isinstance(line, str):
+    return parse_json_lines([line])[0]
+
+
+def parse_json_lines(lines: Sequence[str | bytes]) -> List[Tuple[Optional[dict], Optional[str]]]:
+    """:func:`parse_json_line` over a batch, with the repeated-key count done once for it all.
+
+    A file's lines are written alike, so one count over the joined batch clears
+    the usual batch; only a batch it cannot clear is counted line by line.
+    """
+    out: List = [None] * len(lines)
+    raws: List[bytes] = []
+    parsed: List[int] = []  # positions orjson parsed into objects; repeats not yet ruled out
+    loads, refused = orjson.loads, orjson.JSONDecodeError
+    for i, line in enumerate(lines):
+        if len(line) > MAX_RECORD_BYTES:
+            out[i] = (None, "oversized record")
+            continue
+        if line.__class__ is not bytes:
+            try:
+                line = line.encode("utf-8")
+            except UnicodeEncodeError:
+                out[i] = (None, "not UTF-8 text")
+                continue
         try:
-            line = line.encode("utf-8")
-        except UnicodeEncodeError:
-            return None, "not UTF-8 text"
-    record: object = None
+            record = loads(line)
+        except refused:
+            out[i] = _parse_slowly(line)
+            continue
+        if record.__class__ is dict:
+            out[i] = record
+            parsed.append(i)
+            raws.append(line)
+        else:
+            out[i] = (None, "record is not a JSON object")
+    if parsed and _may_repeat_a_key(b"\n".join(raws), sum(len(out[i]) for i in parsed)):
+        for i, raw in zip(parsed, raws):
+            if _may_repeat_a_key(raw, len(out[i])):
+                out[i] = _parse_slowly(raw)
+    for i in parsed:
+        if out[i].__class__ is dict:
+            out[i] = (out[i], None)
+    return out
+
+
+def _parse_slowly(line: bytes) -> Tuple[Optional[dict], Optional[str]]:
+    """The standard library's parse, for what orjson refused or a possibly repeated key."""
     try:
-        record = orjson.loads(line)
-        slow = isinstance(record, dict) and _may_repeat_a_key(line, record)
-    except orjson.JSONDecodeError:
-        slow = True
-    if slow:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "not UTF-8 text"
-        repeats = _Repeats()
-        try:
-            record = json.loads(text, object_pairs_hook=repeats)
-        except (ValueError, TypeError, RecursionError):
-            return None, "malformed JSON"
-        if repeats.key is not None:
-            return None, f"duplicate key {_field(repeats.key)}"
-        if isinstance(record, dict):
-            field = _invalid_unicode(record)
-            if field is not None:
-                return None, f"invalid unicode in {field}"
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    repeats = _Repeats()
+    try:
+        record = json.loads(text, object_pairs_hook=repeats)
+    except (ValueError, TypeError, RecursionError):
+        return None, "malformed JSON"
+    if repeats.key is not None:
+        return None, f"duplicate key {_field(repeats.key)}"
     if not isinstance(record, dict):
         return None, "record is not a JSON object"
+    field = _invalid_unicode(record)
+    if field is not None:
+        return None, f"invalid unicode in {field}"
     return record, None
 
 
 def strip_bom(line: bytes) -> bytes:
     """A line without the UTF-8 byte-order mark that some exporters put where a file starts."""
-    return line[3:] if line[:3] == _BOM else line
+    return line[3:] if line.startswith(_BOM) else line
 
 
 def storable_text(text: str) -> str:
@@ -388,7 +424,9 @@ def _as_text(values: pd.Series, column: Column, reasons: "_Reasons") -> Tuple[pd
     wrong = ~is_str & ~missing
     text = np.where(is_str, raw, None).astype(object)
     strings = raw[is_str].astype(object)
-    if _flag(strings, _UNSAFE).any():
+    # isprintable() is False for every control character and surrogate (and for a few
+    # harmless ones, such as a no-break space): one fast C pass clears the usual column.
+    if not " ".join(strings).isprintable() and _flag(strings, _UNSAFE).any():
         surrogate = _spread(_flag(strings, _SURROGATE), is_str)
         control = _spread(_flag(strings, _CONTROL), is_str)
         reasons.add(surrogate, f"invalid unicode in {column.name}")

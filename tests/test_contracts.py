@@ -560,3 +560,16 @@ def test_make_and_model_are_matched_case_insensitively_in_users_and_fitment():
 
 def test_validate_keeps_default_limits_for_callers_that_pass_none():
     assert validate("events", records_frame("events", [_event()])).rows["sku"].tolist() == ["SKU-1"]
+
+
+def test_a_repeated_key_is_found_in_a_batch_of_clean_lines():
+    from models.contracts import parse_json_lines
+    clean = [json.dumps(_event(event_id=f"e{i}")).encode() for i in range(50)]
+    lines = clean[:20] + [b'{"event_id": "d", "sku": "A", "sku": "B"}'] + clean[20:] + [
+        b'{"x": {"k": 1}, "sku": "S"}', b"[1]", b'{"sku": "\\ud800"}']
+    out = parse_json_lines(lines)
+    assert [reason for _, reason in out] == [parse_json_line(line)[1] for line in lines]
+    assert [reason for _, reason in out if reason] == [
+        "duplicate key sku", "record is not a JSON object", "invalid unicode in sku"]
+    assert [r["event_id"] for r, _ in out[:20]] == [f"e{i}" for i in range(20)]
+    assert out[-3] == ({"x": {"k": 1}, "sku": "S"}, None)

@@ -56,11 +56,8 @@ class ParseJsonLinesFn(beam.DoFn):
 
     def process(self, lines: List[bytes]) -> Iterator:
         records, raw, bad_lines, bad_reasons = [], [], [], []
-        for line in lines:
-            line = contracts.strip_bom(line)
-            if not line.strip():
-                continue
-            record, reason = contracts.parse_json_line(line)
+        lines = [line for line in map(contracts.strip_bom, lines) if line.strip()]
+        for line, (record, reason) in zip(lines, contracts.parse_json_lines(lines)):
             if record is None:
                 bad_lines.append(_text(line))
                 bad_reasons.append(reason)
