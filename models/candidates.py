@@ -110,7 +110,7 @@ def repurchase_intervals(order_lines: pd.DataFrame, as_of: pd.Timestamp,
 
 def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: float = 30.0,
               max_due: float = 1.0, min_gap_days: float = 1.0, min_gaps: int = 1,
-              max_per_user: Optional[int] = None) -> pd.DataFrame:
+              max_per_user: Optional[int] = None, due: bool = True) -> pd.DataFrame:
     """Score each ``(user, sku)`` the user bought before by decayed frequency × due-ness.
 
     Formula, for user u and SKU i::
@@ -132,6 +132,8 @@ def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: fl
     Args:
       max_per_user: keep only each user's best N (None: all), bounding the
         output at N rows per user.
+      due: False scores by decayed frequency alone (every due factor 1): on
+        the grocer's sampled history due-ness lost (docs/recommenders.md).
 
     Returns:
       frame ``user_id, sku, score, frequency, orders, days_since, interval_days, due``
@@ -151,6 +153,8 @@ def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: fl
                 last=("event_time", "max")).reset_index())
     per["days_since"] = (as_of - per["last"]).dt.total_seconds().to_numpy(float) / DAY_SECONDS
     intervals = repurchase_intervals(lines, as_of, min_gap_days, min_gaps)
+    if not due:
+        intervals = intervals.iloc[:0]
     per = per.merge(intervals[["sku", "interval_days"]], on="sku", how="left")
     ratio = per["days_since"].to_numpy(float) / per["interval_days"].to_numpy(float)
     per["due"] = np.where(np.isnan(ratio), 1.0, np.minimum(ratio, max_due))

@@ -270,3 +270,9 @@ def test_exclude_seen_covers_items_beyond_the_history_cap():
                                            max_history=2)
     assert scores["sku"].tolist() == ["C"]
     assert scores["score"].tolist() == pytest.approx([2 + 2])  # c_AC + c_BC
+
+
+def test_buy_again_without_due_ness_is_decayed_frequency():
+    out = candidates.buy_again(DUE_LINES, DUE_AS_OF, half_life_days=NO_DECAY, due=False)
+    assert (out["due"] == 1.0).all()
+    assert out.set_index(["user_id", "sku"]).loc[("p", "milk"), "score"] == pytest.approx(2.0)
