@@ -12,7 +12,8 @@ What a valid record is, beyond types and required fields:
   control characters. A padded ``" AA001R "`` is refused, never stripped into
   another product's SKU;
 * every contract string is valid Unicode (no lone surrogates) and free of
-  control characters (C0, DEL, C1: NUL and ANSI escapes included);
+  control characters (C0, DEL, C1: NUL and ANSI escapes included) and, except
+  display text, of invisible format characters (zero-width, bidi overrides);
 * times are RFC 3339 with an explicit offset (``Z`` or ``+hh:mm``);
 * an e-mail is an addr-spec (see :data:`EMAIL_PATTERN`);
 * vehicle years, quantities and prices lie within :class:`models.config.InputConfig`;
@@ -70,7 +71,17 @@ _EMAIL = re.compile(EMAIL_PATTERN, re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # UTF-16 surrogate code points: a JSON "\ud800" decodes to one and no UTF-8 writer takes it.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Unicode format characters (category Cf, Unicode 14): zero-width spaces and joiners,
+# bidirectional overrides, the BOM. Invisible, they make "AA\u200b001R" look like AA001R and
+# "\u202eGNATSUM" display as MUSTANG; refused everywhere but display text (title, brand),
+# where a soft hyphen or an emoji's zero-width joiner is legitimate.
+_FORMAT = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]")
+DISPLAY_TEXT_FIELDS = frozenset({"title", "brand", "reason"})
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]|" + _FORMAT.pattern)
 _SPACE = re.compile(r"\s")
 _BOM = b"\xef\xbb\xbf"
 
@@ -350,12 +361,6 @@ def records_frame(table: str, records: Sequence[dict]) -> pd.DataFrame:
                          for n in names})
 
 
-def _missing(value) -> bool:
-    """None, NaN, pd.NA or NaT: a value that is simply absent."""
-    return value is None or value is pd.NA or value is pd.NaT or (
-        isinstance(value, float) and math.isnan(value))
-
-
 def _kinds(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Masks of missing values and of strings in an object array.
 
@@ -424,15 +429,18 @@ def _as_text(values: pd.Series, column: Column, reasons: "_Reasons") -> Tuple[pd
     wrong = ~is_str & ~missing
     text = np.where(is_str, raw, None).astype(object)
     strings = raw[is_str].astype(object)
-    # isprintable() is False for every control character and surrogate (and for a few
-    # harmless ones, such as a no-break space): one fast C pass clears the usual column.
+    # isprintable() is False for every control, format and surrogate character (and for a
+    # few harmless ones, such as a no-break space): one fast C pass clears the usual column.
     if not " ".join(strings).isprintable() and _flag(strings, _UNSAFE).any():
         surrogate = _spread(_flag(strings, _SURROGATE), is_str)
         control = _spread(_flag(strings, _CONTROL), is_str)
+        invisible = (np.zeros(len(raw), bool) if column.name in DISPLAY_TEXT_FIELDS
+                     else _spread(_flag(strings, _FORMAT), is_str))
         reasons.add(surrogate, f"invalid unicode in {column.name}")
         reasons.add(control, f"control character in {column.name}")
+        reasons.add(invisible, f"invisible character in {column.name}")
         # Such values go no further: a later step must not choke on them.
-        bad = surrogate | control
+        bad = surrogate | control | invisible
         text[bad] = None
         is_str &= ~bad
         strings = text[is_str].astype(object)

@@ -573,3 +573,18 @@ def test_a_repeated_key_is_found_in_a_batch_of_clean_lines():
         "duplicate key sku", "record is not a JSON object", "invalid unicode in sku"]
     assert [r["event_id"] for r, _ in out[:20]] == [f"e{i}" for i in range(20)]
     assert out[-3] == ({"x": {"k": 1}, "sku": "S"}, None)
+
+
+@pytest.mark.parametrize("table, field", [(t, f) for t, f in _STRING_CASES
+                                          if f not in ("title", "brand")])
+@pytest.mark.parametrize("char", ["\u200b", "\u200c", "\u202e", "\u2066", "\ufeff", "\u00ad"])
+def test_invisible_format_characters_are_refused_outside_display_text(table, field, char):
+    make_row, _ = _STRING_FIELDS[table]
+    value = f"AA{char}001R" if field != "email" else f"a{char}b@x.com"
+    assert _single_reason(table, make_row(**{field: value})) == f"invisible character in {field}"
+
+
+def test_display_text_may_hold_a_soft_hyphen_or_an_emoji_joiner():
+    checked = _check("catalog", [_catalog(title="Turbo\u00adcharger \U0001F468\u200d\U0001F527",
+                                          brand="Acme\u00ad")])
+    assert len(checked.bad_positions) == 0

@@ -110,7 +110,7 @@ def test_specific_reasons_for_hostile_lines():
 
 
 def test_email_case_is_normalised_and_padding_refused():
-    """Any case is one address; whitespace is no part of an addr-spec, so a padded one is refused."""
+    """Any case is one address; whitespace is no part of an addr-spec: padding is refused."""
     frame = contracts.records_frame("users", [
         {"user_id": "U1", "email": "Ana.Lopez@Example.COM"},
         {"user_id": "U2", "email": "ana.lopez@example.com"},

@@ -97,7 +97,7 @@ class ValidateArrowFn(beam.DoFn):
 
 
 def _text(line: bytes, limit: int = 10_000) -> str:
-    """A raw line as storable text: undecodable bytes and lone surrogates escaped, huge lines cut."""
+    """A raw line as storable text: bad bytes and lone surrogates escaped, huge lines cut."""
     text = (line.decode("utf-8", errors="backslashreplace") if isinstance(line, bytes)
             else contracts.storable_text(line))
     return text if len(text) <= limit else text[:limit] + f"... [{len(text):,} chars]"
@@ -155,7 +155,8 @@ class ReadTable(beam.PTransform):
         if self._path.endswith(".parquet"):
             validated = (pbegin
                          | "ReadParquet" >> ReadFromParquetBatched(self._path)
-                         | "Validate" >> beam.ParDo(ValidateArrowFn(self._table, self._limits)).with_outputs(
+                         | "Validate" >> beam.ParDo(
+                             ValidateArrowFn(self._table, self._limits)).with_outputs(
                              Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
         else:
             validated = (pbegin
