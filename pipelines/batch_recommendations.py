@@ -59,6 +59,14 @@ STRATEGIES = ("segment", "global")
 class BatchOptions(PipelineOptions):
     """Options of the batch recommendations job (shared ones are in CommonOptions)."""
 
+    @staticmethod
+    def true_or_false(text: str) -> bool:
+        """``--flag=true|false`` (a Flex Template passes every parameter with a value)."""
+        value = {"true": True, "false": False}.get(str(text).strip().lower())
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return value
+
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--ranker_model", default=None,
@@ -71,10 +79,12 @@ class BatchOptions(PipelineOptions):
         parser.add_argument("--min_ratio_vs_last_run", type=float, default=0.5,
                             help="Gate the run when it writes fewer than this share of "
                                  "the last published run's rows.")
-        parser.add_argument("--accept_changes", action="store_true", default=False,
-                            help="Publish even when more users' lists changed against the "
-                                 "last published output than gates.max_changed_user_share "
-                                 "allows (read the stability figures of the gated run first).")
+        parser.add_argument("--accept_changes", type=cls.true_or_false, nargs="?", const=True,
+                            default=False,
+                            help="true (or the bare flag): publish even when more users' "
+                                 "lists changed against the last published output than "
+                                 "gates.max_changed_user_share allows (read the stability "
+                                 "figures of the gated run first).")
         parser.add_argument("--keep_backups", type=int, default=7,
                             help="Backups of earlier outputs kept after a publish (at least "
                                  "1); older ones are dropped.")

@@ -254,3 +254,27 @@ def test_cli_lists_prunes_and_rolls_back_the_local_warehouse(tmp_path, capsys):
     assert len(local.list_backups()) == 1
     assert publish_cli.main(["rollback", "--to", "nope", "--warehouse", path]) == 2
     assert os.path.exists(path)
+
+
+def test_a_warehouse_made_before_the_gates_gains_their_columns(tmp_path):
+    """qa_checks made by an earlier version (four columns) still takes this version's rows.
+
+    DuckDB only: BigQueryWarehouse.ensure_table patches the new NULLABLE columns in, but the
+    emulator answers the next insertAll with a 500 (its storage keeps the old columns), so
+    that path is not exercised here.
+    """
+    warehouse = LocalWarehouse(str(tmp_path / "warehouse.duckdb"))
+    old = pa.table({"run_id": ["before"], "rule_id": [1], "name": ["rule one"],
+                    "violations": [0]},
+                   schema=pa.schema([("run_id", pa.string()), ("rule_id", pa.int64()),
+                                     ("name", pa.string()), ("violations", pa.int64())]))
+    with warehouse.connect() as con:
+        con.register("old", old)
+        con.execute("CREATE TABLE qa_checks AS SELECT * FROM old")
+    _publish_run(warehouse, "after", OLD, tmp_path)
+    qa = warehouse.query("SELECT run_id, rule_id, value, threshold, detail FROM qa_checks")
+    assert len(qa) == 1 + 15 + 7
+    earlier = qa[qa["run_id"] == "before"].iloc[0]
+    assert pd.isna(earlier["value"]) and pd.isna(earlier["detail"])
+    gates = qa[(qa["run_id"] == "after") & (qa["rule_id"] > 100)]
+    assert len(gates) == 7 and gates["threshold"].notna().all()

@@ -466,10 +466,23 @@ def _exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
 def _append(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
     con.register("incoming", table)
     if _exists(con, name):
+        _add_new_columns(con, name)
         con.execute(f"INSERT INTO {identifier(name)} BY NAME SELECT * FROM incoming")
     else:
         con.execute(f"CREATE TABLE {identifier(name)} AS SELECT * FROM incoming")
     con.unregister("incoming")
+
+
+def _add_new_columns(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Columns the table's schema gained since the table was created (e.g. the gates' value,
+    threshold and detail in ``qa_checks``, #13) are added, NULL in older rows, so a warehouse
+    made by an earlier version keeps accepting rows."""
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+        [name]).fetchall()}
+    for column, kind, *_ in con.execute("DESCRIBE SELECT * FROM incoming").fetchall():
+        if column not in have:
+            con.execute(f"ALTER TABLE {identifier(name)} ADD COLUMN {identifier(column)} {kind}")
 
 
 # --------------------------------------------------------------------------- BigQuery
@@ -667,7 +680,13 @@ class BigQueryWarehouse:
         spec = {"tableReference": {"projectId": ref.project, "datasetId": ref.dataset,
                                    "tableId": ref.table},
                 **schemas.bigquery_table(like or name, schema)}
-        self.client.create_table(bigquery.Table.from_api_repr(spec), exists_ok=True)
+        existing = self.client.create_table(bigquery.Table.from_api_repr(spec), exists_ok=True)
+        have = {f.name for f in existing.schema}
+        new = [bigquery.SchemaField.from_api_repr(f) for f in spec["schema"]["fields"]
+               if f["name"] not in have and f["mode"] != "REQUIRED"]
+        if new:  # columns added since the table was made (#13: qa_checks' gate columns)
+            existing.schema = list(existing.schema) + new
+            self.client.update_table(existing, ["schema"])
 
     def append(self, name: str, table: Union[pa.Table, Staged]) -> None:
         """Append rows to a log table (streaming insert, one insert id per row)."""
