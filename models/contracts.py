@@ -18,6 +18,18 @@ What a valid record is, beyond types and required fields:
 * an e-mail is an addr-spec (see :data:`EMAIL_PATTERN`);
 * vehicle years, quantities and prices lie within :class:`models.config.InputConfig`;
 * vehicle makes and models are canonicalised (see :func:`vehicle_spelling`).
+
+Dead-letter reasons (each a counter ``dead_letter.<reason>``, so a field is named
+only when it is a contract field, else "extra field"): parsing gives
+``oversized record``, ``not UTF-8 text``, ``malformed JSON``, ``record is not a JSON
+object``, ``duplicate key <field>``, ``invalid unicode in <field>``; validation gives
+``missing <field>``, ``wrong type for <field>``, ``invalid unicode in <field>``,
+``control character in <field>``, ``invisible character in <field>``, ``padded
+<field>``, ``malformed <time field>``, ``implausible <time field>``, ``non-finite
+<field>``, ``negative <field>``, ``non-integer <field>``, ``absurd price``, ``absurd
+quantity``, ``implausible year``, ``zero quantity on order``, ``malformed email``,
+``unknown event_name``, ``order event without order_id``, ``unknown kind``, ``zero
+price``.
 """
 from __future__ import annotations
 
