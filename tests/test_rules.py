@@ -143,6 +143,9 @@ PLANTS = {
     "13 upper-case email": (13, lambda r, b: _set(r, "u1", "email_lower", "A@x.com")),
     "13 padded email": (13, lambda r, b: _set(r, "u1", "email_lower", " a@x.com")),
     "13 not an email": (13, lambda r, b: _set(r, "u1", "email_lower", "ax.com")),
+    "13 header injection": (13, lambda r, b: _set(r, "u1", "email_lower",
+                                                  "a@x.com\r\nbcc: all@x.com")),
+    "13 two at signs": (13, lambda r, b: _set(r, "u1", "email_lower", "a@b@c.com")),
     "14 same email twice": (14, lambda r, b: _set(r, "u2", "email_lower", "a@x.com")),
     "15 low-value part type": (15, lambda r, b: _set_rec(r, "u1", 4, "LOW")),
 }
