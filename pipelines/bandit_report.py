@@ -25,6 +25,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import health
 from models.bandit import BanditConfig
 from models.campaign import ALL, complete_windows
+from models.config import DEFAULT_CONFIG, InputConfig
+from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
 from pipelines.options import (CommonOptions, as_of_of, check_attributes, check_run_id,
@@ -82,6 +84,7 @@ class BanditContext(NamedTuple):
     window: pd.Timedelta
     period: pd.Timedelta
     segment_by: Tuple[str, ...]
+    limits: InputConfig = DEFAULT_CONFIG.inputs  # --config's `inputs`: what a plausible record is
 
 
 def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext:
@@ -112,15 +115,20 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
     paths = require_tables(shared.input_dir, tables)
     if segment_by:  # the attributes to segment by must be columns of users
         check_attributes(paths, segment_by, ())
+    try:
+        limits = load_config(shared.config).inputs
+    except ConfigError as err:
+        raise UsageError(f"--config: {err}")
     return BanditContext(run_id, as_of, now, staging, config,
                          pd.Timedelta(days=options.window_days),
-                         pd.Timedelta(days=options.period_days), segment_by)
+                         pd.Timedelta(days=options.period_days), segment_by, limits)
 
 
-def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions) -> Cleaned:
+def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions,
+                          ctx: BanditContext) -> Cleaned:
     """Treatment events read, validated, deduplicated and checked against their sends."""
     read = pipeline | "ReadTreatmentEvents" >> ReadTable(
-        "treatment_events", find_table(options.input_dir, "treatment_events"))
+        "treatment_events", find_table(options.input_dir, "treatment_events"), limits=ctx.limits)
     clean = read.rows | "CleanTreatmentEvents" >> CleanTreatmentEvents(options.num_shards)
     return Cleaned(clean.rows,
                    (read.dead_letters, clean.dead_letters)
@@ -139,11 +147,11 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
           ) -> beam.PCollection:
     """The bandit graph; returns the singleton ``pipeline_runs`` row."""
     options = pipeline_options.view_as(CommonOptions)
-    treatments = read_treatment_events(pipeline, options)
+    treatments = read_treatment_events(pipeline, options, ctx)
     events, dead, counts = treatments.rows, [treatments.dead_letters], [treatments.counts]
     if ctx.segment_by:
         users = pipeline | "ReadUsers" >> ReadTable(
-            "users", find_table(options.input_dir, "users"))
+            "users", find_table(options.input_dir, "users"), limits=ctx.limits)
         events = events | "AttachSegments" >> AttachSegments(
             users.rows, ctx.segment_by, options.num_shards)
         dead.append(users.dead_letters)

@@ -71,9 +71,9 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
     options = pipeline_options.view_as(CommonOptions)
     report = pipeline_options.view_as(CampaignOptions)
     window = pd.Timedelta(days=report.attribution_days)
-    treatments = read_treatment_events(pipeline, options)
+    treatments = read_treatment_events(pipeline, options, ctx)
     read_events = pipeline | "ReadEvents" >> ReadTable(
-        "events", find_table(options.input_dir, "events"))
+        "events", find_table(options.input_dir, "events"), limits=ctx.limits)
     orders = read_events.rows | "OrderEvents" >> OrderEvents(options.num_shards)
     tables, report_counts = ({"treatment_events": treatments.rows, "orders": orders.rows}
                              | "CampaignReport" >> CampaignReport(window, options.num_shards))

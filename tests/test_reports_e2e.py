@@ -191,3 +191,30 @@ def test_bad_options_fail_before_any_data_is_read(tmp_path, job, flags, message)
         job.run(["--input_dir", str(tmp_path), "--warehouse", str(tmp_path / "wh.duckdb")]
                 + flags)
     assert not (tmp_path / "wh.duckdb").exists()
+
+
+def test_reports_take_the_input_limits_of_the_config(tmp_path):
+    """A wholesaler's 50,000-unit line is refused under the default cap and counted once the
+    shop's --config raises ``inputs.max_quantity``: the reports validate like the batch job."""
+    world = tmp_path / "world"
+    world.mkdir()
+    treatments, orders = make_world(seed=2, users=40, days=5)
+    bulk = {**orders[-1], "event_id": "bulk1", "order_id": "BULK", "user_id": "wholesaler",
+            "quantity": 50_000, "price": 0.4}
+    for name, rows in (("treatment_events", treatments), ("events", orders + [bulk])):
+        with open(world / f"{name}.jsonl", "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    config = tmp_path / "wholesale.yaml"
+    config.write_text("inputs:\n  max_quantity: 100000\n")
+    common = ["--input_dir", str(world), "--warehouse", str(tmp_path / "wh.duckdb"),
+              "--num_shards", "2", "--bandit_draws", "1000"]
+    assert campaign_report.run(common + ["--run_id", "default_cap"]) == 0
+    assert campaign_report.run(common + ["--run_id", "raised_cap", "--config", str(config)]) == 0
+    with duckdb.connect(str(tmp_path / "wh.duckdb"), read_only=True) as con:
+        refused = con.execute("SELECT run_id, reason FROM dead_letter WHERE record LIKE "
+                              "'%BULK%'").fetchall()
+        counters = dict(con.execute("SELECT run_id, counters FROM pipeline_runs").fetchall())
+    assert [run for run, _ in refused] == ["default_cap"]
+    assert "quantity" in refused[0][1]
+    assert json.loads(counters["default_cap"]).get("events.dead_lettered") == 1
+    assert json.loads(counters["raised_cap"]).get("events.dead_lettered", 0) == 0
