@@ -211,12 +211,13 @@ def test_the_batch_job_publishes_with_the_corpus_and_every_line_is_accounted_for
         assert after[table]["unexplained"] == 0, (table, after[table])
         assert after[table]["read"] - before[table]["read"] == added[table], table
     # Every dead letter says why.
-    assert hostile.dead_letters["reason"].map(lambda r: isinstance(r, str) and r.strip() != "").all()
+    reasons = hostile.dead_letters["reason"]
+    assert reasons.map(lambda r: isinstance(r, str) and r.strip() != "").all()
 
 
 @pytest.mark.parametrize("table", ["catalog", "fitment", "users", "events"])
 def test_the_batch_job_dead_letters_each_expected_case_with_its_reason(job_runs, table):
-    """Per table: the corpus adds exactly the expected dead letters, each findable with its reason."""
+    """Per table: the corpus adds exactly the expected dead letters, each with its reason."""
     (clean, _), (hostile, _) = job_runs["clean"], job_runs["hostile"]
     cases = h.load_cases(table)
     paired = h.match_dead_letters(cases, hostile.dead_letters)
@@ -230,7 +231,7 @@ def test_the_batch_job_dead_letters_each_expected_case_with_its_reason(job_runs,
 
 
 def test_no_refused_value_reaches_the_published_recommendations(job_runs, world):
-    """No control character, padded SKU, bad e-mail or unsafe URL is published, nor a refused user."""
+    """No control character, padded SKU, bad e-mail, unsafe URL or refused user is published."""
     (hostile, _) = job_runs["hostile"]
     recs = hostile.recommendations
     assert len(recs) > 0

@@ -413,7 +413,8 @@ def append_corpus(directory: str, tables: Sequence[str] = TABLES) -> Dict[str, i
 # surrogates, and the invisible format characters that make one identifier look like another.
 _UNSAFE_CHARS = ("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2060-\u2064"
                  "\u2066-\u2069\ufeff]")
-_ADDR = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATOM}(\.{_ATOM})*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+"
 _HTTPS = r"(?i:https)://[A-Za-z0-9.-]+(:[0-9]+)?/[^\s\"'<>`]*"
 
 
