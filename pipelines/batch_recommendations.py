@@ -31,7 +31,7 @@ from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_opt
                            locked_warehouse)
 from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
                                check_run_id, require_columns, require_input_dir,
-                               require_tables, require_writable_dir, run_id_of)
+                               require_tables, require_writable_dir, run_id_of, true_or_false)
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel
@@ -59,14 +59,6 @@ STRATEGIES = ("segment", "global")
 class BatchOptions(PipelineOptions):
     """Options of the batch recommendations job (shared ones are in CommonOptions)."""
 
-    @staticmethod
-    def true_or_false(text: str) -> bool:
-        """``--flag=true|false`` (a Flex Template passes every parameter with a value)."""
-        value = {"true": True, "false": False}.get(str(text).strip().lower())
-        if value is None:
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return value
-
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--ranker_model", default=None,
@@ -79,7 +71,7 @@ class BatchOptions(PipelineOptions):
         parser.add_argument("--min_ratio_vs_last_run", type=float, default=0.5,
                             help="Gate the run when it writes fewer than this share of "
                                  "the last published run's rows.")
-        parser.add_argument("--accept_changes", type=cls.true_or_false, nargs="?", const=True,
+        parser.add_argument("--accept_changes", type=true_or_false, nargs="?", const=True,
                             default=False,
                             help="true (or the bare flag): publish even when more users' "
                                  "lists changed against the last published output than "

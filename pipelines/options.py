@@ -186,6 +186,15 @@ def check_run_id(options: PipelineOptions) -> None:
     run_id_of(options.view_as(CommonOptions).run_id, datetime.now())
 
 
+def true_or_false(text: str) -> bool:
+    """The type of a boolean flag: ``--flag=true|false`` (a Flex Template passes every
+    parameter with a value), or the bare ``--flag`` with ``nargs="?", const=True``."""
+    value = {"true": True, "false": False}.get(str(text).strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 class CommonOptions(PipelineOptions):
     """Inputs, warehouse, reference time and run id."""
 

@@ -37,6 +37,8 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Ty
 from apache_beam.options import pipeline_options as beam_options
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.options import true_or_false
+
 TEMPLATES_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TEMPLATES_DIR)
 METADATA_FILE = "metadata.json"
@@ -142,6 +144,7 @@ TOPIC = Format("a Pub/Sub topic, projects/PROJECT/topics/NAME",
 INPUT_TABLE = Format("a table name of --input_dir (letters, digits and _), or empty",
                      r"^([A-Za-z_][A-Za-z0-9_]{0,127})?$", "events")
 INTEGER = Format("an integer", r"^[-+]?[0-9]+$", "8")
+BOOLEAN = Format("true or false", r"^([Tt]rue|[Ff]alse)$", "true")
 NUMBER = Format("a number", r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$", "0.5")
 
 # Formats by option name, then by name suffix; type and choices come first.
@@ -158,7 +161,7 @@ FORMAT_BY_SUFFIX: Tuple[Tuple[str, Format], ...] = (
 )
 FORMATS: Tuple[Format, ...] = (RFC3339, PATH, RUN_ID, ATTRIBUTES, BIGQUERY_TABLE,
                                BIGQUERY_PROJECT, BIGQUERY_DATASET, SUBSCRIPTION, TOPIC,
-                               INPUT_TABLE, INTEGER, NUMBER)
+                               INPUT_TABLE, INTEGER, NUMBER, BOOLEAN)
 
 LABEL_WORDS = {"dir": "directory", "id": "ID", "html": "HTML", "num": "number of",
                "min": "minimum", "max": "maximum", "vs": "vs.", "bq": "BigQuery",
@@ -302,6 +305,8 @@ def format_for(action: argparse.Action) -> Optional[Format]:
         return INTEGER
     if action.type is float:
         return NUMBER
+    if action.type is true_or_false:
+        return BOOLEAN
     if name in FORMAT_BY_NAME:
         return FORMAT_BY_NAME[name]
     for suffix, fmt in FORMAT_BY_SUFFIX:
