@@ -865,6 +865,11 @@ def sample_shard(groups: Sequence[Labelled], train: Sequence[bool], ratio: float
     purchase, and a share ``eval_user_share`` of the others (weight
     ``1 / share``), so their metrics see the serving distribution.
 
+    A shard whose training groups hold no positive has a keep rate of 0 (no
+    negatives per no positive): its training negatives are all dropped and
+    their weight is 1.0, since there is no kept negative to re-weight (the
+    weight used to be ``1 / 0``, which crashed the job).
+
     Returns the masks (None: keep all), the training keep rate, and the weight
     of each group's kept negatives.
     """
@@ -878,7 +883,7 @@ def sample_shard(groups: Sequence[Labelled], train: Sequence[bool], ratio: float
         if is_train:
             masks.append(None if rate >= 1.0 else
                          (group.labels == 1) | (rng.random(len(group.labels)) < rate))
-            weights.append(1.0 / rate)
+            weights.append(1.0 / rate if rate > 0 else 1.0)
         elif eval_user_share >= 1.0:
             masks.append(None)
             weights.append(1.0)

@@ -344,3 +344,14 @@ def test_build_examples_transform_matches_the_pure_functions(catalog, history_ro
         assert_that(out.counts | "Positives" >> beam.Filter(
             lambda kv: kv[0] == "ranker.pool_positives") | beam.Map(lambda kv: kv[1])
             | beam.CombineGlobally(sum), equal_to([2]), label="CountsPositives")
+
+
+def test_sample_shard_without_any_positive_drops_its_training_negatives_without_crashing():
+    """A shard with no purchase in its training groups: keep rate 0, not 1 / 0 (#14)."""
+    rng = np.random.default_rng(3)
+    without = _labelled([np.zeros(50)] * 4)
+    masks, rate, weights = features.sample_shard([without, without], [True, False], 10.0, rng)
+    assert rate == 0.0
+    assert masks[0].sum() == 0       # no negatives per no positive
+    assert masks[1] is None          # validation groups keep every user
+    assert weights == [1.0, 1.0] and all(np.isfinite(weights))
