@@ -30,6 +30,9 @@ from transforms import schemas
 PUBLISHED_TABLES = ("recommendations", "segment_popularity")
 LOG_TABLES = ("qa_checks", "dead_letter", "pipeline_runs", "stability_report")
 JOB = "batch_recommendations"
+# The last published run of the batch job: the baseline of the row-count and input-size gates.
+_LAST_PUBLISHED = ("SELECT {column} FROM pipeline_runs WHERE status = 'published' AND job = ? "
+                   "ORDER BY finished_at DESC LIMIT 1")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # BigQuery: project ids (optionally domain-scoped, "example.com:proj") and dataset names.
 _PROJECT = re.compile(r"^([a-z][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
@@ -309,29 +312,25 @@ class LocalWarehouse:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         return duckdb.connect(self.path)
 
-    def last_published_rows(self) -> Optional[int]:
-        """Recommendations written by the last published run, if any."""
+    def _last_published(self, column: str) -> Any:
+        """One column of the last published batch run's ``pipeline_runs`` row (None if none)."""
         if not os.path.exists(self.path):
             return None
         with duckdb.connect(self.path, read_only=True) as con:
             if not _exists(con, "pipeline_runs"):
                 return None
-            row = con.execute(
-                "SELECT recommendations_written FROM pipeline_runs WHERE status = 'published' "
-                "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB]).fetchone()
-        return int(row[0]) if row else None
+            row = con.execute(_LAST_PUBLISHED.format(column=column), [JOB]).fetchone()
+        return row[0] if row else None
+
+    def last_published_rows(self) -> Optional[int]:
+        """Recommendations written by the last published run, if any."""
+        rows = self._last_published("recommendations_written")
+        return None if rows is None else int(rows)
 
     def last_published_counters(self) -> Optional[Dict[str, Any]]:
         """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
-        if not os.path.exists(self.path):
-            return None
-        with duckdb.connect(self.path, read_only=True) as con:
-            if not _exists(con, "pipeline_runs"):
-                return None
-            row = con.execute(
-                "SELECT counters FROM pipeline_runs WHERE status = 'published' "
-                "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB]).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
+        counters = self._last_published("counters")
+        return json.loads(counters) if counters else None
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
@@ -617,21 +616,22 @@ class BigQueryWarehouse:
         select = ", ".join(f"`{table_name(c)}`" for c in columns) if columns else "*"
         return rows_frame(self._run(f"SELECT {select} FROM {self.ref(name).sql}"))
 
-    def last_published_rows(self) -> Optional[int]:
-        """Recommendations written by the last published run, if any."""
+    def _last_published(self, column: str) -> Any:
+        """One column of the last published batch run's ``pipeline_runs`` row (None if none)."""
         if not self.exists("pipeline_runs"):
             return None
-        found = self.query("SELECT recommendations_written FROM pipeline_runs WHERE status = "
-                           "'published' AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB])
-        return int(found.iloc[0, 0]) if len(found) else None
+        found = self.query(_LAST_PUBLISHED.format(column=column), [JOB])
+        return found.iloc[0, 0] if len(found) else None
+
+    def last_published_rows(self) -> Optional[int]:
+        """Recommendations written by the last published run, if any."""
+        rows = self._last_published("recommendations_written")
+        return None if rows is None else int(rows)
 
     def last_published_counters(self) -> Optional[Dict[str, Any]]:
         """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
-        if not self.exists("pipeline_runs"):
-            return None
-        found = self.query("SELECT counters FROM pipeline_runs WHERE status = 'published' "
-                           "AND job = ? ORDER BY finished_at DESC LIMIT 1", [JOB])
-        return json.loads(found.iloc[0, 0]) if len(found) and found.iloc[0, 0] else None
+        counters = self._last_published("counters")
+        return json.loads(counters) if counters else None
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
