@@ -1,0 +1,112 @@
+"""The streaming graph's step labels and output schemas stay what running jobs already have.
+
+Dataflow updates a running streaming job in place only when every step of the
+new graph finds its old step by full label (state and in-flight windows are
+carried over per step); a renamed step means draining the job and losing its
+windows. The BigQuery field lists are pinned for the same reason: the tables
+already exist and are kept. ``tests/golden/streaming_step_labels.json`` was
+generated from the graph as it was before ``transforms/streaming.py`` became a
+package (issue #16); a change to it must be deliberate (and come with a
+Dataflow transform-name mapping), so this test fails on any difference.
+Regenerate with ``python tests/test_streaming_step_labels.py --write``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from models import streaming as model  # noqa: E402
+from models.bandit import BanditConfig  # noqa: E402
+from models.config import DEFAULT_CONFIG  # noqa: E402
+from pipelines import streaming_refresh as job  # noqa: E402
+from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,  # noqa: E402
+                                  FileReference, recommendation_fields)
+
+GOLDEN = os.path.join(ROOT, "tests", "golden", "streaming_step_labels.json")
+SUBSCRIPTIONS = ("projects/test-project/subscriptions/events",
+                 "projects/test-project/subscriptions/treatment-events")
+# Every branch of build(): the ranking refresh on (with a dead-letter topic) and off.
+VARIANTS = {"ranking_on_with_topic": ["--dead_letter_topic",
+                                      "projects/test-project/topics/dead-letters"],
+            "ranking_off": ["--ranking_refresh", "off"]}
+
+
+def graph_labels(extra: List[str]) -> List[str]:
+    """Full labels of every step (composite or primitive) of the streaming graph."""
+    options = PipelineOptions(["--events_subscription", SUBSCRIPTIONS[0],
+                               "--treatments_subscription", SUBSCRIPTIONS[1],
+                               "--streaming_dataset", "test-project.recs",
+                               "--input_dir", "unused"] + extra)
+    options.view_as(StandardOptions).streaming = True
+    ctx = job.StreamingContext("run", pd.Timestamp("2026-01-01", tz="UTC"), "test-project",
+                               "test-project.recs", model.WindowSpec.of_seconds(3600, 60, 600),
+                               DEFAULT_CONFIG, BanditConfig(), pd.Timedelta(seconds=600))
+    pipeline = beam.Pipeline(options=options)   # built, never run: nothing is read
+    job.build(pipeline, options, ctx, FileReference("unused", DEFAULT_CONFIG, 60))
+    labels = set()
+
+    class Labels(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node) -> None:
+            labels.add(node.full_label)
+
+        def visit_transform(self, node) -> None:
+            labels.add(node.full_label)
+
+    pipeline.visit(Labels())
+    return sorted(labels)
+
+
+def current() -> Dict[str, object]:
+    """Labels per variant and the BigQuery field lists, as the golden file holds them."""
+    return {"labels": {name: graph_labels(extra) for name, extra in VARIANTS.items()},
+            "fields": {"recommendation_updates_4": recommendation_fields(4),
+                       "recommendation_updates_2": recommendation_fields(2),
+                       "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS,
+                       "streaming_dead_letter": DEAD_LETTER_FIELDS}}
+
+
+def _golden() -> Dict[str, object]:
+    with open(GOLDEN, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_every_step_label_of_the_streaming_graph_is_unchanged():
+    golden = _golden()["labels"]
+    for name, extra in VARIANTS.items():
+        now = set(graph_labels(extra))
+        pinned = set(golden[name])
+        assert now == pinned, (f"{name}: steps added {sorted(now - pinned)}, "
+                               f"steps gone {sorted(pinned - now)}")
+
+
+def test_the_graph_has_the_steps_update_in_place_matches_on():
+    # Guards the golden file itself: it holds the real graph, not an empty list.
+    labels = set(_golden()["labels"]["ranking_on_with_topic"])
+    for step in ("ParseEvents/ParseAndValidate", "DedupeEvents/FirstCopyOnly",
+                 "RollingPopularity/OrderLinesPerWindow", "RankingChanges/PairWithPrevious",
+                 "TouchedUsers/UserSignals", "RefreshRecommendations/GatherShard",
+                 "CheckTreatmentFunnel/FirstOfEachStage", "AuditOrderLateness/ReconcilePerWindow",
+                 "WriteRecommendationUpdates/StreamingInsert", "PublishDeadLetters"):
+        assert step in labels
+
+
+def test_bigquery_field_lists_of_the_streaming_tables_are_unchanged():
+    assert current()["fields"] == _golden()["fields"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        with open(GOLDEN, "w", encoding="utf-8") as f:
+            json.dump(current(), f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"wrote {GOLDEN}")
