@@ -166,3 +166,20 @@ def test_a_config_mistake_is_one_line(shop):
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "rules.min_price" in message[0]
+
+
+def test_an_export_run_without_as_of_is_stopped_by_the_stale_history_gate(shop):
+    """Step 3's warning: on an export, the current time as --as_of decays every score."""
+    batch = next(c for c in commands() if "pipelines.batch_recommendations" in c)
+    argv = shlex.split(batch)
+    at = argv.index("--as_of")
+    del argv[at:at + 2]
+    argv[argv.index("--warehouse") + 1] = "no_as_of.duckdb"
+    result = subprocess.run([sys.executable] + argv[1:], cwd=shop, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stale_history" in result.stdout and "--as_of" in result.stdout
+    with duckdb.connect(os.path.join(shop, "no_as_of.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT status FROM pipeline_runs").fetchall() == [("gated",)]
+        tripped = con.execute("SELECT name FROM qa_checks WHERE violations > 0").fetchall()
+    assert ("gate: stale_history",) in tripped
