@@ -187,6 +187,140 @@ class GatesConfig:
             _require(0 <= getattr(self, name) <= 1, f"{name} must be within [0, 1]")
 
 
+SOURCES = ("segment_popularity", "buy_again", "also_bought", "trending")
+# Sources that re-offer what the user bought: exempt from rule 4 (SPEC exclusion) by design.
+REPURCHASE_SOURCES = ("buy_again",)
+SIMILARITY_MEASURES = ("count", "jaccard", "lift", "cosine")
+
+
+@dataclass(frozen=True)
+class BuyAgainConfig:
+    """The buy-again source (models.candidates.buy_again).
+
+    Attributes:
+      half_life_days: a past purchase's weight halves every this many days
+        (the grocer measured 365 better than 30, docs/recommenders.md).
+      due: scale by how due the item is against its typical repurchase interval.
+      max_due: cap of the due factor (1: a due item keeps its whole frequency).
+    """
+
+    half_life_days: float = 30.0
+    due: bool = True
+    max_due: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite(self, "half_life_days", "max_due")
+        _require(self.half_life_days > 0, "half_life_days must be > 0")
+        _require(self.max_due > 0, "max_due must be > 0")
+        _require(isinstance(self.due, bool), "due must be true or false")
+
+
+@dataclass(frozen=True)
+class AlsoBoughtConfig:
+    """The also-bought source (models.candidates.item_similarity / also_bought_scores).
+
+    Attributes:
+      similarity: count, jaccard, lift or cosine (SAR's measures).
+      top_n: neighbours kept per item.
+      max_history: most recent distinct SKUs per user that emit pairs (bounds the
+        pairs at users × max_history²) and carry affinity.
+      min_cooccurrence: pairs seen together fewer times are dropped.
+      half_life_days: decay of a user's affinity to what they bought.
+    """
+
+    similarity: str = "jaccard"
+    top_n: int = 50
+    max_history: int = 100
+    min_cooccurrence: int = 1
+    half_life_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        _whole(self, "top_n", "max_history", "min_cooccurrence")
+        _finite(self, "half_life_days")
+        _require(self.similarity in SIMILARITY_MEASURES,
+                 f"similarity must be one of {', '.join(SIMILARITY_MEASURES)}, "
+                 f"got {self.similarity!r}")
+        _require(self.top_n >= 1, "top_n must be >= 1")
+        _require(self.max_history >= 2, "max_history must be >= 2")
+        _require(self.min_cooccurrence >= 1, "min_cooccurrence must be >= 1")
+        _require(self.half_life_days > 0, "half_life_days must be > 0")
+
+
+@dataclass(frozen=True)
+class TrendingConfig:
+    """The trending source (models.candidates.trending), the origin's +20% for >= 50% growth.
+
+    Attributes:
+      period_days: recent period P, compared with the P days before it.
+      min_count: orders in the recent period a SKU needs to trend.
+      growth: growth of decayed orders at or above which a SKU trends (0.5 = +50%).
+      boost: the trending multiplier minus one (0.2 = +20%).
+    """
+
+    period_days: float = 28.0
+    min_count: int = 5
+    growth: float = 0.5
+    boost: float = 0.2
+
+    def __post_init__(self) -> None:
+        _whole(self, "min_count")
+        _finite(self, "period_days", "growth", "boost")
+        _require(self.period_days > 0, "period_days must be > 0")
+        _require(self.min_count >= 1, "min_count must be >= 1")
+        _require(self.boost >= 0, "boost must be >= 0")
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    """Which candidate sources fill a user's slots, in order, and their settings (#14).
+
+    Attributes:
+      mix: ordered ``[source, slots]`` pairs; a source that runs dry leaves its
+        slots to the next one (models.mix.fill_slots). The slots must add up to
+        ``rules.recs_per_user`` (a single source fills every slot). Sources: segment_popularity, buy_again,
+        also_bought, trending. The default, segment popularity alone, is the
+        job as it was before the mix existed (same output).
+      buy_again / also_bought / trending: each source's parameters.
+    """
+
+    mix: Tuple[tuple, ...] = (("segment_popularity", 4),)
+    buy_again: BuyAgainConfig = field(default_factory=BuyAgainConfig)
+    also_bought: AlsoBoughtConfig = field(default_factory=AlsoBoughtConfig)
+    trending: TrendingConfig = field(default_factory=TrendingConfig)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.mix, (tuple, list)) and len(self.mix) > 0,
+                 "mix must be a non-empty list of [source, slots] pairs")
+        pairs = []
+        for pair in self.mix:
+            _require(isinstance(pair, (tuple, list)) and len(pair) == 2,
+                     f"mix entries are [source, slots] pairs, got {pair!r}")
+            name, slots = pair
+            _require(name in SOURCES, f"mix names unknown source {name!r}; sources: "
+                     f"{', '.join(SOURCES)}")
+            _require(isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1,
+                     f"mix slots of {name} must be an integer >= 1, got {slots!r}")
+            pairs.append((name, slots))
+        names = [name for name, _ in pairs]
+        _require(len(set(names)) == len(names), "mix names a source twice")
+        object.__setattr__(self, "mix", tuple(pairs))  # a file gives lists
+
+    @property
+    def slots(self) -> int:
+        """Total slots of the mix (equal to ``rules.recs_per_user``)."""
+        return sum(slots for _, slots in self.mix)
+
+    @property
+    def sources(self) -> Tuple[str, ...]:
+        """Source names in mix order."""
+        return tuple(name for name, _ in self.mix)
+
+    @property
+    def popularity_only(self) -> bool:
+        """True when the mix is segment popularity alone: the pre-mix job, unchanged."""
+        return self.sources == ("segment_popularity",)
+
+
 @dataclass(frozen=True)
 class RecsConfig:
     """Everything a recommendations run needs besides its inputs.
@@ -204,8 +338,15 @@ class RecsConfig:
     rules: RulesConfig = field(default_factory=RulesConfig)
     inputs: InputConfig = field(default_factory=InputConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
 
     def __post_init__(self) -> None:
+        # One source fills every slot whatever its count (so recs_per_user or a backtest's k
+        # can change alone); a mix of several must say how the k slots are shared.
+        _require(len(self.candidates.mix) == 1
+                 or self.candidates.slots == self.rules.recs_per_user,
+                 f"candidates.mix slots add up to {self.candidates.slots}, but "
+                 f"rules.recs_per_user is {self.rules.recs_per_user}; make them equal")
         attrs = self.segment_attributes
         _require(isinstance(attrs, tuple) and all(isinstance(a, str) and a for a in attrs),
                  "segment_attributes must be a tuple of attribute names")

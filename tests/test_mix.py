@@ -133,3 +133,35 @@ def test_list_metrics_and_paired_interval_by_hand():
     assert got["ndcg@2"] == pytest.approx((ndcg_a + 1.0 + 0.0) / 3)
     diff = paired_interval(got["per_user_precision"], np.zeros(3))
     assert diff["mean"] == pytest.approx(0.5) and diff["low"] < 0.5 < diff["high"]
+
+
+# --- the candidates section of the configuration (#14) ----------------------------------
+
+def test_mix_config_from_a_file_and_its_one_line_errors(tmp_path):
+    from models.config import DEFAULT_CONFIG
+    from models.config_file import ConfigError, load_config
+
+    def load(text):
+        path = tmp_path / "mix.yaml"
+        path.write_text(text, encoding="utf-8")
+        return load_config(str(path))
+
+    assert DEFAULT_CONFIG.candidates.popularity_only
+    config = load("candidates:\n  mix: [[buy_again, 2], [also_bought, 1], "
+                  "[segment_popularity, 1]]\n  also_bought: {similarity: count}\n")
+    assert config.candidates.mix == (("buy_again", 2), ("also_bought", 1),
+                                     ("segment_popularity", 1))
+    assert not config.candidates.popularity_only
+    assert config.candidates.also_bought.similarity == "count"
+    # One source fills every slot, so recs_per_user can change alone.
+    assert load("rules: {recs_per_user: 6}\n").rules.recs_per_user == 6
+    for text, needle in (
+            ("candidates:\n  mix: [[buy_agian, 4]]\n", "unknown source 'buy_agian'"),
+            ("candidates:\n  mix: [[buy_again, 2], [trending, 1]]\n", "add up to 3"),
+            ("candidates:\n  mix: [[buy_again, 2], [buy_again, 2]]\n", "twice"),
+            ("candidates:\n  mix: [[buy_again, 0], [trending, 4]]\n", "integer >= 1"),
+            ("candidates:\n  also_bought: {similarity: pearson}\n", "similarity must be")):
+        with pytest.raises(ConfigError) as caught:
+            load(text)
+        message = str(caught.value)
+        assert needle in message and "\n" not in message, message
