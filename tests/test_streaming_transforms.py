@@ -1,4 +1,4 @@
-"""Tests of the streaming composites (transforms/streaming.py) and their pure logic.
+"""Tests of the streaming composites (transforms/streaming/) and their pure logic.
 
 Time is tested with TestStream (watermark, on-time / late / too-late elements,
 explicit allowed lateness); data with TestPipeline over bounded timestamped

@@ -1,0 +1,85 @@
+"""Composites of the streaming refresh job: thin Beam adapters over models/streaming.py.
+
+Reading order of the graph (pipelines/streaming_refresh.py wires it):
+
+    Pub/Sub messages → ParseMessages (contract check, event-time timestamps, dead letters)
+      → events: CheckSkus (unknown SKUs dead-lettered, as the batch job does)
+      → DropDuplicates (stateful per event_id, TTL timer)
+      → orders → WindowedPopularity (per-period partials → sliding windows → popularity at end)
+               → RankingChanges (consecutive windows → users of vehicles whose top picks moved)
+      → events + notices → TouchedUsers (stateful per user: recent stream events)
+      → RefreshRecommendations (per refresh period: the touched users, scored like the batch job)
+    treatment events → CheckFunnel (stateful per recipient: no send, no count; as batch)
+      → StreamingBandit (per-period sums → transforms.bandit.BanditState)
+    orders, treatment counts → LateDataAudit (seen vs included per window: late and too-late)
+
+Nothing a message holds can stop the job: every refusal is a dead letter with
+a reason (storable: escaped, bounded), and every keyed step refuses a key
+Beam could not encode instead of failing its bundle.
+
+Slowly changing inputs (catalogue, fitment, users, order history) come from a
+`FileReference`: every DoFn that needs them asks it for the current version,
+and it re-reads the files when their fingerprint changes (checked at most
+every refresh interval). docs/streaming.md explains why this is not a
+PeriodicImpulse side input on the DirectRunner.
+
+One module per concern; this package re-exports every public name, so
+``from transforms.streaming import X`` keeps working:
+
+    windows     event-time windows, triggers, time conversions, refresh-time stamping
+    refusals    the dead-letter row and its counters, safe keying, the `Checked` shape
+    reference   `FileReference` and the per-process cache of what is built from it
+    parse       `ParseMessages`: Pub/Sub messages → timestamped records
+    dedupe      `DropDuplicates`: keyed state per event id
+    checks      `CheckSkus`, `CheckFunnel`: the batch job's checks, event by event
+    popularity  `WindowedPopularity`, `RankingChanges`
+    audit       `LateDataAudit`
+    refresh     `TouchedUsers`, `RefreshRecommendations`
+    bandit      `StreamingBandit`
+    health      `PeriodCounters`
+    tables      BigQuery fields of the output tables, row stamping, `WriteRows`
+
+Step labels are those of the single module this package replaced
+(tests/test_streaming_step_labels.py pins them: Dataflow's update in place
+matches steps by label).
+"""
+from transforms.health import Count
+from transforms.streaming.audit import (AuditKey, AuditOut, AuditUpdate, LateDataAudit,
+                                        PaneCountFn, ReconcileWindowFn, SeenPerWindowFn)
+from transforms.streaming.bandit import StreamingBandit, treatment_counts
+from transforms.streaming.checks import CheckFunnel, CheckSkus, CheckSkusFn, FunnelStateFn
+from transforms.streaming.dedupe import DropDuplicateIdsFn, DropDuplicates
+from transforms.streaming.health import CountersRowFn, PeriodCounters
+from transforms.streaming.parse import ParseMessages, ParseMessagesFn, Parsed
+from transforms.streaming.popularity import (ChangedVehiclesFn, MergeOrderLinesCombineFn, Notice,
+                                             OrderLines, OrderLinesCombineFn, PairWithPreviousFn,
+                                             PopularityAtWindowEndFn, PopularityOut,
+                                             RankingChanges, WindowedPopularity,
+                                             WindowPopularity)
+from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.refresh import (RefreshRecommendations, Refreshed, RefreshShardFn,
+                                          Touch, TouchedUsers, UserSignalsFn, event_touch,
+                                          shard_of_user)
+from transforms.streaming.refusals import (Checked, DeadLetter, KeyOrRefuseFn, Record,
+                                           RowsAndCounts, dead_letter, record_text,
+                                           refusal_counts)
+from transforms.streaming.tables import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
+                                         WriteRows, frames_to_rows, recommendation_fields,
+                                         stamp, to_bigquery_row)
+from transforms.streaming.windows import (StampRefreshTimeFn, period_buckets, sliding_windows,
+                                          to_global_window, windowed)
+
+__all__ = [
+    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "ChangedVehiclesFn", "CheckFunnel",
+    "CheckSkus", "CheckSkusFn", "Checked", "Count", "CountersRowFn", "DEAD_LETTER_FIELDS",
+    "DeadLetter", "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FunnelStateFn",
+    "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit", "MergeOrderLinesCombineFn", "Notice",
+    "OrderLines", "OrderLinesCombineFn", "PairWithPreviousFn", "PaneCountFn", "ParseMessages",
+    "ParseMessagesFn", "Parsed", "PeriodCounters", "PopularityAtWindowEndFn", "PopularityOut",
+    "RankingChanges", "ReconcileWindowFn", "RefreshRecommendations", "RefreshShardFn", "Refreshed",
+    "Record", "RowsAndCounts", "SeenPerWindowFn", "StampRefreshTimeFn", "StreamingBandit", "Touch",
+    "TouchedUsers", "UserSignalsFn", "WindowPopularity", "WindowedPopularity", "WriteRows",
+    "cached", "dead_letter", "event_touch", "frames_to_rows", "period_buckets", "record_text",
+    "recommendation_fields", "refusal_counts", "shard_of_user", "sliding_windows", "stamp",
+    "to_bigquery_row", "to_global_window", "treatment_counts", "windowed",
+]

@@ -1,0 +1,220 @@
+"""Refreshed recommendations: the users a stream touched, scored once per refresh period.
+
+`TouchedUsers` keeps each user's recent stream events in keyed state and asks
+for a refresh on every event or ranking notice; `RefreshRecommendations`
+gathers the requests per refresh period and user shard and scores them like
+the batch job, against the popularity of the window closing with the period.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+import zlib
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam import typehints
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from models import rules
+from models import streaming as model
+from models.config import RecsConfig
+from models.streaming import RefreshRequest, WindowSpec
+from transforms.health import Tag, count
+from transforms.streaming.popularity import WindowPopularity
+from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.refusals import Record, dead_letter
+from transforms.streaming.windows import MICROS, StampRefreshTimeFn, duration_of, seconds_of, utc_of
+
+Touch = Tuple[str, Tuple[str, object]]       # (user_id, ("event", event tuple) | ("notice", reason))
+
+
+def event_touch(record: Record) -> Touch:
+    """A user's event as the compact tuple kept in state."""
+    return record["user_id"], ("event", (record["event_id"], record["event_name"], record["sku"],
+                                         record.get("order_id"), record["event_time_us"]))
+
+
+@typehints.with_input_types(Touch)
+@typehints.with_output_types(Tuple[str, RefreshRequest])
+class UserSignalsFn(beam.DoFn):
+    """Keeps each user's recent stream events and asks for a refresh on every touch.
+
+    State per user: the stream events inside the longest signal window (the
+    purchase exclusion, 365 days by default), pruned as newer ones arrive and
+    cleared by an event-time timer once the user has been quiet that long.
+    """
+
+    EVENTS = BagStateSpec("events", PickleCoder())
+    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
+
+    def __init__(self, config: RecsConfig):
+        days = max(config.rules.exclusion_days, config.scoring.intent_window_days)
+        self._retention_us = int(pd.Timedelta(days=days) // pd.Timedelta(microseconds=1))
+
+    def process(self, touch: Touch, events=beam.DoFn.StateParam(EVENTS),
+                cleanup=beam.DoFn.TimerParam(CLEANUP)) -> Iterator:
+        user, (kind, payload) = touch
+        kept = {e[0]: e for e in events.read()}
+        if kind == "event":
+            reason = model.REASON_ORDER if payload[1] in model.ORDER_EVENT_NAMES else (
+                model.REASON_INTENT)
+            if payload[0] not in kept:
+                kept[payload[0]] = payload
+                events.add(payload)
+            newest = max(e[4] for e in kept.values())
+            fresh = {k: e for k, e in kept.items() if e[4] >= newest - self._retention_us}
+            if len(fresh) < len(kept):
+                events.clear()
+                for e in fresh.values():
+                    events.add(e)
+            kept = fresh
+            cleanup.set(Timestamp(micros=newest + self._retention_us))
+        else:
+            reason = payload
+        ordered = tuple(sorted(kept.values(), key=lambda e: (e[4], e[0])))
+        yield user, RefreshRequest((reason,), ordered)
+
+    @on_timer(CLEANUP)
+    def forget(self, events=beam.DoFn.StateParam(EVENTS)) -> None:
+        events.clear()
+
+
+class TouchedUsers(beam.PTransform):
+    """(event records, ranking notices) → one refresh request per touch, with the user's events."""
+
+    def __init__(self, config: RecsConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, inputs: Tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
+        events, notices = inputs
+        touches = events | "UserOfEvent" >> beam.Map(event_touch).with_output_types(Touch)
+        return ((touches, notices)
+                | "FlattenTouches" >> beam.Flatten()
+                | "UserSignals" >> beam.ParDo(UserSignalsFn(self._config)))
+
+
+def shard_of_user(user_id: str, num_shards: int) -> int:
+    """Stable shard of a user id (the same in every worker process)."""
+    # surrogatepass: a hash never fails, whatever text reached it.
+    return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % num_shards
+
+
+@typehints.with_input_types(Tuple[int, Iterable[Tuple[str, RefreshRequest]]],
+                            typehints.Optional[WindowPopularity])
+@typehints.with_output_types(pd.DataFrame)
+class RefreshShardFn(beam.DoFn):
+    """Scores one refresh period's touched users of one shard against that period's popularity.
+
+    The popularity is the side input of the sliding window that closes with
+    this refresh period; a window without orders has none, and then the
+    history alone is scored at the window's end. The scorer is built once per
+    window and worker process and reused by every shard.
+    """
+
+    def __init__(self, reference: FileReference, config: RecsConfig, run_id: str,
+                 model_version: str, clock: Callable[[], float] = time.time):
+        self._reference = reference
+        self._config = config
+        self._run_id = run_id
+        self._model_version = model_version
+        self._clock = clock
+        self._key = uuid.uuid4().hex
+
+    def _scorer(self, ref: model.ReferenceData, pop: Optional[WindowPopularity],
+                end: pd.Timestamp) -> model.Scorer:
+        def build() -> model.Scorer:
+            frame = pop.popularity if pop is not None else model.window_popularity(
+                model.orders_frame({}), ref, end, self._config)
+            return model.scorer(ref, frame, self._config)
+        return cached(self._key, f"{end.value}|{ref.version}|{pop is not None}", build)
+
+    def process(self, element, pop: Optional[WindowPopularity],
+                win=beam.DoFn.WindowParam) -> Iterator:
+        _, requests = element
+        requests = model.merge_requests(requests)
+        end = utc_of(win.end)
+        ref = self._reference.current()
+        scorer = self._scorer(ref, pop, end)
+        out = model.refresh_users(requests, ref, scorer, end, self._config)
+        yield count("refresh.requests", len(requests))
+        yield count("refresh.unknown_users", len(out.unknown_users))
+        yield count("refresh.duplicate_users", len(out.duplicate_users))
+        if pop is None:
+            yield count("refresh.without_window_popularity", 1)
+        if len(out.unserved):
+            yield count("users.unserved", len(out.unserved))
+            yield count(f"dead_letter.{model.recommend.UNSERVED_REASON}", len(out.unserved))
+            for user in out.unserved["user_id"]:
+                yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
+                    "users", "RefreshRecommendations", model.recommend.UNSERVED_REASON,
+                    json.dumps({"user_id": user})))
+        if not len(out.rows):
+            return
+        context = rules.QAContext(
+            catalog=ref.catalog.set_index("sku"), fitting=ref.fitting,
+            bought=dict(zip(out.signals["user_id"], out.signals["bought"])),
+            popularity=scorer.index, catalog_skus=ref.arrays.sku,
+            eligible_skus=frozenset(ref.arrays.sku[ref.arrays.eligible]))
+        for rule, n in rules.check(out.rows, context, self._config).items():
+            if n:
+                yield count(f"qa.rule_{rule}", n)
+        for source, n in out.rows["source"].value_counts().items():
+            yield count(f"users.source.{source}", int(n))
+        yield count("recommendations.written", len(out.rows))
+        n = self._config.rules.recs_per_user
+        columns = model.recommend.rec_columns(n)
+        yield out.rows[columns + ["reason"]].assign(
+            generated_at=pd.Timestamp(int(self._clock() * MICROS), unit="us", tz="UTC"),
+            run_id=self._run_id, model_version=self._model_version, popularity_as_of=end)
+
+
+class Refreshed(NamedTuple):
+    rows: beam.PCollection          # recommendation frames (SPEC §3 + reason, stamps)
+    dead_letters: beam.PCollection
+    counts: beam.PCollection
+
+
+class RefreshRecommendations(beam.PTransform):
+    """Refresh requests → recommendation rows, once per period for the users touched in it.
+
+    Requests are stamped with the time they are served and gathered per
+    refresh period (fixed windows of the popularity's period, so each one
+    ends with the sliding window whose popularity it uses), sharded by user.
+    """
+
+    def __init__(self, reference: FileReference, popularity: beam.PCollection,
+                 config: RecsConfig, spec: WindowSpec, num_shards: int, run_id: str,
+                 model_version: str, clock: Callable[[], float] = time.time):
+        super().__init__()
+        self._reference = reference
+        self._popularity = popularity
+        self._config = config
+        self._spec = spec
+        self._num_shards = num_shards
+        self._run_id = run_id
+        self._model_version = model_version
+        self._clock = clock
+
+    def expand(self, requests: beam.PCollection) -> Refreshed:
+        out = (requests
+               | "StampRefreshTime" >> beam.ParDo(StampRefreshTimeFn(self._clock))
+               | "RefreshPeriods" >> beam.WindowInto(
+                   window.FixedWindows(seconds_of(self._spec.period)),
+                   allowed_lateness=duration_of(self._spec.lateness))
+               | "ShardByUser" >> beam.Map(
+                   lambda kv, n: (shard_of_user(kv[0], n), kv), self._num_shards)
+               | "GatherShard" >> beam.GroupByKey()
+               | "RefreshShard" >> beam.ParDo(
+                   RefreshShardFn(self._reference, self._config, self._run_id,
+                                  self._model_version, self._clock),
+                   beam.pvalue.AsSingleton(self._popularity, default_value=None)).with_outputs(
+                   Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
+        return Refreshed(out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value], out[Tag.COUNTS.value])
