@@ -58,6 +58,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from models import candidates as cand  # noqa: E402
+from models.baselines import (GLOBAL_POPULARITY_SQL,  # noqa: E402
+                              OWN_THEN_POPULAR_SQL, lines_sql)
 from models.mix import fill_slots, list_metrics, paired_interval  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "candidates.json")
@@ -80,58 +82,8 @@ ALSO_BOUGHT_VARIANTS.update({"also_bought_jaccard_min3": ("jaccard", "user", 3),
 # holdout (in-sample; the earlier periods are the fairer check of it).
 MIX_FAMILIES = {"defaults": ("buy_again", "also_bought_jaccard"),
                 "grocer": ("buy_again_hl365_no_due", "also_bought_count")}
-ORDER_NAMES = "('Placed Order', 'Ordered Product', 'Consumer Website Order')"
-
-# --- the two baselines, plain DuckDB SQL over the imported files ------------------------------
-# $cutoff: history is strictly before it; $k: list length. `eligible(sku)` is the grocer's
-# eligible catalogue (the same set every strategy draws from).
-LINES_SQL = f"""
-CREATE OR REPLACE TABLE lines AS
-SELECT order_id, sku, any_value(user_id) AS user_id, min(event_time) AS event_time
-FROM (SELECT order_id, sku, user_id, CAST(event_time AS TIMESTAMPTZ) AS event_time
-      FROM {{reader}}
-      WHERE event_name IN {ORDER_NAMES} AND order_id IS NOT NULL AND sku IS NOT NULL)
-GROUP BY order_id, sku;
-"""
-
-
-def lines_sql(data: str) -> str:
-    """LINES_SQL over the directory's events and holdout_events, JSON Lines or Parquet."""
-    parquet = os.path.exists(os.path.join(data, "events.parquet"))
-    suffix = "parquet" if parquet else "jsonl"
-    files = [os.path.join(data, f"{t}.{suffix}") for t in ("events", "holdout_events")]
-    listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files
-                             if os.path.exists(f)) + "]"
-    reader = (f"read_parquet({listed}, union_by_name = true)" if parquet
-              else f"read_json_auto({listed}, format = 'newline_delimited')")
-    return LINES_SQL.format(reader=reader)
-
-GLOBAL_POPULARITY_SQL = """
-WITH pop AS (
-  SELECT sku, sum(pow(0.5, date_diff('second', event_time, $cutoff) / 86400.0 / 30)) AS score
-  FROM lines WHERE event_time < $cutoff AND sku IN (SELECT sku FROM eligible)
-  GROUP BY sku),
-top AS (SELECT sku, score, row_number() OVER (ORDER BY score DESC, sku) AS slot FROM pop
-        QUALIFY slot <= $k)
-SELECT u.user_id, t.slot, t.sku, t.score FROM users u CROSS JOIN top t
-"""
-
-OWN_THEN_POPULAR_SQL = """
-WITH train AS (SELECT * FROM lines WHERE event_time < $cutoff
-               AND sku IN (SELECT sku FROM eligible)),
-pop AS (SELECT sku, sum(pow(0.5, date_diff('second', event_time, $cutoff) / 86400.0 / 30)) AS score
-        FROM train GROUP BY sku ORDER BY score DESC, sku LIMIT 2 * $k),
-own AS (SELECT user_id, sku, count(DISTINCT order_id) AS n, max(event_time) AS last
-        FROM train GROUP BY user_id, sku),
-cand AS (SELECT user_id, sku, 0 AS tier, n, last, 0.0 AS pop FROM own
-         UNION ALL
-         SELECT u.user_id, p.sku, 1, 0, NULL, p.score FROM users u CROSS JOIN pop p),
-best AS (SELECT * FROM cand QUALIFY row_number() OVER (PARTITION BY user_id, sku ORDER BY tier) = 1)
-SELECT user_id, row_number() OVER (PARTITION BY user_id
-         ORDER BY tier, n DESC, last DESC NULLS LAST, pop DESC, sku) AS slot, sku,
-       CAST(n AS DOUBLE) AS score
-FROM best QUALIFY slot <= $k
-"""
+# The two baselines (plain DuckDB SQL over the imported files) live in models/baselines.py,
+# shared with pipelines.backtest; the similarity below is only this benchmark's.
 
 SIMILARITY_SQL = """
 WITH last AS (SELECT user_id, sku, max(event_time) AS t FROM history GROUP BY user_id, sku),

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.metrics import (coverage, diversity, evaluate, hits_matrix, match_rate,
-                            ndcg_at_k, precision_at_k, recall_at_k)
+from models.metrics import (average_precision_at_k, coverage, diversity, evaluate,
+                            evaluate_lists, hits_matrix, lists_matrix, match_rate, ndcg_at_k,
+                            precision_at_k, recall_at_k)
 
 L2_3 = 1.0 / math.log2(3)  # discount at rank 2
 
@@ -113,3 +114,56 @@ def test_evaluate_top_k_prefix():
     out = evaluate(_recs(), {"u1": frozenset({"C"})}, 2, 20)
     assert out["match_rate"] == 0.0          # C is at rank 3, outside the top 2
     assert out["coverage"] == pytest.approx(6 / 20)
+
+
+def test_map_at_k_by_hand():
+    hits = hits_matrix(RECOMMENDED, PURCHASED)
+    # u1: one hit at rank 2, 2 relevant: AP = (1/2 · 1) / min(2, 3) = 0.25
+    # u3: hits at ranks 1-3, 4 relevant: AP = (1 + 1 + 1) / min(4, 3) = 1
+    assert average_precision_at_k(hits, N_RELEVANT) == pytest.approx((0.25 + 1.0) / 2)
+    # hits at ranks 1 and 3 of 4, 2 relevant: (1/1 + 2/3) / 2
+    assert average_precision_at_k(np.array([[True, False, True, False]]), np.array([2])) \
+        == pytest.approx((1 + 2 / 3) / 2)
+    # one relevant item at rank 3: AP = 1/3 (precision at the hit)
+    assert average_precision_at_k(np.array([[False, False, True]]), np.array([1])) \
+        == pytest.approx(1 / 3)
+    assert average_precision_at_k(hits, np.zeros(3)) == 0.0
+
+
+def _slots(rows):
+    return pd.DataFrame(rows, columns=["user_id", "slot", "sku"])
+
+
+def test_lists_matrix_leaves_missing_users_and_slots_empty():
+    slots = _slots([("u1", 1, "A"), ("u1", 2, "B"), ("u3", 1, "G"), ("u3", 3, "I"),
+                    ("u3", 4, "Z"), ("stranger", 1, "Q")])
+    got = lists_matrix(slots, ["u1", "u2", "u3"], 3)
+    assert got.tolist() == [["A", "B", None], [None, None, None], ["G", None, "I"]]
+
+
+def test_evaluate_lists_by_hand():
+    # u1 bought {B, X}; u3 bought {G, H, I, J}; u2 bought nothing, so is not scored;
+    # u4 bought {A} but was not served: all misses, still in the population.
+    future = {"u1": PURCHASED[0], "u2": frozenset(), "u3": PURCHASED[2], "u4": frozenset({"A"})}
+    slots = _slots([("u1", 1, "A"), ("u1", 2, "B"), ("u1", 3, "C"),
+                    ("u2", 1, "D"), ("u2", 2, "E"), ("u2", 3, "F"),
+                    ("u3", 1, "G"), ("u3", 2, "H"), ("u3", 3, "I")])
+    prices = {s: float(i + 1) for i, s in enumerate("ABCDEFGHI")}
+    out = evaluate_lists(slots, future, 3, 20, prices)
+    assert out["users_served"] == 3 and out["buyers_in_holdout"] == 3
+    assert out["precision_at_k"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+    assert out["recall_at_k"] == pytest.approx((1 / 2 + 3 / 4 + 0) / 3)
+    assert out["ndcg_at_k"] == pytest.approx((L2_3 / (1 + L2_3) + 1.0 + 0) / 3)
+    assert out["map_at_k"] == pytest.approx((0.25 + 1.0 + 0) / 3)
+    assert out["hit_rate"] == pytest.approx(2 / 3)
+    assert out["coverage"] == pytest.approx(9 / 20)
+    assert out["avg_price"] == pytest.approx(sum(range(1, 10)) / 9)
+    np.testing.assert_allclose(out["per_user_precision"], [1 / 3, 1.0, 0.0])
+
+
+def test_evaluate_lists_at_a_shorter_k_uses_the_prefix():
+    future = {"u1": frozenset({"C"})}
+    slots = _slots([("u1", 1, "A"), ("u1", 2, "B"), ("u1", 3, "C")])
+    out = evaluate_lists(slots, future, 2, 10, {"A": 1.0, "B": 3.0, "C": 100.0})
+    assert out["precision_at_k"] == 0.0 and out["hit_rate"] == 0.0   # C is at rank 3
+    assert out["avg_price"] == pytest.approx(2.0) and out["coverage"] == pytest.approx(0.2)
