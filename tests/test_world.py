@@ -469,3 +469,111 @@ def test_tiny_world_files_are_byte_for_byte_unchanged(world, tmp_path):
     got = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
            for name in TINY_SEED7_JSONL_SHA256}
     assert got == TINY_SEED7_JSONL_SHA256
+
+
+# ----------------------------------------------------------------------------- wholesale (#14)
+
+@pytest.fixture(scope="module")
+def wholesale():
+    return W.generate(W.preset("wholesale_tiny"), 7)
+
+
+@pytest.fixture(scope="module")
+def wholesale_lines(wholesale):
+    events = pd.concat([wholesale.events, wholesale.holdout_events]).drop_duplicates("event_id")
+    lines = events[events["event_name"].isin(ORDER_NAMES)].copy()
+    lines["t"] = pd.to_datetime(lines["event_time"])
+    return lines
+
+
+def test_presets_name_both_generators():
+    assert set(W.PRESETS) == {"tiny", "demo", "full", "wholesale", "wholesale_tiny"}
+    spec = W.preset("wholesale")
+    assert isinstance(spec, W.WholesaleSpec) and spec.n_users == 429
+    assert W.preset("demo") == WorldSpec.preset("demo")
+    with pytest.raises(ValueError):
+        W.preset("huge")
+
+
+def test_wholesale_is_deterministic_and_follows_the_contract(wholesale):
+    again = W.generate(W.preset("wholesale_tiny"), 7)
+    for name, frame in wholesale.tables().items():
+        pd.testing.assert_frame_equal(frame, again.tables()[name])
+    assert again.manifest == wholesale.manifest
+    assert len(wholesale.fitment) == 0 and len(wholesale.treatment_events) == 0
+    assert list(wholesale.users.columns) == ["user_id", "email", "business_type", "region",
+                                             "updated_at"]
+    for events in (wholesale.events, wholesale.holdout_events):
+        assert events["event_time"].str.match(RFC3339).all()
+        assert set(events["sku"]) <= set(wholesale.catalog["sku"])
+        is_order = events["event_name"].isin(ORDER_NAMES)
+        assert events.loc[is_order, "order_id"].notna().all()
+        assert events.loc[~is_order, "order_id"].isna().all()
+    m = wholesale.manifest
+    assert m["as_of"] < m["holdout_start"] <= wholesale.holdout_events["event_time"].min()
+    assert wholesale.catalog["part_type"].nunique() >= 30, "product groups are the part types"
+    assert wholesale.catalog["is_universal"].all()
+
+
+def test_wholesale_clients_order_weekly_from_recurring_baskets(wholesale, wholesale_lines):
+    lines, m = wholesale_lines, wholesale.manifest
+    hist = lines[lines["event_time"] < m["holdout_start"]]
+    hold = lines[lines["event_time"] >= m["holdout_start"]]
+    weeks = wholesale.spec.history_days / 7
+    orders = hist.groupby("user_id")["order_id"].nunique()
+    assert len(orders) == wholesale.spec.n_users and (orders / weeks).median() > 0.8
+    assert (hist.groupby("order_id")["user_id"].nunique() == 1).all()
+    # Most holdout lines are items the client bought before; a shuffled world would not be.
+    seen = set(zip(hist["user_id"], hist["sku"]))
+    again = np.mean([pair in seen for pair in zip(hold["user_id"], hold["sku"])])
+    shuffled = np.random.default_rng(0).permutation(hold["sku"].to_numpy())
+    assert again > 0.7 > 0.2 > np.mean([p in seen for p in zip(hold["user_id"], shuffled)])
+
+
+def test_wholesale_repurchase_gaps_follow_each_skus_interval(wholesale, wholesale_lines):
+    lines = wholesale_lines.sort_values("t")
+    gaps = lines.groupby(["user_id", "sku"])["t"].diff().dt.total_seconds() / 86_400
+    per_sku = gaps.groupby(lines["sku"]).median().dropna()
+    truth = wholesale.truth.sku_interval_days.reindex(per_sku.index)
+    busy = lines.groupby("sku").size().reindex(per_sku.index) >= 10
+    ratio = (per_sku[busy] / truth[busy])
+    assert busy.sum() > 50
+    assert 0.8 < ratio.median() < 1.3, "observed gaps are the SKU's typical interval"
+    assert np.corrcoef(per_sku[busy], truth[busy])[0, 1] > 0.6
+
+
+def test_wholesale_clients_sharing_a_collection_buy_alike(wholesale, wholesale_lines):
+    bought = wholesale_lines.groupby("user_id")["sku"].agg(set)
+    tastes = wholesale.truth.client_collections
+    users = sorted(bought.index)
+    rng = np.random.default_rng(1)
+    sharing, other = [], []
+    for a, b in rng.choice(users, (600, 2)):
+        if a == b:
+            continue
+        jac = len(bought[a] & bought[b]) / len(bought[a] | bought[b])
+        (sharing if set(tastes[a]) & set(tastes[b]) else other).append(jac)
+    assert len(sharing) > 30 and len(other) > 30
+    assert np.mean(sharing) > 3 * np.mean(other)
+
+
+def test_wholesale_trending_products_sell_only_after_launch_and_grow(wholesale, wholesale_lines):
+    trend = wholesale.truth.trending
+    lines = wholesale_lines.merge(trend, on="sku")
+    assert (lines["event_time"] >= lines["launch"]).all()
+    start = pd.Timestamp(wholesale.manifest["holdout_start"])
+    recent = (lines["t"] >= start - pd.Timedelta(days=28)) & (lines["t"] < start)
+    before = (lines["t"] >= start - pd.Timedelta(days=56)) & (lines["t"] < start - pd.Timedelta(
+        days=28))
+    assert recent.sum() > 1.5 * before.sum() > 0
+
+
+def test_wholesale_cli_writes_parquet_with_its_user_attributes(tmp_path):
+    out = tmp_path / "ws"
+    assert generate_world.main(["--preset", "wholesale_tiny", "--out", str(out),
+                                "--format", "parquet", "--bad_rows", "1"]) == 0
+    manifest = orjson.loads((out / "world.json").read_bytes())
+    assert manifest["preset"] == "wholesale_tiny" and manifest["row_counts"]["fitment"] == 0
+    users = pq.read_table(out / "users.parquet").to_pandas()
+    assert {"business_type", "region"} <= set(users.columns)
+    assert users["business_type"].notna().sum() == manifest["written_rows"]["users"] == 81

@@ -12,13 +12,14 @@ Arrow schemas, bad-row kinds), `vocabulary` (makes, brands, part types),
 `spec` (`WorldSpec`, `GroundTruth`, `World`), `arrays` (vectorised helpers),
 `users` (vehicles, segments, e-mails), `catalogue` (products and fitment),
 `propensity` (who buys what), `behaviour` (campaign, orders, events),
-`automotive` (`generate`) and `writer` (`write_world`). Everything is
+`automotive` (its `generate`), `wholesale` (a repeat-buyer B2B world, SPEC §8),
+`presets` (`preset(name)` and the `generate` that dispatches on the spec) and
+`writer` (`write_world`). Everything is
 re-exported here, so `from models.world import ...` is the one import.
 """
 from models.world.arrays import (_arrow, _Categorical, _digits, _epoch,  # noqa: F401
                                  _fixed_strings, _group_rank, _group_sum, _ids, _iso, _ranges,
                                  _rfc3339, _take)
-from models.world.automotive import generate  # noqa: F401
 from models.world.behaviour import (_campaign, _event_frame, _events, _orders,  # noqa: F401
                                     _with_duplicates)
 from models.world.catalogue import (_base_fitment, _catalog_frame, _Catalogue,  # noqa: F401
@@ -27,6 +28,8 @@ from models.world.contract import (ARROW_SCHEMAS, BAD_ID_PREFIX, BAD_KINDS, DAY,
                                    EVENT_NAMES, FAILURE_REASON_P, FAILURE_REASONS,
                                    MISSING_FIELDS, TABLES, TEXT_ONLY_KINDS, TREATMENT_KINDS,
                                    UNKNOWN_EVENT_NAMES, UNKNOWN_SKU_PREFIX)
+from models.world.presets import (AUTOMOTIVE_PRESETS, PRESETS,  # noqa: F401
+                                  WHOLESALE_PRESETS, generate, preset)
 from models.world.propensity import _Propensity, _propensity, _truth_tables  # noqa: F401
 from models.world.spec import GroundTruth, World, WorldSpec  # noqa: F401
 from models.world.users import (_emails, _segments, _solve_gamma_shape, _Vehicles,  # noqa: F401
@@ -37,5 +40,7 @@ from models.world.vocabulary import (BRANDS, CLASS_NAMES, COLOURS,  # noqa: F401
                                      LOW_VALUE_TYPES, MAKE_BROAD, MAKES, PART_TYPES,
                                      PERFORMANCE_TYPES, SERVICE, SERVICE_TYPES, SPECIFIC,
                                      UNIVERSAL, UNIVERSAL_ADJECTIVES, UNIVERSAL_BROAD)
+from models.world.wholesale import (WholesaleSpec, WholesaleTruth,  # noqa: F401
+                                    generate_wholesale)
 from models.world.writer import (_bad_records, _py_column, _records,  # noqa: F401
                                  _write_jsonl, _write_parquet, write_world)

@@ -3,10 +3,11 @@ truth, and the `World` every generator returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from models.world.contract import TABLES
 
@@ -96,9 +97,14 @@ class GroundTruth:
 
 @dataclass
 class World:
-    """Generated tables (pandas, contract field names), manifest and ground truth."""
+    """Generated tables (pandas, contract field names), manifest and ground truth.
 
-    spec: WorldSpec
+    ``spec`` and ``truth`` are the generator's own (`WorldSpec` and `GroundTruth` for the
+    automotive world, `WholesaleSpec` and `WholesaleTruth` for the repeat-buyer one);
+    ``arrow_schemas`` overrides the contract's Parquet schemas when a world's tables carry
+    other user attributes (None: `contract.ARROW_SCHEMAS`)."""
+
+    spec: Any
     seed: int
     catalog: pd.DataFrame
     fitment: pd.DataFrame
@@ -107,7 +113,8 @@ class World:
     holdout_events: pd.DataFrame
     treatment_events: pd.DataFrame
     manifest: dict
-    truth: GroundTruth
+    truth: Any
+    arrow_schemas: Optional[Dict[str, pa.Schema]] = None
 
     def tables(self) -> Dict[str, pd.DataFrame]:
         """The written tables by name."""

@@ -3,7 +3,7 @@ positions, plus the `world.json` manifest."""
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import orjson
@@ -96,9 +96,10 @@ def _write_jsonl(path: str, frame: pd.DataFrame, bad: List[Tuple[str, object]],
 
 
 def _write_parquet(path: str, table: str, frame: pd.DataFrame, bad: List[Tuple[str, object]],
-                   rng: np.random.Generator) -> int:
-    """Write Parquet with the contract's types and bad rows at random positions."""
-    schema = ARROW_SCHEMAS[table]
+                   rng: np.random.Generator, schemas: Optional[Dict[str, pa.Schema]] = None) -> int:
+    """Write Parquet with the contract's types (or the world's own) and bad rows at random
+    positions."""
+    schema = (schemas or ARROW_SCHEMAS)[table]
     data = pa.Table.from_pandas(frame, preserve_index=False).select(schema.names).cast(schema)
     if bad:
         extra = pa.Table.from_pylist([row for _, row in bad], schema=schema)
@@ -132,7 +133,7 @@ def write_world(world: World, out_dir: str, fmt: str = "jsonl", bad_rows: int = 
         if fmt == "jsonl":
             written[table] = _write_jsonl(path, frame, bad, rng)
         else:
-            written[table] = _write_parquet(path, table, frame, bad, rng)
+            written[table] = _write_parquet(path, table, frame, bad, rng, world.arrow_schemas)
     manifest = {**world.manifest, "format": fmt, "bad_rows_by_kind": bad_by_kind,
                 "bad_rows_total": int(sum(sum(v.values()) for v in bad_by_kind.values())),
                 "written_rows": written}
