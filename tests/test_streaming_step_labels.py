@@ -29,8 +29,10 @@ from models import streaming as model  # noqa: E402
 from models.bandit import BanditConfig  # noqa: E402
 from models.config import DEFAULT_CONFIG  # noqa: E402
 from pipelines import streaming_refresh as job  # noqa: E402
+from transforms import schemas  # noqa: E402
+from transforms.campaign import BANDIT_STATE  # noqa: E402
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,  # noqa: E402
-                                  FileReference, recommendation_fields)
+                                  FileReference, dead_letter, recommendation_fields, stamp)
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "streaming_step_labels.json")
 SUBSCRIPTIONS = ("projects/test-project/subscriptions/events",
@@ -102,6 +104,24 @@ def test_the_graph_has_the_steps_update_in_place_matches_on():
 
 def test_bigquery_field_lists_of_the_streaming_tables_are_unchanged():
     assert current()["fields"] == _golden()["fields"]
+
+
+def _names(fields) -> list:
+    return [f["name"] for f in fields]
+
+
+def test_streaming_tables_extend_the_batch_schemas_they_share():
+    # One schema per concept: the stream's tables are the batch ones plus its own columns.
+    batch_recs = _names(schemas.bigquery_fields(schemas.recommendations(4)))
+    assert [n for n in _names(recommendation_fields(4)) if n in batch_recs] == batch_recs
+    assert _names(BANDIT_FIELDS)[:len(BANDIT_STATE)] == BANDIT_STATE.names
+    assert _names(DEAD_LETTER_FIELDS)[:len(schemas.DEAD_LETTER)] == schemas.DEAD_LETTER.names
+
+
+def test_a_stamped_dead_letter_row_has_exactly_the_dead_letter_table_columns():
+    row = stamp(dead_letter("events", "ParseMessages", "bad json", b"{", {"k": "v"}),
+                "run", "received_at")
+    assert sorted(row) == sorted(_names(DEAD_LETTER_FIELDS))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from transforms.streaming.refusals import (Checked, KeyOrRefuseFn, Record, dead_
                                            record_text, refusal_counts)
 from transforms.streaming.windows import duration_of
 
+
 @typehints.with_input_types(Record)
 @typehints.with_output_types(Record)
 class CheckSkusFn(beam.DoFn):
@@ -50,7 +51,7 @@ class CheckSkusFn(beam.DoFn):
 
 
 class CheckSkus(beam.PTransform):
-    """Events of known SKUs pass; the rest are dead-lettered as the batch job does (``unknown sku``).
+    """Events of known SKUs pass; the rest are dead-lettered as the batch job does (unknown sku).
 
     Applied before deduplication, where the batch job applies it, so a
     redelivered copy of a refused event is refused too and the counts of both

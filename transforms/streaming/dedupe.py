@@ -18,6 +18,7 @@ from transforms.health import Tag, count
 from transforms.streaming.refusals import Checked, KeyOrRefuseFn, Record
 from transforms.streaming.windows import duration_of
 
+
 @typehints.with_input_types(Tuple[str, Record])
 @typehints.with_output_types(Record)
 class DropDuplicateIdsFn(beam.DoFn):

@@ -14,6 +14,7 @@ from apache_beam.transforms import window
 from transforms.health import Count
 from transforms.streaming.windows import StampRefreshTimeFn, seconds_of, utc_of
 
+
 @typehints.with_input_types(Tuple[int, Iterable[Count]])
 @typehints.with_output_types(dict)
 class CountersRowFn(beam.DoFn):

@@ -20,6 +20,7 @@ from transforms.health import Tag, count
 from transforms.streaming.refusals import Record, dead_letter, refusal_counts
 from transforms.streaming.windows import in_global_window
 
+
 class Parsed(NamedTuple):
     """A parsed stream: timestamped records, dead letters, counters (all in the global window)."""
 

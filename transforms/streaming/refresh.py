@@ -32,7 +32,8 @@ from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, dead_letter
 from transforms.streaming.windows import MICROS, StampRefreshTimeFn, duration_of, seconds_of, utc_of
 
-Touch = Tuple[str, Tuple[str, object]]       # (user_id, ("event", event tuple) | ("notice", reason))
+# (user_id, ("event", event tuple) | ("notice", reason))
+Touch = Tuple[str, Tuple[str, object]]
 
 
 def event_touch(record: Record) -> Touch:

@@ -22,6 +22,7 @@ from transforms.health import Tag, count
 Record = dict
 DeadLetter = dict
 
+
 def dead_letter(table: str, step: str, reason: str, record,
                 attributes: Optional[dict] = None) -> DeadLetter:
     """A dead-letter row: the original payload, where it was refused and why.

@@ -1,8 +1,11 @@
 """The streaming job's BigQuery output: table fields, row stamping, JSON-safe rows, the writer.
 
-Writing goes through the batch job's `transforms.bigquery_io.InsertRows`
-(batched streaming inserts retried through outages); rows BigQuery refuses
-come back as dead letters.
+The fields of `recommendation_updates`, `bandit_state` and the dead-letter
+table are the batch job's schemas (`transforms.schemas`, `transforms.campaign`)
+plus the stream's own columns, so the two jobs' tables cannot drift apart;
+`streaming_health` is the stream's alone. Writing goes through the batch job's
+`transforms.bigquery_io.InsertRows` (batched streaming inserts retried through
+outages); rows BigQuery refuses come back as dead letters.
 """
 from __future__ import annotations
 
@@ -12,38 +15,36 @@ from typing import Callable, List, Sequence, Tuple
 
 import apache_beam as beam
 import pandas as pd
+import pyarrow as pa
 
 from models import streaming as model
+from models.recommend import rec_columns
+from transforms import schemas
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS, InsertRows
+from transforms.campaign import BANDIT_STATE
 from transforms.streaming.refusals import dead_letter
 from transforms.streaming.windows import MICROS
+
 
 def _fields(*pairs: Tuple[str, str]) -> List[dict]:
     return [{"name": name, "type": kind, "mode": "NULLABLE"} for name, kind in pairs]
 
 
 def recommendation_fields(n: int) -> List[dict]:
-    """`recommendation_updates`: SPEC §3 columns, why and when the row was refreshed."""
-    pairs = []
-    for name in model.recommend.rec_columns(n):
-        if name == "year":
-            kind = "INT64"
-        elif name.endswith(("_price", "_score")):
-            kind = "FLOAT64"
-        else:
-            kind = "STRING"
-        pairs.append((name, kind))
-    pairs += [("reason", "STRING"), ("generated_at", "TIMESTAMP"), ("run_id", "STRING"),
-              ("model_version", "STRING"), ("popularity_as_of", "TIMESTAMP")]
-    return _fields(*pairs)
+    """`recommendation_updates`: SPEC §3 columns, why and when the row was refreshed.
+
+    The batch job's `transforms.schemas.recommendations` with the stream's
+    ``reason`` after the SPEC §3 columns and ``popularity_as_of`` at the end,
+    so a column type fixed for batch is fixed here too.
+    """
+    batch = schemas.recommendations(n)
+    streaming = batch.insert(len(rec_columns(n)), pa.field("reason", pa.string())).append(
+        pa.field("popularity_as_of", schemas.TIMESTAMP))
+    return schemas.bigquery_fields(streaming)
 
 
-BANDIT_FIELDS = _fields(
-    ("window_start", "TIMESTAMP"), ("window_end", "TIMESTAMP"), ("segment", "STRING"),
-    ("treatment_id", "STRING"), ("sent", "INT64"), ("delivered", "INT64"),
-    ("delivery_failed", "INT64"), ("views", "INT64"), ("clicks", "INT64"),
-    ("clicks_capped", "INT64"), ("alpha", "FLOAT64"), ("beta", "FLOAT64"), ("mean", "FLOAT64"),
-    ("ci_low", "FLOAT64"), ("ci_high", "FLOAT64"), ("p_best", "FLOAT64"), ("weight", "FLOAT64"),
+# The batch `bandit_state` (transforms.campaign.BANDIT_STATE) stamped with when and by which run.
+BANDIT_FIELDS = schemas.bigquery_fields(BANDIT_STATE) + _fields(
     ("generated_at", "TIMESTAMP"), ("run_id", "STRING"))
 
 HEALTH_FIELDS = _fields(
@@ -52,8 +53,9 @@ HEALTH_FIELDS = _fields(
     ("on_time", "INT64"), ("late", "INT64"), ("too_late", "INT64"), ("counters", "STRING"),
     ("emitted_at", "TIMESTAMP"))
 
-DEAD_LETTER_FIELDS = _fields(
-    ("table", "STRING"), ("step", "STRING"), ("reason", "STRING"), ("record", "STRING"),
+# The batch dead-letter row (transforms.schemas.DEAD_LETTER) plus the message's attributes,
+# the run and when it was refused.
+DEAD_LETTER_FIELDS = schemas.bigquery_fields(schemas.DEAD_LETTER) + _fields(
     ("attributes", "STRING"), ("run_id", "STRING"), ("received_at", "TIMESTAMP"))
 
 
