@@ -18,7 +18,7 @@ order counts once per SKU whatever its quantity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -110,7 +110,8 @@ def repurchase_intervals(order_lines: pd.DataFrame, as_of: pd.Timestamp,
 
 def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: float = 30.0,
               max_due: float = 1.0, min_gap_days: float = 1.0, min_gaps: int = 1,
-              max_per_user: Optional[int] = None, due: bool = True) -> pd.DataFrame:
+              max_per_user: Optional[int] = None, due: bool = True,
+              intervals: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Score each ``(user, sku)`` the user bought before by decayed frequency × due-ness.
 
     Formula, for user u and SKU i::
@@ -134,6 +135,9 @@ def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: fl
         output at N rows per user.
       due: False scores by decayed frequency alone (every due factor 1): on
         the grocer's sampled history due-ness lost (docs/recommenders.md).
+      intervals: :func:`repurchase_intervals` computed beforehand over every
+        user; a job that scores one shard of users at a time passes the
+        global table so an item's typical interval is not the shard's.
 
     Returns:
       frame ``user_id, sku, score, frequency, orders, days_since, interval_days, due``
@@ -152,7 +156,8 @@ def buy_again(order_lines: pd.DataFrame, as_of: pd.Timestamp, half_life_days: fl
            .agg(frequency=("_w", "sum"), orders=("order_id", "size"),
                 last=("event_time", "max")).reset_index())
     per["days_since"] = (as_of - per["last"]).dt.total_seconds().to_numpy(float) / DAY_SECONDS
-    intervals = repurchase_intervals(lines, as_of, min_gap_days, min_gaps)
+    if intervals is None:
+        intervals = repurchase_intervals(lines, as_of, min_gap_days, min_gaps)
     if not due:
         intervals = intervals.iloc[:0]
     per = per.merge(intervals[["sku", "interval_days"]], on="sku", how="left")
@@ -419,3 +424,84 @@ def apply_boost(scores: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """
     factor = scores["sku"].map(table.set_index("sku")["multiplier"]).fillna(1.0)
     return scores.assign(score=scores["score"].to_numpy(float) * factor.to_numpy(float))
+
+
+# --- the sources as the batch job calls them (per shard of users) ----------------------------
+
+PURCHASED = "purchased"
+"""Pseudo-source of :func:`personal_candidates`: every SKU the user bought up to ``as_of``.
+It fills no slot; the QA check of buy-again slots reads it (a buy-again slot must hold one)."""
+LINE_COLUMNS = ("user_id", "sku", "order_id", "event_time")
+
+
+@dataclass(frozen=True)
+class SharedTables:
+    """What the sources need from all users at once, built once per run (a side input).
+
+    Attributes:
+      intervals: :func:`repurchase_intervals` over every user (buy-again's due-ness).
+      similarity: :func:`item_similarity` (also-bought), None when the mix has no also-bought.
+      trending: :func:`trending_candidates` (a shared list), None when the mix has no trending.
+    """
+
+    intervals: pd.DataFrame
+    similarity: Optional[ItemSimilarity]
+    trending: Optional[pd.DataFrame]
+
+
+def _lines(order_lines: pd.DataFrame) -> pd.DataFrame:
+    """The order-line columns the sources read; an empty input gives an empty typed frame."""
+    if not len(order_lines) or not set(LINE_COLUMNS) <= set(order_lines.columns):
+        return pd.DataFrame({"user_id": pd.Series(dtype=object), "sku": pd.Series(dtype=object),
+                             "order_id": pd.Series(dtype=object),
+                             "event_time": pd.Series(dtype="datetime64[us, UTC]")})
+    return order_lines[list(LINE_COLUMNS)]
+
+
+def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config) -> SharedTables:
+    """The global tables of the sources named in ``config.mix`` (a ``CandidatesConfig``).
+
+    Every source reads the same deduplicated order lines the popularity reads.
+    """
+    lines = _lines(order_lines)
+    names = {name for name, _ in config.mix}
+    intervals = (repurchase_intervals(lines, as_of) if "buy_again" in names
+                 else pd.DataFrame({"sku": [], "interval_days": [], "gaps": []}))
+    similarity = None
+    if "also_bought" in names:
+        ab = config.also_bought
+        similarity = item_similarity(lines, as_of, ab.similarity, ab.top_n, ab.max_history,
+                                     "user", ab.min_cooccurrence)
+    hot = None
+    if "trending" in names:
+        tr = config.trending
+        hot = trending_candidates(trending(lines, as_of, tr.period_days, tr.min_count,
+                                           tr.growth, tr.boost))
+    return SharedTables(intervals, similarity, hot)
+
+
+def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Timestamp,
+                        config, tables: SharedTables, max_per_user: int) -> pd.DataFrame:
+    """Per-user candidates of the mix's personal sources for ``users`` (one shard of them).
+
+    ``order_lines`` must hold every line of these users (the job shards lines and
+    users by ``user_id`` together). Returns ``user_id, sku, score, source``: at
+    most ``max_per_user`` rows per user and source, plus one :data:`PURCHASED` row
+    per SKU each user bought (score 0) for the QA checks.
+    """
+    lines = _lines(order_lines)
+    lines = lines.loc[lines["user_id"].isin(list(users)) & (lines["event_time"] <= as_of)]
+    names = {name for name, _ in config.mix}
+    parts = [lines[["user_id", "sku"]].drop_duplicates().assign(score=0.0, source=PURCHASED)]
+    if "buy_again" in names:
+        ba = config.buy_again
+        scored = buy_again(lines, as_of, ba.half_life_days, ba.max_due,
+                           max_per_user=max_per_user, due=ba.due, intervals=tables.intervals)
+        parts.append(scored[["user_id", "sku", "score"]].assign(source="buy_again"))
+    if "also_bought" in names and tables.similarity is not None and len(lines):
+        ab = config.also_bought
+        scored = also_bought_scores(lines, tables.similarity.table, as_of, ab.half_life_days,
+                                    ab.max_history, True, max_per_user)
+        parts.append(scored[["user_id", "sku", "score"]].assign(source="also_bought"))
+    out = pd.concat(parts, ignore_index=True)
+    return out.astype({"user_id": object, "sku": object, "score": float, "source": object})

@@ -66,7 +66,8 @@ def fill_slots(candidates_by_source: Mapping[str, pd.DataFrame],
                group_of_sku: Optional[Mapping] = None,
                excluded_for_discovery: Optional[pd.DataFrame] = None,
                repurchase_sources: Iterable[str] = REPURCHASE_SOURCES,
-               users: Optional[Sequence] = None) -> pd.DataFrame:
+               users: Optional[Sequence] = None,
+               unique_of_sku: Optional[Mapping] = None) -> pd.DataFrame:
     """Each user's k SKUs, slot by slot, with the source that filled each slot.
 
     Rules, in this order of precedence:
@@ -93,6 +94,9 @@ def fill_slots(candidates_by_source: Mapping[str, pd.DataFrame],
         frame without ``user_id`` is one shared list offered to every user
         (e.g. global popularity, trending).
       users: users to serve; by default every user with a personal candidate.
+      unique_of_sku: SKU → a group of which at most one SKU may be listed
+        (SPEC rule 9's variant group: a SKU and its variants); SKUs without
+        an entry are unconstrained.
 
     Returns:
       frame ``user_id, slot (1..k), sku, source, score``, users in sorted order.
@@ -126,6 +130,7 @@ def fill_slots(candidates_by_source: Mapping[str, pd.DataFrame],
             raise ValueError("only shared sources: pass the users to serve")
     groups = group_of_sku if (max_per_group is not None and group_of_sku is not None) else {}
     cap = max_per_group if groups else None
+    variants = unique_of_sku or {}
 
     out_user: List = []
     out_sku: List = []
@@ -134,6 +139,7 @@ def fill_slots(candidates_by_source: Mapping[str, pd.DataFrame],
     for user in users:
         chosen: set = set()
         per_group: Dict[object, int] = {}
+        seen_variants: set = set()
         excluded_here = shared_excluded.get(user, ())
         cursors = [list(source.range(user)) for source in sources]
         n = 0
@@ -150,6 +156,11 @@ def fill_slots(candidates_by_source: Mapping[str, pd.DataFrame],
                     group = groups.get(sku) if cap is not None else None
                     if group is not None and per_group.get(group, 0) >= cap:
                         continue
+                    variant = variants.get(sku)
+                    if variant is not None:
+                        if variant in seen_variants:
+                            continue
+                        seen_variants.add(variant)
                     chosen.add(sku)
                     if group is not None:
                         per_group[group] = per_group.get(group, 0) + 1

@@ -13,14 +13,19 @@ from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from models import mix as slot_mix
 from models.catalog import CatalogArrays
-from models.config import RecsConfig
+from models.config import REPURCHASE_SOURCES, RecsConfig
 from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
                                popularity_score, segment_key, segment_keys)
 
 SIGNAL_COLUMNS = ("bought", "carted", "viewed")
 _NONE = np.array([], dtype=np.int64)
 UNSERVED_REASON = "fewer eligible parts than recommendations at every level"
+MIX_UNSERVED_REASON = "fewer eligible candidates than recommendations in every mix source"
+POPULARITY = "segment_popularity"
+# ``source`` of a mix row whose user no popularity level could serve (the other sources did).
+NO_LEVEL = "none"
 
 
 def rec_columns(n: int) -> List[str]:
@@ -30,6 +35,15 @@ def rec_columns(n: int) -> List[str]:
     for field in ("price", "score", "image_url", "part_type"):
         cols += [f"rec{i}_{field}" for i in range(1, n + 1)]
     return cols + ["source"]
+
+
+def slot_source_columns(n: int) -> List[str]:
+    """Which mix source filled each slot: ``rec1_source`` .. ``recN_source`` (#14).
+
+    Written only when the configuration's mix is more than segment popularity,
+    so the default output keeps exactly the SPEC §3 columns.
+    """
+    return [f"rec{i}_source" for i in range(1, n + 1)]
 
 
 def greedy_pick(order: np.ndarray, part_type: np.ndarray, variant_key: np.ndarray,
@@ -161,6 +175,51 @@ class Recommender:
                     break
         return Picks(source != None, items, scores, source)  # noqa: E711
 
+    def popularity_lists(self, users: pd.DataFrame, fitting: np.ndarray, depth: int
+                         ) -> Tuple[np.ndarray, pd.DataFrame]:
+        """Segment popularity as a mix source: each user's level and ranked list.
+
+        The level is the one :meth:`recommend` serves the user from (rule 12's
+        fallback unchanged); the list is that level's ranking with the user's
+        intent boosts, without what they bought, best first, ``depth`` long and
+        before the caps (the mix applies them over the whole list).
+
+        Returns:
+          the level name per user (:data:`NO_LEVEL` where none could serve), and
+          a frame ``user_id, sku, score``.
+        """
+        picks = self.recommend(users, fitting)
+        cand = self.candidates(fitting)
+        levels = {level.scores.name: level for level in self._levels(users, cand)}
+        signals = {c: self._signal_positions(cand, users[c].to_numpy(object))
+                   if c in users.columns else [_NONE] * len(users) for c in SIGNAL_COLUMNS}
+        weights = self.config.scoring
+        out_user, out_pos, out_score = [], [], []
+        for u, (user, name) in enumerate(zip(users["user_id"].to_numpy(object), picks.source)):
+            level = levels.get(name)
+            if level is None:
+                continue
+            bought = signals["bought"][u]
+            boost: Dict[int, float] = {}
+            for column, weight in (("viewed", weights.view_weight),
+                                   ("carted", weights.cart_weight)):
+                for p in signals[column][u]:
+                    boost[int(p)] = max(boost.get(int(p), 0.0), weight)
+            boosted = np.fromiter(boost.keys(), dtype=np.int64, count=len(boost))
+            pool = np.union1d(level.order[:depth + len(bought)], boosted)
+            pool = pool[~np.isin(pool, bought)]
+            score = level.base[pool] + np.array([boost.get(int(p), 0.0) for p in pool])
+            ranked = np.lexsort((pool, -score))[:depth]
+            out_user += [user] * len(ranked)
+            out_pos.append(cand[pool[ranked]])
+            out_score.append(score[ranked])
+        source = np.where(picks.served, picks.source, NO_LEVEL).astype(object)
+        positions = np.concatenate(out_pos) if out_pos else _NONE
+        return source, pd.DataFrame({
+            "user_id": pd.Series(out_user, dtype=object),
+            "sku": pd.Series(self.catalog.sku[positions], dtype=object),
+            "score": np.concatenate(out_score) if out_score else np.zeros(0)})
+
     def _signal_positions(self, cand: np.ndarray, signal: np.ndarray) -> List[np.ndarray]:
         """Per user, positions within ``cand`` of the SKUs in one signal column.
 
@@ -225,6 +284,85 @@ def recommend_all(recommender: Recommender, users: pd.DataFrame,
     picks = Picks(*(np.concatenate(parts) for parts in zip(*all_picks)))
     frame = picks_frame(ordered, picks, recommender.catalog, config)
     return frame, ordered.loc[~picks.served].reset_index(drop=True)
+
+
+def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str, Iterable[str]],
+            personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame]
+            ) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Recommendation rows filled by the configured slot mix, vehicle by vehicle (#14).
+
+    Every source is restricted to the vehicle's candidates (eligible and fitting
+    or universal, as segment popularity's), and :func:`models.mix.fill_slots`
+    fills each list: sources in mix order, a dry source's slots to the next, no
+    SKU twice, one SKU per variant group, at most ``max_per_part_type`` per part
+    type over the whole list, and rule 4's exclusion (the user's ``bought``
+    tuples) on discovery sources only; buy-again is exempt by design.
+
+    Args:
+      personal: ``user_id, sku, score, source`` of the per-user sources
+        (:func:`models.candidates.personal_candidates`).
+      shared: source name → ``sku, score``, one list for every user (trending).
+
+    Returns:
+      the rows (SPEC §3 columns, ``source`` = the popularity level or
+      :data:`NO_LEVEL`, then :func:`slot_source_columns`) and the users left
+      with fewer than N candidates.
+    """
+    config = recommender.config
+    n, catalog = config.rules.recs_per_user, recommender.catalog
+    mix = config.candidates.mix
+    depth = 8 * n
+    frames, unserved = [], []
+    for _, group in vehicle_groups(users, config.group_attributes):
+        first = group.iloc[0]
+        vehicle = segment_key([first[a] for a in config.fitment_attributes])
+        fits = catalog.index_of(sorted(fitting.get(vehicle, ())))
+        cand = recommender.candidates(fits)
+        allowed = pd.Index(catalog.sku[cand])
+        levels, popular = recommender.popularity_lists(group, fits, depth)
+        ids = group["user_id"].to_numpy(object)
+        mine = personal.loc[personal["user_id"].isin(ids) & personal["sku"].isin(allowed)]
+        sources = {}
+        for name, _ in mix:
+            if name == POPULARITY:
+                sources[name] = popular
+            elif name in shared:
+                frame = shared[name]
+                sources[name] = frame.loc[frame["sku"].isin(allowed), ["sku", "score"]]
+            else:
+                sources[name] = mine.loc[mine["source"] == name, ["user_id", "sku", "score"]]
+        bought = group[["user_id", "bought"]] if "bought" in group.columns else None
+        excluded = (bought.explode("bought").dropna().rename(columns={"bought": "sku"})
+                    if bought is not None else None)
+        slots = slot_mix.fill_slots(
+            sources, mix, n, config.rules.max_per_part_type,
+            dict(zip(catalog.sku[cand], catalog.part_type[cand])), excluded,
+            REPURCHASE_SOURCES, list(ids),
+            dict(zip(catalog.sku[cand], catalog.variant_key[cand])))
+        full = slots.groupby("user_id", sort=False)["slot"].transform("size") == n
+        slots = slots.loc[full.to_numpy(bool)]
+        row = pd.Index(ids).get_indexer(slots["user_id"])
+        served = np.zeros(len(group), dtype=bool)
+        served[row] = True
+        items = np.full((len(group), n), -1, dtype=np.int64)
+        scores = np.zeros((len(group), n))
+        kinds = np.full((len(group), n), None, dtype=object)
+        col = slots["slot"].to_numpy(int) - 1
+        items[row, col] = catalog.index_of(slots["sku"].tolist())
+        scores[row, col] = slots["score"].to_numpy(float)
+        kinds[row, col] = slots["source"].to_numpy(object)
+        picks = Picks(served, items, scores, levels)
+        frame = picks_frame(group.reset_index(drop=True), picks, catalog, config)
+        for i, name in enumerate(slot_source_columns(n)):
+            frame[name] = kinds[served, i]
+        frames.append(frame)
+        unserved.append(group.loc[~served])
+    columns = rec_columns(n) + slot_source_columns(n)
+    if not frames:
+        return pd.DataFrame(columns=columns), users.iloc[:0]
+    out = pd.concat(frames, ignore_index=True)
+    extra = [c for c in out.columns if c not in columns]
+    return out[columns + extra], pd.concat(unserved, ignore_index=True)
 
 
 def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,

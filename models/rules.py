@@ -8,15 +8,16 @@ is gated on the total.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, NamedTuple, Sequence, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from models.catalog import https_mask, low_value_mask, service_sku_mask
-from models.config import RecsConfig
+from models.config import REPURCHASE_SOURCES, RecsConfig
 from models.contracts import is_email
 from models.popularity import PopularityIndex, segment_keys
+from models.recommend import NO_LEVEL, POPULARITY as POPULARITY_SOURCE
 
 
 class Rule(NamedTuple):
@@ -42,6 +43,17 @@ RULES: Tuple[Rule, ...] = (
     Rule(15, "no low-value part types"),
 )
 
+# Checks of the slot kinds (#14), counted and listed only when the mix fills slots from more
+# than segment popularity (the output then names each slot's source, ``recN_source``).
+SLOT_RULES: Tuple[Rule, ...] = (
+    Rule(16, "repurchase slots hold SKUs the user bought"),
+)
+
+
+def rules_for(config: RecsConfig) -> Tuple[Rule, ...]:
+    """The QA rules of a run: the SPEC's, plus the slot-kind checks when a mix is configured."""
+    return RULES if config.candidates.popularity_only else RULES + SLOT_RULES
+
 
 @dataclass
 class QAContext:
@@ -54,6 +66,7 @@ class QAContext:
       popularity: segment popularity over ``catalog_skus`` positions (rule 12).
       catalog_skus: the sorted SKU array the popularity positions refer to.
       eligible_skus: SKUs that pass the catalogue rules (rule 12 counts only those).
+      purchased: user_id → every SKU bought up to ``as_of`` (rule 16; a mix only).
     """
 
     catalog: pd.DataFrame
@@ -62,6 +75,7 @@ class QAContext:
     popularity: PopularityIndex
     catalog_skus: np.ndarray
     eligible_skus: frozenset
+    purchased: Optional[Mapping[str, Sequence[str]]] = None
 
 
 def _numbers(values: pd.Series) -> np.ndarray:
@@ -80,6 +94,8 @@ def _long(recs: pd.DataFrame, n: int) -> pd.DataFrame:
             "score": _numbers(recs[f"rec{i}_score"]),
             "image_url": recs[f"rec{i}_image_url"].to_numpy(object),
             "part_type": recs[f"rec{i}_part_type"].to_numpy(object),
+            "slot_source": (recs[f"rec{i}_source"].to_numpy(object)
+                            if f"rec{i}_source" in recs.columns else POPULARITY_SOURCE),
         }))
     return pd.concat(parts, ignore_index=True)
 
@@ -91,10 +107,14 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     always lands in one batch (the pipeline shards by e-mail) to make it global.
     """
     rules, n = config.rules, config.rules.recs_per_user
-    counts = {rule.id: 0 for rule in RULES}
+    mixed = f"rec{n}_source" in recs.columns
+    counts = {rule.id: 0 for rule in (RULES + SLOT_RULES if mixed else RULES)}
     if recs.empty:
         return counts
     long = _long(recs, n)
+    # Slot kinds come from the output's own recN_source columns: rule 4 holds on discovery
+    # slots, and a repurchase slot must hold something the user bought (rule 16).
+    repurchase = long["slot_source"].isin(list(REPURCHASE_SOURCES)).to_numpy(bool)
     # A missing or unknown SKU is a rule-2 violation only; rules that read the
     # catalogue skip it instead of blaming its absent price, type or fitment.
     known = ctx.catalog.index.get_indexer(long["sku"]) >= 0
@@ -111,7 +131,10 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     over = (pd.DataFrame({"row": long["row"], "t": types}).groupby(["row", "t"]).size()
             > rules.max_per_part_type).groupby(level=0).any()
     counts[3] = int((over | pd.Series(mismatch).groupby(long["row"]).any()).sum())
-    counts[4] = per_row(_pairs_in(long["user_id"], long["sku"], ctx.bought))
+    counts[4] = per_row(~repurchase & _pairs_in(long["user_id"], long["sku"], ctx.bought))
+    if mixed:
+        ever = _pairs_in(long["user_id"], long["sku"], ctx.purchased or {})
+        counts[16] = per_row(repurchase & ~ever)
     excluded = set(rules.excluded_tags)
     counts[5] = per_row([bool(excluded.intersection(t)) if isinstance(t, tuple) else False
                          for t in tags])
@@ -130,9 +153,15 @@ def check(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig) -> Dict[int, i
     counts[9] = per_row(pd.Series(dup.duplicated(["row", "g"]) | dup.duplicated(["row", "s"]))
                         .reindex(long.index, fill_value=False))
     score = np.column_stack([_numbers(recs[f"rec{i}_score"]) for i in range(1, n + 1)])
-    counts[10] = int((np.diff(score, axis=1) > 1e-12).any(axis=1).sum())
-    counts[11] = int((~np.isfinite(score) | (score < 0)
-                      | (score > config.scoring.max_score + 1e-9)).any(axis=1).sum())
+    # With a mix each slot carries its own source's score: order and range are checked
+    # within a source (consecutive slots of one source never rise; popularity's scores stay
+    # within its formula, every other source's are finite and >= 0).
+    kind = np.column_stack([long["slot_source"].to_numpy(object)[long["pos"] == i]
+                            for i in range(1, n + 1)])
+    same = kind[:, 1:] == kind[:, :-1]
+    counts[10] = int(((np.diff(score, axis=1) > 1e-12) & same).any(axis=1).sum())
+    ceiling = np.where(kind == POPULARITY_SOURCE, config.scoring.max_score + 1e-9, np.inf)
+    counts[11] = int((~np.isfinite(score) | (score < 0) | (score > ceiling)).any(axis=1).sum())
     counts[12] = _thin_segments_served(recs, ctx, config)
     email = recs["email_lower"].astype(object)
     # The parsers' own addr-spec check, so QA cannot pass what validation would refuse.
@@ -175,7 +204,12 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
     supported_cache: Dict[Tuple[str, object, object], frozenset] = {}
     universal = frozenset(ctx.catalog.index[ctx.catalog["is_universal"].fillna(False)
                                             .to_numpy(bool) | (not config.fitment_attributes)])
+    slot_columns = [f"rec{i}_source" for i in range(1, n + 1)]
+    popular = (recs[slot_columns].eq(POPULARITY_SOURCE).any(axis=1).to_numpy(bool)
+               if slot_columns[-1] in recs.columns else np.ones(len(recs), dtype=bool))
     for row, (source, user) in enumerate(zip(recs["source"], recs["user_id"])):
+        if source == NO_LEVEL and not popular[row]:
+            continue  # a mix row no popularity level served, and no popularity slot
         level = names.get(source)
         if level is None:
             violations += 1
@@ -197,10 +231,11 @@ def _thin_segments_served(recs: pd.DataFrame, ctx: QAContext, config: RecsConfig
 
 def qa_table(counts: Mapping[int, int], config: RecsConfig) -> pd.DataFrame:
     """The ``qa_checks`` table: one row per rule with its violations."""
+    listed = rules_for(config)
     names = {r.id: r.name.format(n=config.rules.recs_per_user, k=config.rules.max_per_part_type)
-             for r in RULES}
+             for r in listed}
     return pd.DataFrame({
-        "rule_id": [r.id for r in RULES],
-        "name": [names[r.id] for r in RULES],
-        "violations": [int(counts.get(r.id, 0)) for r in RULES],
+        "rule_id": [r.id for r in listed],
+        "name": [names[r.id] for r in listed],
+        "violations": [int(counts.get(r.id, 0)) for r in listed],
     })

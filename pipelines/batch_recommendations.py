@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -34,7 +35,7 @@ from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attr
                                require_tables, require_writable_dir, run_id_of, true_or_false)
 from transforms import schemas
 from models.features import FeatureConfig
-from models.ranker import RankerModel
+from models.ranker import RankerModel, refusal
 from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
                                RerankPerVehicle, check_model, resolve_model_path)
 from transforms.bigquery import (BigQueryOptions, apply_options,  # noqa: F401 (its flags)
@@ -47,12 +48,13 @@ from transforms.publish import GatherGateSignals, PublishRunFn, StageOutput
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
-                                  sum_violations)
+                                  SourceCandidates, sum_violations)
 from transforms.warehouse import (PUBLISHED_TABLES, BigQueryWarehouse, LocalWarehouse,
                                   backup_id, backup_table)
 
 JOB = "batch_recommendations"
 MODEL_VERSION = "segment-popularity-v1"
+MIX_MODEL_VERSION = "slot-mix-v1"
 STRATEGIES = ("segment", "global")
 
 
@@ -142,11 +144,18 @@ def context_from(options: PipelineOptions) -> RunContext:
         if batch.strategy == "global":
             raise UsageError("--ranker_model re-ranks segment candidates; not with "
                              "--strategy global")
+        if not config.candidates.popularity_only:
+            raise UsageError("--ranker_model re-ranks segment-popularity candidates; not with "
+                             "a candidates.mix of other sources (drop one or the other)")
         try:
             ranker_path = resolve_model_path(batch.ranker_model)
             ranker = check_model(ranker_path, config)  # loads it and checks its features
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(f"--ranker_model: {err}")
+        refused = refusal(ranker)  # #14: a model that lost to the plain order is not served
+        if refused:
+            print(f"--ranker_model: {refused}", file=sys.stderr)
+            ranker_path = ranker = None
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
@@ -225,11 +234,19 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         {"users": users, "events": unique_events.rows}
         | "JoinUsersWithEvents" >> JoinUsersWithEvents(ctx.as_of, config, n_shards))
     popularity = order_lines | "SegmentPopularity" >> SegmentPopularity(ctx.as_of, config)
-    if ctx.ranker is None:
+    if ctx.ranker is None and config.candidates.popularity_only:
         recs = ({"users": profiles, "fitment": fitment.rows}
                 | "RecommendPerVehicle" >> RecommendPerVehicle(
                     catalog.rows, popularity, config, ctx.run_id, n_shards))
         model_version, ranker_counts = MODEL_VERSION, []
+    elif ctx.ranker is None:  # the slot mix (#14): more sources, from the same order lines
+        personal, tables, (source_counts, build_counts) = (
+            {"users": profiles, "lines": order_lines}
+            | "SourceCandidates" >> SourceCandidates(ctx.as_of, config, n_shards))
+        recs = ({"users": profiles, "fitment": fitment.rows, "candidates": personal}
+                | "RecommendPerVehicle" >> RecommendPerVehicle(
+                    catalog.rows, popularity, config, ctx.run_id, n_shards, tables))
+        model_version, ranker_counts = MIX_MODEL_VERSION, [source_counts, build_counts]
     else:  # two stages: segment-popularity candidates, re-ranked by the LightGBM model
         features = FeatureConfig.from_dict(ctx.ranker.metadata["feature_config"])
         ranked = ({"users": profiles, "events": unique_events.rows}
@@ -262,7 +279,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                 | "FlattenCounters" >> beam.Flatten()
                 | "SumCounters" >> SumCounts())
 
-    outputs = schemas.outputs(config.rules.recs_per_user)
+    outputs = schemas.outputs(config.rules.recs_per_user,
+                              slot_sources=not config.candidates.popularity_only)
 
     def stage(name: str) -> StageOutput:
         return StageOutput(ctx.warehouse, ctx.run_id, name, outputs[name], ctx.staging_dir)

@@ -165,3 +165,12 @@ def test_mix_config_from_a_file_and_its_one_line_errors(tmp_path):
             load(text)
         message = str(caught.value)
         assert needle in message and "\n" not in message, message
+
+
+def test_one_sku_per_variant_group_across_sources():
+    again = per_user([("u", "RA003", 5.0)])
+    popular = shared([("RA003B", 9.0), ("X", 8.0), ("Y", 7.0)])
+    out = fill_slots({"buy_again": again, "popularity": popular},
+                     [("buy_again", 1), ("popularity", 2)], k=3, users=["u"],
+                     unique_of_sku={"RA003": "RA003", "RA003B": "RA003"})
+    assert out["sku"].tolist() == ["RA003", "X", "Y"]  # the variant RA003B is skipped

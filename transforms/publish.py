@@ -165,7 +165,7 @@ class PublishRunFn(beam.DoFn):
                 ) -> Iterator[Dict[str, object]]:
         run_id = self._run["run_id"]
         n = self._config.rules.recs_per_user
-        tables = schemas.outputs(n)
+        tables = schemas.outputs(n, not self._config.candidates.popularity_only)
         staged = {name: self._warehouse.staged(run_id, name, tables[name], outputs)
                   for name, outputs in zip(STAGED, (recs_staged, popularity_staged,
                                                     dead_letter_staged))}

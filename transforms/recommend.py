@@ -7,7 +7,7 @@ popularity → recommend per vehicle (with QA checks on what was produced).
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -15,7 +15,7 @@ import pandas as pd
 from apache_beam import typehints
 from apache_beam.utils import shared
 
-from models import contracts, popularity, profiles, recommend, rules
+from models import candidates, contracts, popularity, profiles, recommend, rules
 from models.catalog import CatalogArrays, resolve_conflicts
 from models.config import RecsConfig
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames
@@ -246,6 +246,75 @@ class SegmentPopularity(beam.PTransform):
                 | "SumPopularity" >> beam.CombineGlobally(PopularityCombineFn()))
 
 
+@typehints.with_input_types(Tuple[Shard, Dict[str, pd.DataFrame]], candidates.SharedTables)
+@typehints.with_output_types(pd.DataFrame)
+class PersonalCandidatesFn(beam.DoFn):
+    """Per user shard: the mix's per-user sources (buy-again, also-bought) from the users'
+    own order lines, with the shard key of the user's vehicle so they can meet the user's
+    fitment shard."""
+
+    def __init__(self, as_of: pd.Timestamp, config: RecsConfig):
+        self._as_of = as_of
+        self._config = config
+
+    def process(self, element, tables: candidates.SharedTables) -> Iterator[pd.DataFrame]:
+        _, groups = element
+        users, lines = groups["users"], groups["lines"]
+        if not len(users) or not len(lines):
+            return
+        key = list(self._config.shard_attributes)
+        profile = users.drop_duplicates("user_id")[["user_id", *key]]
+        depth = 8 * self._config.rules.recs_per_user
+        found = candidates.personal_candidates(lines, profile["user_id"].tolist(), self._as_of,
+                                               self._config.candidates, tables, depth)
+        for name, n in found["source"].value_counts().items():
+            yield count(f"candidates.{name}.rows", int(n))
+        if len(found):
+            yield found.merge(profile, on="user_id", how="left")
+
+
+class SourceCandidates(beam.PTransform):
+    """The mix's sources other than segment popularity, from the same deduplicated order lines.
+
+    Returns ``(personal, shared)``: frames ``user_id, sku, score, source`` plus the shard
+    key, and the singleton :class:`models.candidates.SharedTables` (the repurchase
+    intervals, the also-bought similarity and the trending list, built once over all lines).
+    """
+
+    def __init__(self, as_of: pd.Timestamp, config: RecsConfig,
+                 num_shards: int = DEFAULT_SHARDS):
+        super().__init__()
+        self._as_of = as_of
+        self._config = config
+        self._num_shards = num_shards
+
+    def expand(self, inputs: Dict[str, beam.PCollection]):
+        lines, users = inputs["lines"], inputs["users"]
+        tables = (lines
+                  | "GatherOrderLines" >> beam.CombineGlobally(ConcatFramesFn())
+                  | "BuildSharedTables" >> beam.Map(
+                      candidates.shared_tables, self._as_of, self._config.candidates))
+        result = ({"users": users, "lines": lines}
+                  | "ShardByUserId" >> CoGroupFrames(
+                      {"users": ["user_id"], "lines": ["user_id"]}, self._num_shards)
+                  | "ScorePerUser" >> beam.ParDo(
+                      PersonalCandidatesFn(self._as_of, self._config),
+                      beam.pvalue.AsSingleton(tables)).with_outputs(
+                      Tag.COUNTS.value, main=Tag.ROWS.value))
+        stats = tables | "SimilarityCounts" >> beam.FlatMap(_similarity_counts)
+        return result[Tag.ROWS.value], tables, (result[Tag.COUNTS.value], stats)
+
+
+def _similarity_counts(tables: candidates.SharedTables) -> Iterator[Tuple[str, int]]:
+    """What the also-bought build cost, and how many SKUs trend, as ``(counter, n)``."""
+    if tables.similarity is not None:
+        built = tables.similarity
+        for name in ("rows", "lines_capped", "pairs_generated", "pairs_distinct", "pairs_kept"):
+            yield f"candidates.also_bought.{name}", int(getattr(built, name))
+    if tables.trending is not None:
+        yield "candidates.trending.skus", len(tables.trending)
+
+
 class _Models(NamedTuple):
     catalog: CatalogArrays
     catalog_frame: pd.DataFrame
@@ -286,9 +355,11 @@ class RecommendShardFn(beam.DoFn):
                 frozenset(arrays.sku[arrays.eligible])))
         return self._shared.acquire(build, tag=self._cache_tag).models
 
-    def process(self, element, catalog: pd.DataFrame, pop: pd.DataFrame) -> Iterator:
+    def process(self, element, catalog: pd.DataFrame, pop: pd.DataFrame,
+                tables: Optional[candidates.SharedTables] = None) -> Iterator:
         _, groups = element
         users, fitment = groups["users"], groups["fitment"]
+        mixed = "candidates" in groups
         attrs = list(self._config.fitment_attributes)
         if len(fitment):
             deduped = fitment.drop_duplicates(["sku"] + attrs)
@@ -306,12 +377,28 @@ class RecommendShardFn(beam.DoFn):
             unknown = (vehicles.notna().to_numpy(bool)
                        & ~vehicles.isin(list(fitting)).to_numpy(bool))
             yield count("users.vehicle_unknown", int(unknown.sum()))
-        recs, unserved = recommend.recommend_all(models.recommender, users, fitting)
+        purchased = None
+        if mixed:
+            found = groups["candidates"]
+            if not len(found):
+                found = pd.DataFrame(columns=["user_id", "sku", "score", "source"])
+            kept = found["source"] != candidates.PURCHASED
+            shared_lists = {} if tables is None or tables.trending is None else {
+                "trending": tables.trending}
+            recs, unserved = recommend.mix_all(models.recommender, users, fitting,
+                                               found.loc[kept], shared_lists)
+            bought_ever = found.loc[~kept]
+            purchased = {u: tuple(g) for u, g in bought_ever["sku"].groupby(
+                bought_ever["user_id"].to_numpy(object))}
+            reason = recommend.MIX_UNSERVED_REASON
+        else:
+            recs, unserved = recommend.recommend_all(models.recommender, users, fitting)
+            reason = recommend.UNSERVED_REASON
         if len(unserved):
             missed = unserved[["user_id", *self._config.group_attributes]]
             yield count("users.unserved", len(missed))
             yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
-                "users", "Recommend", [recommend.UNSERVED_REASON] * len(missed),
+                "users", "Recommend", [reason] * len(missed),
                 [json.dumps(r, default=str) for r in missed.to_dict("records")]))
         if not len(recs):
             return
@@ -319,13 +406,17 @@ class RecommendShardFn(beam.DoFn):
             catalog=models.catalog_frame, fitting=fitting,
             bought=dict(zip(users["user_id"], users["bought"])),
             popularity=models.popularity, catalog_skus=models.catalog.sku,
-            eligible_skus=models.eligible_skus)
+            eligible_skus=models.eligible_skus, purchased=purchased)
         violations = rules.check(recs, context, self._config)
         violations.pop(14)  # one row per e-mail is checked over e-mail shards
         yield beam.pvalue.TaggedOutput(Tag.QA.value, violations)
         yield count("candidates.users", len(recs))
         for source, n in recs["source"].value_counts().items():
             yield count(f"users.source.{source}", int(n))
+        if mixed:  # which source filled how many slots
+            kinds = recs[recommend.slot_source_columns(self._config.rules.recs_per_user)]
+            for source, n in pd.Series(kinds.to_numpy(object).ravel()).value_counts().items():
+                yield count(f"slots.source.{source}", int(n))
         yield recs
 
 
@@ -348,23 +439,28 @@ class RecommendPerVehicle(beam.PTransform):
     """Users and fitment meet per vehicle shard; each shard is scored and checked."""
 
     def __init__(self, catalog: beam.PCollection, popularity_table: beam.PCollection,
-                 config: RecsConfig, cache_tag: str, num_shards: int = DEFAULT_SHARDS):
+                 config: RecsConfig, cache_tag: str, num_shards: int = DEFAULT_SHARDS,
+                 shared_tables: Optional[beam.PCollection] = None):
         super().__init__()
         self._catalog = catalog
         self._popularity = popularity_table
         self._config = config
         self._cache_tag = cache_tag
         self._num_shards = num_shards
+        self._shared_tables = shared_tables
 
     def expand(self, inputs: Dict[str, beam.PCollection]) -> RecommendationsOut:
+        """``inputs``: users and fitment, plus ``candidates`` (the mix's per-user sources,
+        with ``shared_tables``) when the configured mix is more than segment popularity."""
         key = list(self._config.shard_attributes)
+        side = [beam.pvalue.AsSingleton(self._catalog), beam.pvalue.AsSingleton(self._popularity)]
+        if "candidates" in inputs:
+            side.append(beam.pvalue.AsSingleton(self._shared_tables))
         result = (inputs
                   | "ShardByVehicle" >> CoGroupFrames(
-                      {"users": key, "fitment": key}, self._num_shards)
+                      {name: key for name in inputs}, self._num_shards)
                   | "ScoreAndCheck" >> beam.ParDo(
-                      RecommendShardFn(self._config, self._cache_tag),
-                      beam.pvalue.AsSingleton(self._catalog),
-                      beam.pvalue.AsSingleton(self._popularity)).with_outputs(
+                      RecommendShardFn(self._config, self._cache_tag), *side).with_outputs(
                       Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value,
                       main=Tag.ROWS.value))
         return RecommendationsOut(result[Tag.ROWS.value], result[Tag.DEAD_LETTER.value],
@@ -397,7 +493,7 @@ def sum_violations(partials: Iterable[Dict[int, int]]) -> Dict[int, int]:
     total = {rule.id: 0 for rule in rules.RULES}
     for partial in partials:
         for rule_id, n in partial.items():
-            total[rule_id] += int(n)
+            total[rule_id] = total.get(rule_id, 0) + int(n)
     return total
 
 

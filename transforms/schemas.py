@@ -13,17 +13,22 @@ import pandas as pd
 import pyarrow as pa
 
 from models.contracts import SCHEMAS as CONTRACTS
-from models.recommend import rec_columns
+from models.recommend import rec_columns, slot_source_columns
 from models.stability import stability_report
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _TYPES = {"year": pa.int64(), "generated_at": TIMESTAMP}
 
 
-def recommendations(n: int) -> pa.Schema:
-    """SPEC §3 recommendation rows for ``n`` recommendations per user."""
+def recommendations(n: int, slot_sources: bool = False) -> pa.Schema:
+    """SPEC §3 recommendation rows for ``n`` recommendations per user.
+
+    ``slot_sources`` adds ``rec1_source`` .. ``recN_source`` (which mix source
+    filled each slot, #14) when the configured mix is more than segment popularity.
+    """
     fields = []
-    for name in rec_columns(n) + ["generated_at", "run_id", "model_version"]:
+    extra = slot_source_columns(n) if slot_sources else []
+    for name in rec_columns(n) + extra + ["generated_at", "run_id", "model_version"]:
         if name in _TYPES:
             kind = _TYPES[name]
         elif name.endswith(("_price", "_score")):
@@ -79,9 +84,9 @@ def stability(n: int) -> pa.Schema:
         for name, value in figures.items()])
 
 
-def outputs(n: int) -> Dict[str, pa.Schema]:
+def outputs(n: int, slot_sources: bool = False) -> Dict[str, pa.Schema]:
     """Every table the batch job writes, by name, for ``n`` recommendations per user."""
-    return {"recommendations": recommendations(n), "segment_popularity": SEGMENT_POPULARITY,
+    return {"recommendations": recommendations(n, slot_sources), "segment_popularity": SEGMENT_POPULARITY,
             "qa_checks": QA_CHECKS, "pipeline_runs": PIPELINE_RUNS,
             "dead_letter": DEAD_LETTER_LOG, "stability_report": stability(n)}
 
