@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.catalog import CatalogArrays
-from models.config import RecsConfig, RulesConfig
+from models.config import CandidatesConfig, RecsConfig, RulesConfig
 from models.popularity import PopularityIndex, partial_popularity
 from models.recommend import Recommender, picks_frame
 from models.rules import RULES, QAContext, check, duplicate_emails, qa_table
@@ -268,3 +268,68 @@ def test_qa_never_raises_on_hostile_rows_and_counts_rows(edits):
                    or (c == "email_lower" and v in (None, "", "  ", "ÅÉ@X.COM", 0))]
     if clearly_bad:
         assert sum(counts.values()) > 0, clearly_bad
+
+
+# --- slot kinds (#14): a mix names each slot's source in recN_source --------------------
+
+MIX_CONFIG = RecsConfig(candidates=CandidatesConfig(mix=(("buy_again", 2),
+                                                         ("segment_popularity", 2))))
+
+
+def _mixed(sources_by_user, recs=None):
+    recs = clean_recs() if recs is None else recs
+    for i in range(1, 5):
+        recs[f"rec{i}_source"] = [sources_by_user.get(u, ["segment_popularity"] * 4)[i - 1]
+                                  for u in recs["user_id"]]
+    return recs
+
+
+def _mixed_violations(recs, purchased):
+    ctx = _context()
+    ctx.purchased = purchased
+    counts = check(recs, ctx, MIX_CONFIG)
+    assert set(counts) == {r.id for r in RULES} | {16}
+    return {rule: n for rule, n in counts.items() if n}
+
+
+def test_rule_4_exempts_buy_again_slots_only():
+    recs = clean_recs()
+    _set_rec(recs, "u1", 4, "T1")  # u1 bought T1 inside the exclusion window
+    kinds = {"u1": ["segment_popularity"] * 3 + ["buy_again"]}
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("T1",)}) == {}
+    kinds = {"u1": ["segment_popularity"] * 3 + ["also_bought"]}
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("T1",)}) == {4: 1}
+
+
+def test_rule_16_a_buy_again_slot_must_hold_a_bought_sku():
+    kinds = {"u2": ["buy_again", "buy_again", "segment_popularity", "segment_popularity"]}
+    assert _mixed_violations(_mixed(kinds), {"u2": ("I1", "E1")}) == {}
+    assert _mixed_violations(_mixed(kinds), {"u2": ("I1",)}) == {16: 1}
+    assert _mixed_violations(_mixed(kinds), {}) == {16: 1}
+
+
+def test_rules_10_and_11_hold_within_each_source():
+    recs = clean_recs()
+    _set(recs, "u1", "rec3_score", 50.0)  # buy-again scores are frequencies, not popularity
+    _set(recs, "u1", "rec4_score", 40.0)
+    kinds = {"u1": ["segment_popularity", "segment_popularity", "buy_again", "buy_again"]}
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("I1", "U1")}) == {}
+    _set(recs, "u1", "rec4_score", 60.0)  # rises within buy-again
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("I1", "U1")}) == {10: 1}
+    kinds = {"u1": ["segment_popularity"] * 4}  # the same scores as popularity: out of range
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {}) == {10: 1, 11: 1}
+
+
+def test_rule_12_skips_a_row_no_level_served_without_popularity_slots():
+    recs = clean_recs()
+    _set(recs, "u1", "source", "none")
+    kinds = {"u1": ["buy_again"] * 4}
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("A1", "H2", "I1", "U1")}) == {}
+    kinds = {"u1": ["buy_again"] * 3 + ["segment_popularity"]}
+    assert _mixed_violations(_mixed(kinds, recs.copy()), {"u1": ("A1", "H2", "I1")}) == {12: 1}
+
+
+def test_qa_table_lists_rule_16_only_with_a_mix():
+    assert qa_table({}, CONFIG)["rule_id"].tolist() == list(range(1, 16))
+    assert qa_table({16: 2}, MIX_CONFIG)["rule_id"].tolist() == list(range(1, 17))
+    assert qa_table({16: 2}, MIX_CONFIG)["violations"].sum() == 2
