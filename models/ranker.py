@@ -23,7 +23,7 @@ import pandas as pd
 
 from models import metrics
 from models.catalog import CatalogArrays
-from models.config import RecsConfig
+from models.config import RecsConfig, ScoringConfig
 from models.features import (USER_FEATURES, FeatureConfig, ItemTable, PoolBuilder, Pools,
                              candidate_pools, feature_names)
 from models.popularity import PopularityIndex
@@ -464,6 +464,47 @@ def evaluate_split(model: RankerModel, split: Split, k: int) -> dict:
             "roc_auc": roc_auc(split.y, scores)}
 
 
+BASELINE_ORDER = "popularity_order"
+
+
+def popularity_order(x: np.ndarray, names: Sequence[str],
+                     scoring: Optional[ScoringConfig] = None) -> np.ndarray:
+    """Score of the plain order the ranker re-ranks, from the feature rows.
+
+    The batch job without a model ranks a pool by its base score (popularity
+    at the serving level plus the vehicle-specific bonus, ``s_base``) raised by
+    the user's intent: the cart weight when the SKU was carted, else the view
+    weight when it was viewed (:class:`models.recommend.Recommender`). A model
+    earns its place only by ordering the same pools better than this.
+    """
+    scoring = scoring or ScoringConfig()
+    column = {name: i for i, name in enumerate(names)}
+    x = np.asarray(x, float)
+    intent = np.where(x[:, column["p_carted_sku"]] > 0, scoring.cart_weight,
+                      np.where(x[:, column["p_views_sku"]] > 0, scoring.view_weight, 0.0))
+    return x[:, column["s_base"]] + intent
+
+
+def refusal(model: "RankerModel") -> Optional[str]:
+    """Why a job must not serve this model (one line), or None when it may.
+
+    An artifact whose selected model did not beat the popularity order on
+    validation says ``beats_baseline: false``; serving it would make the lists
+    worse than not using it. Artifacts older than the check carry no flag and
+    are served as before.
+    """
+    meta = model.metadata
+    if meta.get("beats_baseline", True) is not False:
+        return None
+    metric = meta.get("selection_metric", "ndcg")
+    base = meta.get("baseline", {}).get(metric)
+    best = meta.get("metrics", {}).get(meta.get("selected"), {}).get(metric)
+    figures = (f" (validation {metric} {best:.4f} against {base:.4f})"
+               if isinstance(best, float) and isinstance(base, float) else "")
+    return (f"ranker {model.version} does not beat the popularity order it re-ranks"
+            f"{figures}; serving the popularity order instead")
+
+
 class Trained(NamedTuple):
     """Outcome of :func:`train_and_select`: the kept model, the runner-up and a report."""
 
@@ -473,11 +514,18 @@ class Trained(NamedTuple):
 
 
 def train_and_select(train: Split, valid: Split, names: Sequence[str],
-                     tconfig: TrainConfig) -> Trained:
+                     tconfig: TrainConfig, scoring: Optional[ScoringConfig] = None) -> Trained:
     """Train LightGBM (one or both objectives) and the logistic baseline; keep the best.
 
     "Best" is validation NDCG@k over (user, cutoff) groups with a purchase: AUC
     alone proves no top-k lift (SPEC §6). Ties go to the simpler model.
+
+    The best model is then held against the order it re-ranks
+    (:func:`popularity_order`, with ``scoring``) on the same validation pools:
+    ``report["beats_baseline"]`` is True only when its NDCG@k is strictly
+    higher. A lambdarank model with validation AUC 0.57 was once selected and
+    was the worst on test (#14); a model that cannot beat the plain order is
+    reported, and jobs serve the plain order instead (:func:`refusal`).
     """
     objectives = OBJECTIVES if tconfig.objective == "auto" else (tconfig.objective,)
     candidates: List[Tuple[str, RankerModel, dict]] = []
@@ -495,8 +543,14 @@ def train_and_select(train: Split, valid: Split, names: Sequence[str],
     # The challenger reported beside it is the best model of the other family.
     other = next(candidates[i] for i in ranked
                  if (candidates[i][1].kind != best[1].kind))
+    plain = popularity_order(valid.x, names, scoring)
+    baseline = {key: pool_ndcg(valid.group, valid.y, plain, tconfig.k),
+                "roc_auc": roc_auc(valid.y, plain)}
+    beats = bool(report[best[0]][key] > baseline[key])
     return Trained(best[1], other[1], {"candidates": report, "selected": best[0],
-                                       "challenger": other[0], "selection_metric": key})
+                                       "challenger": other[0], "selection_metric": key,
+                                       "baseline_name": BASELINE_ORDER, "baseline": baseline,
+                                       "beats_baseline": beats})
 
 
 def feature_distributions(x: np.ndarray, names: Sequence[str]) -> Dict[str, dict]:

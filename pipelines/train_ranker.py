@@ -10,8 +10,12 @@
    examples under the staging directory.
 2. In this process: LightGBM (lambdarank and binary objectives, or the one
    ``--ranker_objective`` names) and a logistic-regression baseline trained on
-   the older cutoffs, compared on the newest (validation NDCG@4); the best is
-   kept, the best of the other family rides along as the challenger.
+   the older cutoffs, compared on the newest (validation NDCG@k, k the config's
+   ``recs_per_user``); the best is kept, the best of the other family rides
+   along as the challenger. The best must also beat the plain popularity order
+   it re-ranks on the same validation pools: if it does not, the job says so in
+   one line and the artifact records ``beats_baseline: false``, so the batch
+   job refuses it and serves the popularity order (``models.ranker.refusal``).
 3. The artifact ``<ranker_model_dir>/<version>.json`` (local or ``gs://``)
    carries the model, feature list, training window, row counts, metrics,
    library versions and the feature distributions PSI is computed against;
@@ -123,7 +127,8 @@ def context_from(options: PipelineOptions) -> TrainContext:
             candidates_per_user=own.ranker_candidates,
             eval_user_share=own.ranker_eval_user_share)
         tconfig = ranker.TrainConfig(objective=own.ranker_objective,
-                                     max_rounds=own.ranker_max_rounds)
+                                     max_rounds=own.ranker_max_rounds,
+                                     k=config.rules.recs_per_user)
     except ValueError as err:
         raise UsageError(str(err))
     now = pd.Timestamp.now(tz="UTC")
@@ -212,7 +217,8 @@ def train(examples: pd.DataFrame, ctx: TrainContext, counters: Optional[dict] = 
     train_split = ranker.to_split(train_frame, names)
     valid_split = ranker.to_split(valid_frame, names)
     started = time.perf_counter()
-    trained = ranker.train_and_select(train_split, valid_split, names, ctx.tconfig)
+    trained = ranker.train_and_select(train_split, valid_split, names, ctx.tconfig,
+                                      ctx.config.scoring)
     seconds = time.perf_counter() - started
     # PSI baseline: the newest validation snapshot, closest to what scoring will see.
     newest = valid_frame.loc[pd.to_datetime(valid_frame["cutoff"], utc=True)
@@ -223,6 +229,8 @@ def train(examples: pd.DataFrame, ctx: TrainContext, counters: Optional[dict] = 
         "job": JOB, "run_id": ctx.run_id, "trained_at": trained_at.isoformat(),
         "selected": trained.report["selected"], "challenger": trained.report["challenger"],
         "selection_metric": trained.report["selection_metric"],
+        "beats_baseline": trained.report["beats_baseline"],
+        "baseline": {"name": trained.report["baseline_name"], **trained.report["baseline"]},
         "features": list(names),
         "training_window": {
             "as_of": ctx.as_of.isoformat(),
@@ -267,11 +275,17 @@ def summarise(model: ranker.RankerModel, path: str) -> str:
                  f"positive), validation rows {counts['valid_rows']:,} "
                  f"({counts['valid_positives']:,} positive); negative keep rate "
                  f"{counts['negative_keep_rate']:.4f}")
-    for name, figures in meta["metrics"].items():
+    baseline = meta.get("baseline", {})
+    for name, figures in list(meta["metrics"].items()) + [
+            (baseline.get("name", "baseline"), {k: v for k, v in baseline.items()
+                                                if k != "name"})]:
         if isinstance(figures, dict):
             lines.append(f"  {name:22s} " + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in figures.items()))
+    refused = ranker.refusal(model)
+    if refused:
+        lines.append(f"NOT SERVED: {refused} (artifact beats_baseline: false)")
     return "\n".join(lines)
 
 

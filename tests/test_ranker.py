@@ -102,6 +102,61 @@ def test_train_and_select_keeps_the_best_by_validation_ndcg(trained):
         assert figures["roc_auc"] > 0.75  # the planted signal is learnt by every model
 
 
+def test_selection_reports_the_popularity_order_it_must_beat(trained):
+    report = trained.report
+    assert report["baseline_name"] == "popularity_order"
+    assert set(report["baseline"]) == {"ndcg@4", "roc_auc"}
+    # the planted signal (a recent view) is not in the popularity order: the model wins
+    assert report["candidates"][report["selected"]]["ndcg@4"] > report["baseline"]["ndcg@4"]
+    assert report["beats_baseline"] is True
+
+
+def test_popularity_order_is_base_score_plus_the_intent_boost():
+    from models.config import ScoringConfig
+    scoring = ScoringConfig()
+    x = np.zeros((3, len(NAMES)))
+    x[:, NAMES.index("s_base")] = [1.0, 2.0, 0.5]
+    x[1, NAMES.index("p_views_sku")] = 2     # viewed: + view weight
+    x[2, NAMES.index("p_views_sku")] = 1     # viewed and carted: + cart weight
+    x[2, NAMES.index("p_carted_sku")] = 1
+    assert ranker.popularity_order(x, NAMES, scoring) == pytest.approx(
+        [1.0, 2.0 + scoring.view_weight, 0.5 + scoring.cart_weight])
+
+
+def test_a_model_that_learnt_nothing_does_not_beat_the_popularity_order():
+    """Noise in training, the popularity order right in validation: refused (#14)."""
+    rng = np.random.default_rng(5)
+    noise = synthetic(seed=6)
+    noise = ranker.Split(noise.x, (rng.random(len(noise.y)) < 0.05).astype(np.int8),
+                         noise.weight, noise.group)
+    valid = synthetic(seed=7)
+    valid.x[:, [NAMES.index("p_views_sku"), NAMES.index("p_carted_sku")]] = 0.0  # no intent
+    base = NAMES.index("s_base")
+    best_in_group = pd.Series(valid.x[:, base]).groupby(valid.group).transform("max")
+    valid = ranker.Split(valid.x, (valid.x[:, base] == best_in_group.to_numpy()).astype(np.int8),
+                         valid.weight, valid.group)
+    config = ranker.TrainConfig(objective="auto", max_rounds=30, early_stopping_rounds=10)
+    got = ranker.train_and_select(noise, valid, NAMES, config)
+    assert got.report["baseline"]["ndcg@4"] == pytest.approx(1.0)
+    assert got.report["beats_baseline"] is False
+    got.model.metadata.update({"version": "ranker-test", "beats_baseline": False,
+                               "selected": got.report["selected"],
+                               "selection_metric": "ndcg@4",
+                               "metrics": got.report["candidates"],
+                               "baseline": got.report["baseline"]})
+    line = ranker.refusal(got.model)
+    assert "ranker-test does not beat the popularity order" in line
+    assert "against 1.0000" in line and "\n" not in line
+
+
+def test_refusal_serves_models_that_beat_or_predate_the_check(trained):
+    model = trained.model
+    model.metadata.pop("beats_baseline", None)
+    assert ranker.refusal(model) is None      # an artifact from before the check
+    model.metadata["beats_baseline"] = True
+    assert ranker.refusal(model) is None
+
+
 def test_probability_models_undo_negative_downsampling():
     split = synthetic(seed=4)
     model, _ = ranker.train_logistic(split, NAMES, ranker.TrainConfig())
