@@ -276,3 +276,57 @@ def test_buy_again_without_due_ness_is_decayed_frequency():
     out = candidates.buy_again(DUE_LINES, DUE_AS_OF, half_life_days=NO_DECAY, due=False)
     assert (out["due"] == 1.0).all()
     assert out.set_index(["user_id", "sku"]).loc[("p", "milk"), "score"] == pytest.approx(2.0)
+
+
+# --- as the batch job calls them: global tables, one shard of users at a time ------------
+
+def _mix_config(mix):
+    from models.config import AlsoBoughtConfig, BuyAgainConfig, CandidatesConfig
+    return CandidatesConfig(mix=mix, buy_again=BuyAgainConfig(half_life_days=NO_DECAY),
+                            also_bought=AlsoBoughtConfig(similarity="count",
+                                                         half_life_days=NO_DECAY))
+
+
+def test_a_shard_uses_the_global_repurchase_interval():
+    """Milk is re-bought every 10 days by u1 (another shard); u2 bought it once, 5 days ago.
+    Scored alone, u2's shard knows no interval (due 1); with the global table due = 0.5."""
+    lines = lines_of([("u1", "1", "milk", 0), ("u1", "2", "milk", 10), ("u1", "3", "milk", 20),
+                      ("u2", "4", "milk", 25)])
+    config = _mix_config((("buy_again", 2), ("segment_popularity", 2)))
+    tables = candidates.shared_tables(lines, AS_OF, config)
+    assert tables.intervals.set_index("sku")["interval_days"].to_dict() == {"milk": 10.0}
+    assert tables.similarity is None and tables.trending is None
+    shard = lines.loc[lines["user_id"] == "u2"]
+    out = candidates.personal_candidates(shard, ["u2"], AS_OF, config, tables, 10)
+    again = out.loc[out["source"] == "buy_again"]
+    assert again[["user_id", "sku"]].values.tolist() == [["u2", "milk"]]
+    assert again["score"].item() == pytest.approx(0.5)
+    alone = candidates.buy_again(shard, AS_OF, NO_DECAY)
+    assert alone["score"].item() == pytest.approx(1.0)  # what a per-shard interval would give
+    bought = out.loc[out["source"] == candidates.PURCHASED]
+    assert bought[["user_id", "sku"]].values.tolist() == [["u2", "milk"]]
+
+
+def test_personal_also_bought_uses_the_global_similarity():
+    """u5 (basket b5: A D) gets B and C from the five-basket counts: B = AB + DB = 2 + 1,
+    C = AC + DC = 2 + 1; what u5 bought is never offered."""
+    config = _mix_config((("also_bought", 2), ("segment_popularity", 2)))
+    tables = candidates.shared_tables(FIVE, AS_OF, config)
+    assert tables.similarity.pairs_kept == 12
+    shard = FIVE.loc[FIVE["user_id"] == "ub5"]
+    out = candidates.personal_candidates(shard, ["ub5"], AS_OF, config, tables, 10)
+    scores = out.loc[out["source"] == "also_bought"].set_index("sku")["score"].to_dict()
+    assert scores == {"B": pytest.approx(3.0), "C": pytest.approx(3.0)}
+    # A user of the shard without lines, and lines after as_of, give nothing.
+    late = lines_of([("ub5", "9", "B", 40)])
+    out = candidates.personal_candidates(pd.concat([shard, late]), ["ub5", "nobody"],
+                                         AS_OF, config, tables, 10)
+    assert set(out["user_id"]) == {"ub5"}
+    assert "B" not in set(out.loc[out["source"] == candidates.PURCHASED, "sku"])
+
+
+def test_shared_tables_on_no_lines():
+    config = _mix_config((("buy_again", 1), ("also_bought", 1), ("trending", 2)))
+    tables = candidates.shared_tables(pd.DataFrame(), AS_OF, config)
+    assert len(tables.intervals) == 0 and tables.similarity.pairs_kept == 0
+    assert len(tables.trending) == 0
