@@ -136,8 +136,10 @@ def evaluate_strategies(input_dir: str, as_of: str, num_shards: int, scratch: st
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The comparison as aligned text, metrics down, strategies across."""
+    """The comparison as aligned text, metrics down, strategies across (``_at_k`` as ``@k``)."""
+    k = int(table["k"].iloc[0])
     shown = table.drop(columns=[c for c in ("k", "kind", "as_of") if c in table.columns])
+    shown = shown.rename(columns=lambda c: c.replace("_at_k", f"@{k}"))
     return shown.set_index("strategy").T.to_string(float_format=lambda v: f"{v:.4f}")
 
 
@@ -178,8 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             swap=False)
     k = config.rules.recs_per_user
     print(f"\nBacktest at k={k} on the held-out period ({int(table['buyers_in_holdout'].iloc[0])}"
-          f" buyers; *_at_k at k={k}; precision_vs_baseline: paired difference of per-user "
-          f"precision@{k} against {BASELINE}, 95% interval low/high):")
+          f" buyers; precision_vs_baseline: paired difference of per-user precision@{k} "
+          f"against {BASELINE}, with its 95% interval low/high):")
     print(format_table(table))
     return 0
 
