@@ -654,3 +654,42 @@ def test_orders_with_segments_counts_unknown_buyers_globally():
     pop = partial_popularity(lines, AS_OF, CONFIG)
     assert set(pop.loc[pop["level"] == "global", "sku"]) == {"A", "B"}
     assert set(pop.loc[pop["level"] == "make", "sku"]) == {"A"}
+
+
+# --- the slot mix (#14) ---------------------------------------------------------------------
+
+def test_mix_all_restricts_every_source_and_fills_in_mix_order():
+    """u0's buy-again candidates hold an ineligible, a cheap and a non-fitting SKU (dropped),
+    and A1, bought inside the exclusion window (kept: buy-again is exempt). Popularity fills
+    the rest without A1 (rule 4) or a third header (the cap). u1 has no purchases: the
+    popularity slots take every slot, exactly as recommend() would."""
+    from models.config import CandidatesConfig
+    from models.popularity import segment_key
+    from models.recommend import mix_all, recommend_all, slot_source_columns
+    config = RecsConfig(candidates=CandidatesConfig(
+        mix=(("buy_again", 2), ("segment_popularity", 2))))
+    rows = [cat_row("A1"), cat_row("A2"), cat_row("A3"), cat_row("I1", "Intake"),
+            cat_row("E1", "Exhaust"), cat_row("T1", "Tire"),
+            cat_row("REF", "Intake", tags=("refurbished",)), cat_row("CHEAP", "Intake", price=10),
+            cat_row("NF", "Intake")]
+    world = World(rows, [("A3", VEHICLE, 6), ("A1", VEHICLE, 5), ("I1", VEHICLE, 4),
+                         ("E1", VEHICLE, 3), ("T1", VEHICLE, 2)], config)
+    users = world.users([{"bought": ("A1",)}, {}])
+    fitting = {segment_key(list(VEHICLE)): frozenset(s["sku"] for s in rows if s["sku"] != "NF")}
+    personal = pd.DataFrame({"user_id": "u0", "sku": ["REF", "CHEAP", "NF", "A1", "A2"],
+                             "score": [9.0, 8.0, 7.0, 6.0, 5.0], "source": "buy_again"})
+    recs, unserved = mix_all(world.recommender, users, fitting, personal, {})
+    assert len(unserved) == 0
+    recs = recs.set_index("user_id")
+    parts = [f"rec_part_{i}" for i in range(1, 5)]
+    assert recs.loc["u0", parts].tolist() == ["A1", "A2", "I1", "E1"]
+    assert recs.loc["u0", slot_source_columns(4)].tolist() == [
+        "buy_again", "buy_again", "segment_popularity", "segment_popularity"]
+    assert recs.loc["u0", ["rec1_score", "rec2_score"]].tolist() == [6.0, 5.0]
+    plain, _ = recommend_all(world.recommender, users, fitting)
+    plain = plain.set_index("user_id")
+    assert recs.loc["u1", parts].tolist() == plain.loc["u1", parts].tolist() == [
+        "A3", "A1", "I1", "E1"]
+    assert recs.loc["u1", "source"] == plain.loc["u1", "source"]
+    assert recs.loc["u1", [f"rec{i}_score" for i in range(1, 5)]].tolist() == pytest.approx(
+        plain.loc["u1", [f"rec{i}_score" for i in range(1, 5)]].tolist())
