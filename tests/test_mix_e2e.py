@@ -169,3 +169,55 @@ def test_mix_counts_per_source_in_pipeline_runs(mix_run):
     assert sum(observed.values()) == N * len(tables["recommendations"])
     assert counters["candidates.also_bought.pairs_kept"] > 0
     assert counters["candidates.buy_again.rows"] > 0
+
+
+# --- the adapter alone (TestPipeline) ----------------------------------------------------------
+
+def test_source_candidates_adapter_matches_the_pure_functions():
+    """Order lines spread over several frames (as JoinUsersWithEvents emits them, one per user
+    shard) give the same per-user candidates and shared tables as the functions on all lines."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from models import candidates
+    from models.config import CandidatesConfig, RecsConfig
+    from transforms.recommend import SourceCandidates
+
+    as_of = pd.Timestamp("2026-03-01", tz="UTC")
+    config = RecsConfig(candidates=CandidatesConfig(
+        mix=(("buy_again", 1), ("also_bought", 1), ("trending", 1),
+             ("segment_popularity", 1))))
+    rows = []
+    for u in range(12):
+        for d, sku in ((40, "A"), (20, "B"), (3, "C" if u % 2 else "A")):
+            rows.append((f"u{u}", f"o{u}-{d}", sku, as_of - pd.Timedelta(days=d)))
+    lines = pd.DataFrame(rows, columns=["user_id", "order_id", "sku", "event_time"])
+    lines["make"], lines["model"], lines["year"] = "Ford", "Mustang", 2015
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(12)], "make": "Ford",
+                          "model": "Mustang", "year": 2015, "bought": [()] * 12})
+    tables = candidates.shared_tables(lines, as_of, config.candidates)
+    assert tables.trending["sku"].tolist() == ["C"]  # 6 recent orders, none before
+    expected = candidates.personal_candidates(lines, users["user_id"], as_of,
+                                              config.candidates, tables, 32)
+    assert set(expected["source"]) == {"buy_again", "also_bought", candidates.PURCHASED}
+    key = lambda f: sorted(zip(f["user_id"], f["sku"], f["source"], f["score"].round(9)))
+    with TestPipeline() as p:
+        frames = p | "Lines" >> beam.Create([lines.iloc[:10], lines.iloc[10:25], lines.iloc[25:]])
+        people = p | "Users" >> beam.Create([users])
+        personal, shared, (counts, build) = ({"users": people, "lines": frames}
+                                             | SourceCandidates(as_of, config, 3))
+        got = (personal | beam.combiners.ToList()
+               | beam.Map(lambda fs: key(pd.concat(fs, ignore_index=True))))
+        assert_that(got, equal_to([key(expected)]))
+        trend = shared | beam.Map(lambda t: t.trending["sku"].tolist())
+        assert_that(trend, equal_to([tables.trending["sku"].tolist()]), label="Trending")
+        assert_that(build | beam.Map(lambda kv: kv[0]).with_output_types(str)
+                    | beam.combiners.Count.PerElement() | beam.Keys(),
+                    lambda names: _has(names, "candidates.also_bought.pairs_kept",
+                                       "candidates.trending.skus"), label="Counters")
+
+
+def _has(names, *wanted):
+    missing = set(wanted) - set(names)
+    assert not missing, missing
