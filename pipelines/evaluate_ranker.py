@@ -14,7 +14,8 @@ user's candidate pool, labelled with purchases in the 7 days after it, from
 
 Then, in this process, each strategy is scored against the purchases of the
 whole held-out period with ``models.metrics.evaluate`` (precision, recall and
-NDCG at 4, match rate, coverage, diversity, average price), and LightGBM
+NDCG at k, the config's ``recs_per_user``; match rate, coverage, diversity,
+average price), and LightGBM
 ``pred_contrib`` explains the recommendations of a sample of users. Results go
 to ``--ranker_eval_dir`` (JSON and CSV) and the warehouse table ``ranker_backtest``.
 Nothing the models saw comes from after ``--as_of``: the holdout only labels.
@@ -55,9 +56,11 @@ from transforms.warehouse import LocalWarehouse
 
 JOB = "evaluate_ranker"
 SEGMENT_MODEL_VERSION = "segment-popularity-v1"
-TABLE_COLUMNS = ("strategy", "model_version", "users", "buyers_in_holdout", "precision@4",
-                 "recall@4", "ndcg@4", "match_rate", "coverage", "diversity", "avg_price",
-                 "roc_auc", "pool_ndcg@4", "qa_violations")
+def table_columns(k: int) -> tuple:
+    """Columns of the comparison table at list length k (every metric column, at any k)."""
+    return ("strategy", "model_version", "users", "buyers_in_holdout", f"precision@{k}",
+            f"recall@{k}", f"ndcg@{k}", "match_rate", "coverage", "diversity", "avg_price",
+            "roc_auc", f"pool_ndcg@{k}", "qa_violations")
 
 
 class EvaluateRankerOptions(PipelineOptions):
@@ -238,11 +241,9 @@ def exposure_scores(test: pd.DataFrame, ctx: EvalContext) -> Dict[str, np.ndarra
     """Score of every test exposure under each strategy's own ranking function."""
     names = list(features.feature_names(ctx.config))
     x = test[names].to_numpy(np.float32)
-    weights = ctx.config.scoring
-    intent = np.where(test["p_carted_sku"].to_numpy() > 0, weights.cart_weight,
-                      np.where(test["p_views_sku"].to_numpy() > 0, weights.view_weight, 0.0))
     return {"global": test["i_global_pop"].to_numpy(float),
-            "segment": test["s_base"].to_numpy(float) + intent,
+            "segment": ranker.popularity_order(test[names].to_numpy(float), names,
+                                               ctx.config.scoring),
             "ranker": ctx.model.predict(x), "challenger": ctx.challenger.predict(x)}
 
 
@@ -314,13 +315,18 @@ def evaluate(ctx: EvalContext, input_dir: str, explain_users: int) -> dict:
             "qa_violations": int(sum(v for key, v in qa.get(name, {}).items()
                                      if key != "strategy")),
         })
-    table = pd.DataFrame(rows)[[c for c in TABLE_COLUMNS if c in pd.DataFrame(rows).columns]]
+    missing = [c for c in table_columns(k) if c not in pd.DataFrame(rows).columns]
+    if missing:  # a metric silently missing is how k != 4 lost its columns (#14)
+        raise ValueError(f"evaluation table lacks {', '.join(missing)}")
+    table = pd.DataFrame(rows)[list(table_columns(k))]
     drift = pd.DataFrame([r for records in _read_jsonl(FileSystems.join(
         ctx.staging_dir, "drift.jsonl")) for r in records])
     ranker_drift = drift.loc[drift["strategy"] == "ranker"] if len(drift) else drift
     return {
         "as_of": ctx.as_of.isoformat(), "model": ctx.model.version,
+        "k": k,
         "selected": ctx.model.metadata.get("selected"),
+        "beats_baseline": ctx.model.metadata.get("beats_baseline"),
         "challenger": ctx.model.metadata.get("challenger"),
         "table": table.to_dict(orient="records"),
         "test_exposures": {"rows": int(len(test)),
@@ -353,7 +359,10 @@ def write_outputs(result: dict, ctx: EvalContext, warehouse: Optional[str]) -> s
     with FileSystems.create(FileSystems.join(ctx.eval_dir, "ranker_evaluation.csv")) as handle:
         handle.write(table.to_csv(index=False).encode())
     if warehouse:
-        published = table.assign(as_of=ctx.as_of, run_id=ctx.run_id, model=ctx.model.version)
+        # One table for every k: `precision@10` is no column name, `precision_at_k` + `k` is.
+        k = result["k"]
+        published = table.rename(columns=lambda c: c.replace(f"@{k}", "_at_k")).assign(
+            k=k, as_of=ctx.as_of, run_id=ctx.run_id, model=ctx.model.version)
         LocalWarehouse(warehouse).publish(
             ctx.run_id, {}, {"ranker_backtest": pa.Table.from_pandas(
                 published, preserve_index=False)}, swap=False)
@@ -387,8 +396,12 @@ def _run(options: PipelineOptions, ctx: EvalContext, test_pipeline: Optional[bea
     result = evaluate(ctx, common.input_dir,
                       options.view_as(EvaluateRankerOptions).ranker_explain_users)
     path = write_outputs(result, ctx, common.warehouse if publish else None)
-    print(f"\nRanker evaluation on the held-out period ({ctx.model.version}):")
+    print(f"\nRanker evaluation on the held-out period at k={result['k']} "
+          f"({ctx.model.version}):")
     print(format_table(result))
+    refused = ranker.refusal(ctx.model)
+    if refused:
+        print(f"note: {refused} (the batch job refuses this artifact)")
     drift = result["drift"]
     print(f"feature drift (PSI vs training, threshold {drift['threshold']}): "
           f"{'RETRAIN RECOMMENDED' if drift['retrain_recommended'] else 'stable'}; "
