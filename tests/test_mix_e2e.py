@@ -197,7 +197,7 @@ def test_source_candidates_adapter_matches_the_pure_functions():
     users = pd.DataFrame({"user_id": [f"u{u}" for u in range(12)], "make": "Ford",
                           "model": "Mustang", "year": 2015, "bought": [()] * 12})
     tables = candidates.shared_tables(lines, as_of, config.candidates)
-    assert tables.trending["sku"].tolist() == ["C"]  # 6 recent orders, none before
+    assert tables.trending["sku"].tolist() == ["B", "C"]  # 12 and 6 recent orders, none before
     expected = candidates.personal_candidates(lines, users["user_id"], as_of,
                                               config.candidates, tables, 32)
     assert set(expected["source"]) == {"buy_again", "also_bought", candidates.PURCHASED}
