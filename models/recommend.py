@@ -312,57 +312,78 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
     n, catalog = config.rules.recs_per_user, recommender.catalog
     mix = config.candidates.mix
     depth = 8 * n
-    frames, unserved = [], []
-    for _, group in vehicle_groups(users, config.group_attributes):
+    # Per vehicle: the candidate set and segment popularity's lists. Everything after is one
+    # vectorised pass and one fill_slots call over all users of the shard.
+    groups, levels, popular, allowed = [], [], [], []
+    for v, (_, group) in enumerate(vehicle_groups(users, config.group_attributes)):
         first = group.iloc[0]
         vehicle = segment_key([first[a] for a in config.fitment_attributes])
         fits = catalog.index_of(sorted(fitting.get(vehicle, ())))
-        cand = recommender.candidates(fits)
-        allowed = pd.Index(catalog.sku[cand])
-        levels, popular = recommender.popularity_lists(group, fits, depth)
-        ids = group["user_id"].to_numpy(object)
-        mine = personal.loc[personal["user_id"].isin(ids) & personal["sku"].isin(allowed)]
-        sources = {}
-        for name, _ in mix:
-            if name == POPULARITY:
-                sources[name] = popular
-            elif name in shared:
-                frame = shared[name]
-                sources[name] = frame.loc[frame["sku"].isin(allowed), ["sku", "score"]]
-            else:
-                sources[name] = mine.loc[mine["source"] == name, ["user_id", "sku", "score"]]
-        bought = group[["user_id", "bought"]] if "bought" in group.columns else None
-        excluded = (bought.explode("bought").dropna().rename(columns={"bought": "sku"})
-                    if bought is not None else None)
-        slots = slot_mix.fill_slots(
-            sources, mix, n, config.rules.max_per_part_type,
-            dict(zip(catalog.sku[cand], catalog.part_type[cand])), excluded,
-            REPURCHASE_SOURCES, list(ids),
-            dict(zip(catalog.sku[cand], catalog.variant_key[cand])))
-        full = slots.groupby("user_id", sort=False)["slot"].transform("size") == n
-        slots = slots.loc[full.to_numpy(bool)]
-        row = pd.Index(ids).get_indexer(slots["user_id"])
-        served = np.zeros(len(group), dtype=bool)
-        served[row] = True
-        items = np.full((len(group), n), -1, dtype=np.int64)
-        scores = np.zeros((len(group), n))
-        kinds = np.full((len(group), n), None, dtype=object)
-        col = slots["slot"].to_numpy(int) - 1
-        items[row, col] = catalog.index_of(slots["sku"].tolist())
-        scores[row, col] = slots["score"].to_numpy(float)
-        kinds[row, col] = slots["source"].to_numpy(object)
-        picks = Picks(served, items, scores, levels)
-        frame = picks_frame(group.reset_index(drop=True), picks, catalog, config)
-        for i, name in enumerate(slot_source_columns(n)):
-            frame[name] = kinds[served, i]
-        frames.append(frame)
-        unserved.append(group.loc[~served])
+        level, ranked = recommender.popularity_lists(group, fits, depth)
+        groups.append(group.assign(_vehicle=v))
+        levels.append(level)
+        popular.append(ranked)
+        allowed.append(pd.DataFrame({"_vehicle": v,
+                                     "sku": catalog.sku[recommender.candidates(fits)]}))
     columns = rec_columns(n) + slot_source_columns(n)
-    if not frames:
+    if not groups:
         return pd.DataFrame(columns=columns), users.iloc[:0]
-    out = pd.concat(frames, ignore_index=True)
-    extra = [c for c in out.columns if c not in columns]
-    return out[columns + extra], pd.concat(unserved, ignore_index=True)
+    ordered = pd.concat(groups, ignore_index=True)
+    ids = ordered["user_id"].to_numpy(object)
+    allowed_pairs = pd.concat(allowed, ignore_index=True)
+    allowed_index = pd.MultiIndex.from_frame(allowed_pairs[["_vehicle", "sku"]])
+    vehicle_of = pd.Series(ordered["_vehicle"].to_numpy(), index=pd.Index(ids))
+
+    def restrict(frame: pd.DataFrame) -> pd.DataFrame:
+        """Rows whose SKU is a candidate of the user's vehicle (eligible, fitting)."""
+        frame = frame.loc[frame["user_id"].isin(ids)]
+        probe = pd.MultiIndex.from_arrays([vehicle_of.reindex(frame["user_id"]).to_numpy(),
+                                           frame["sku"].to_numpy(object)])
+        return frame.loc[probe.isin(allowed_index), ["user_id", "sku", "score"]]
+
+    sources = {}
+    for name, _ in mix:
+        if name == POPULARITY:
+            sources[name] = pd.concat(popular, ignore_index=True)
+        elif name in shared:  # one list for everyone, restricted per vehicle and cut to depth
+            head = shared[name].sort_values(["score", "sku"], ascending=[False, True],
+                                            kind="stable")
+            per_vehicle = allowed_pairs.merge(head[["sku", "score"]], on="sku")
+            per_vehicle = per_vehicle.sort_values(["_vehicle", "score", "sku"],
+                                                  ascending=[True, False, True], kind="stable")
+            per_vehicle = per_vehicle.loc[
+                per_vehicle.groupby("_vehicle").cumcount().to_numpy() < depth]
+            sources[name] = ordered[["user_id", "_vehicle"]].merge(
+                per_vehicle, on="_vehicle")[["user_id", "sku", "score"]]
+        else:
+            sources[name] = restrict(personal.loc[personal["source"] == name])
+    excluded = None
+    if "bought" in ordered.columns:
+        excluded = (ordered[["user_id", "bought"]].explode("bought").dropna()
+                    .rename(columns={"bought": "sku"}))
+    slots = slot_mix.fill_slots(
+        sources, mix, n, config.rules.max_per_part_type,
+        dict(zip(catalog.sku, catalog.part_type)), excluded, REPURCHASE_SOURCES, list(ids),
+        dict(zip(catalog.sku, catalog.variant_key)))
+    full = slots.groupby("user_id", sort=False)["slot"].transform("size") == n
+    slots = slots.loc[full.to_numpy(bool)]
+    row = pd.Index(ids).get_indexer(slots["user_id"])
+    served = np.zeros(len(ordered), dtype=bool)
+    served[row] = True
+    items = np.full((len(ordered), n), -1, dtype=np.int64)
+    scores = np.zeros((len(ordered), n))
+    kinds = np.full((len(ordered), n), None, dtype=object)
+    col = slots["slot"].to_numpy(int) - 1
+    items[row, col] = catalog.index_of(slots["sku"].tolist())
+    scores[row, col] = slots["score"].to_numpy(float)
+    kinds[row, col] = slots["source"].to_numpy(object)
+    source = np.concatenate(levels).astype(object)
+    ordered = ordered.drop(columns="_vehicle")
+    frame = picks_frame(ordered, Picks(served, items, scores, source), catalog, config)
+    for i, name in enumerate(slot_source_columns(n)):
+        frame[name] = kinds[served, i]
+    extra = [c for c in frame.columns if c not in columns]
+    return frame[columns + extra], ordered.loc[~served].reset_index(drop=True)
 
 
 def picks_frame(users: pd.DataFrame, picks: Picks, catalog: CatalogArrays,
