@@ -58,6 +58,14 @@ def config_at_k(config: RecsConfig, k: int) -> RecsConfig:
     return dataclasses.replace(config, rules=dataclasses.replace(config.rules, recs_per_user=k))
 
 
+def mix_text(config: RecsConfig) -> str:
+    """The config's slot mix as ``source:slots+…`` (one source fills all k slots)."""
+    mix = config.candidates.mix
+    if len(mix) == 1:
+        return f"{mix[0][0]}:{config.rules.recs_per_user}"
+    return "+".join(f"{source}:{slots}" for source, slots in mix)
+
+
 def long_lists(recs: pd.DataFrame, k: int) -> pd.DataFrame:
     """The batch job's wide rows (``rec_part_1..k``) as ``user_id, slot, sku`` lists."""
     parts = [pd.DataFrame({"user_id": recs["user_id"].astype(str), "slot": i,
@@ -122,8 +130,11 @@ def evaluate_strategies(input_dir: str, as_of: str, num_shards: int, scratch: st
         got = dict(figures[name])
         per_user = got.pop("per_user_precision")
         vs = paired_interval(per_user, base)
+        sql = name in baselines.BASELINES
         rows.append({"strategy": name, "k": k,
-                     "kind": "sql baseline" if name in baselines.BASELINES else "batch job",
+                     "kind": "sql baseline" if sql else "batch job",
+                     # what filled the batch job's slots (with a mix, global = segment)
+                     "mix": "" if sql else mix_text(config),
                      **got,
                      "precision_vs_baseline": vs["mean"],
                      "precision_vs_baseline_low": vs["low"],
@@ -138,7 +149,7 @@ def evaluate_strategies(input_dir: str, as_of: str, num_shards: int, scratch: st
 def format_table(table: pd.DataFrame) -> str:
     """The comparison as aligned text, metrics down, strategies across (``_at_k`` as ``@k``)."""
     k = int(table["k"].iloc[0])
-    shown = table.drop(columns=[c for c in ("k", "kind", "as_of") if c in table.columns])
+    shown = table.drop(columns=[c for c in ("k", "kind", "mix", "as_of") if c in table.columns])
     shown = shown.rename(columns=lambda c: c.replace("_at_k", f"@{k}"))
     return shown.set_index("strategy").T.to_string(float_format=lambda v: f"{v:.4f}")
 
@@ -164,10 +175,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError("--k must be >= 1")
     try:
         config = load_config(args.config)
-        if args.k is not None:
-            config = config_at_k(config, args.k)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
         raise UsageError(f"--config: {err}")
+    if args.k is not None:
+        try:  # e.g. a mix of several sources whose slots add up to another k
+            config = config_at_k(config, args.k)
+        except ValueError as err:
+            raise UsageError(f"--k {args.k}: {err}")
     require_input_dir(args.input_dir)
     check_inputs(args.input_dir, config, holdout=True)
     with locked_warehouse(args.warehouse, "backtest"):

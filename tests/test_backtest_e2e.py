@@ -56,6 +56,7 @@ def test_one_row_per_strategy_and_baseline_at_each_k(tiny, k):
     assert table.loc["global", "share_global"] == 1.0
     assert table.loc[["sql_global_popularity", "sql_own_then_popular"], "kind"].eq(
         "sql baseline").all()
+    assert table.loc[["global", "segment"], "mix"].eq(f"segment_popularity:{k}").all()
     # global popularity is one list: k distinct SKUs for everyone
     assert table.loc["sql_global_popularity", "coverage"] * 1500 == pytest.approx(k, abs=0.5)
     # the baseline against itself: a zero difference
@@ -103,11 +104,18 @@ def test_baseline_rows_are_the_sql_lists_scored_by_the_metric_code(tiny):
     assert np.isfinite(own["per_user_precision"]).all()
 
 
-def test_a_bad_k_is_a_one_line_usage_error(tiny, tmp_path, capsys):
+def test_a_bad_k_is_a_one_line_usage_error(tiny, tmp_path):
     from pipelines.jobs import UsageError
+    common = ["--input_dir", tiny["world"], "--as_of", tiny["as_of"],
+              "--warehouse", str(tmp_path / "w.duckdb")]
     with pytest.raises(UsageError, match="--k must be >= 1"):
-        backtest.main(["--input_dir", tiny["world"], "--as_of", tiny["as_of"],
-                       "--warehouse", str(tmp_path / "w.duckdb"), "--k", "0"])
+        backtest.main(common + ["--k", "0"])
+    # a mix of several sources fixes its slot count: another k needs another mix
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("candidates:\n  mix: [[buy_again, 2], [segment_popularity, 2]]\n")
+    with pytest.raises(UsageError, match="--k 10: .*slots add up to 4"):
+        backtest.main(common + ["--config", str(mix), "--k", "10"])
+    assert not os.path.exists(tmp_path / "w.duckdb")   # refused before anything ran
 
 
 @pytest.fixture(scope="module")
