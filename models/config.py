@@ -277,9 +277,10 @@ class CandidatesConfig:
     Attributes:
       mix: ordered ``[source, slots]`` pairs; a source that runs dry leaves its
         slots to the next one (models.mix.fill_slots). The slots must add up to
-        ``rules.recs_per_user`` (a single source fills every slot). Sources: segment_popularity, buy_again,
-        also_bought, trending. The default, segment popularity alone, is the
-        job as it was before the mix existed (same output).
+        ``rules.recs_per_user`` (a single source fills every slot). Sources:
+        segment_popularity, buy_again, also_bought, trending. The default,
+        segment popularity alone, is the job as it was before the mix existed
+        (same output).
       buy_again / also_bought / trending: each source's parameters.
     """
 

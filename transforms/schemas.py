@@ -86,7 +86,8 @@ def stability(n: int) -> pa.Schema:
 
 def outputs(n: int, slot_sources: bool = False) -> Dict[str, pa.Schema]:
     """Every table the batch job writes, by name, for ``n`` recommendations per user."""
-    return {"recommendations": recommendations(n, slot_sources), "segment_popularity": SEGMENT_POPULARITY,
+    return {"recommendations": recommendations(n, slot_sources),
+            "segment_popularity": SEGMENT_POPULARITY,
             "qa_checks": QA_CHECKS, "pipeline_runs": PIPELINE_RUNS,
             "dead_letter": DEAD_LETTER_LOG, "stability_report": stability(n)}
 
