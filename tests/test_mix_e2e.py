@@ -167,7 +167,7 @@ def test_mix_counts_per_source_in_pipeline_runs(mix_run):
     assert {k.split("slots.source.", 1)[1]: v for k, v in counters.items()
             if k.startswith("slots.source.")} == observed
     assert sum(observed.values()) == N * len(tables["recommendations"])
-    assert counters["candidates.also_bought.pairs_kept"] > 0
+    assert counters["candidates.similarity.pairs_kept"] > 0
     assert counters["candidates.buy_again.rows"] > 0
 
 
@@ -214,7 +214,7 @@ def test_source_candidates_adapter_matches_the_pure_functions():
         assert_that(trend, equal_to([tables.trending["sku"].tolist()]), label="Trending")
         assert_that(build | beam.Map(lambda kv: kv[0]).with_output_types(str)
                     | beam.combiners.Count.PerElement() | beam.Keys(),
-                    lambda names: _has(names, "candidates.also_bought.pairs_kept",
+                    lambda names: _has(names, "candidates.similarity.pairs_kept",
                                        "candidates.trending.skus"), label="Counters")
 
 

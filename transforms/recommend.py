@@ -310,7 +310,7 @@ def _similarity_counts(tables: candidates.SharedTables) -> Iterator[Tuple[str, i
     if tables.similarity is not None:
         built = tables.similarity
         for name in ("rows", "lines_capped", "pairs_generated", "pairs_distinct", "pairs_kept"):
-            yield f"candidates.also_bought.{name}", int(getattr(built, name))
+            yield f"candidates.similarity.{name}", int(getattr(built, name))
     if tables.trending is not None:
         yield "candidates.trending.skus", len(tables.trending)
 
