@@ -693,3 +693,25 @@ def test_mix_all_restricts_every_source_and_fills_in_mix_order():
     assert recs.loc["u1", "source"] == plain.loc["u1", "source"]
     assert recs.loc["u1", [f"rec{i}_score" for i in range(1, 5)]].tolist() == pytest.approx(
         plain.loc["u1", [f"rec{i}_score" for i in range(1, 5)]].tolist())
+
+
+def test_mix_all_shared_trending_list_is_restricted_per_vehicle():
+    """A trending list is one list for everyone: a SKU that does not fit the user's vehicle,
+    or is ineligible, never reaches a slot; trending slots come first, popularity tops up."""
+    from models.config import CandidatesConfig
+    from models.popularity import segment_key
+    from models.recommend import mix_all, slot_source_columns
+    config = RecsConfig(candidates=CandidatesConfig(
+        mix=(("trending", 2), ("segment_popularity", 2))))
+    rows = [cat_row("A1"), cat_row("I1", "Intake"), cat_row("E1", "Exhaust"),
+            cat_row("T1", "Tire"), cat_row("NF", "Intake"), cat_row("CHEAP", "Tire", price=1)]
+    world = World(rows, [("A1", VEHICLE, 6), ("I1", VEHICLE, 5), ("E1", VEHICLE, 4)], config)
+    users = world.users([{}])
+    fitting = {segment_key(list(VEHICLE)): frozenset({"A1", "I1", "E1", "T1", "CHEAP"})}
+    trending = pd.DataFrame({"sku": ["NF", "CHEAP", "T1", "E1"], "score": [9., 8., 7., 6.]})
+    none = pd.DataFrame(columns=["user_id", "sku", "score", "source"])
+    recs, _ = mix_all(world.recommender, users, fitting, none, {"trending": trending})
+    assert recs[[f"rec_part_{i}" for i in range(1, 5)]].iloc[0].tolist() == [
+        "T1", "E1", "A1", "I1"]
+    assert recs[slot_source_columns(4)].iloc[0].tolist() == ["trending"] * 2 + [
+        "segment_popularity"] * 2
