@@ -221,3 +221,15 @@ def test_source_candidates_adapter_matches_the_pure_functions():
 def _has(names, *wanted):
     missing = set(wanted) - set(names)
     assert not missing, missing
+
+
+def test_ranker_with_a_mix_is_refused_at_start_up(clean_world, tmp_path):
+    from pipelines.jobs import UsageError
+    world_dir, manifest = clean_world
+    config = tmp_path / "mix.yaml"
+    config.write_text(json.dumps({"candidates": {"mix": MIX}}))
+    with pytest.raises(UsageError, match="not with a candidates.mix"):
+        batch_recommendations.run([
+            "--input_dir", world_dir, "--warehouse", str(tmp_path / "w.duckdb"),
+            "--as_of", manifest["as_of"], "--config", str(config),
+            "--ranker_model", str(tmp_path / "model.json")])
