@@ -442,11 +442,15 @@ class SharedTables:
       intervals: :func:`repurchase_intervals` over every user (buy-again's due-ness).
       similarity: :func:`item_similarity` (also-bought), None when the mix has no also-bought.
       trending: :func:`trending_candidates` (a shared list), None when the mix has no trending.
+      eligible: SKUs that pass the catalogue rules (None: not known); per-user lists are
+        cut to their length after dropping the others, so ineligible favourites cannot
+        crowd out eligible ones.
     """
 
     intervals: pd.DataFrame
     similarity: Optional[ItemSimilarity]
     trending: Optional[pd.DataFrame]
+    eligible: Optional[frozenset] = None
 
 
 def _lines(order_lines: pd.DataFrame) -> pd.DataFrame:
@@ -458,7 +462,8 @@ def _lines(order_lines: pd.DataFrame) -> pd.DataFrame:
     return order_lines[list(LINE_COLUMNS)]
 
 
-def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config) -> SharedTables:
+def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config,
+                  eligible: Optional[frozenset] = None) -> SharedTables:
     """The global tables of the sources named in ``config.mix`` (a ``CandidatesConfig``).
 
     Every source reads the same deduplicated order lines the popularity reads.
@@ -477,7 +482,7 @@ def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config) -> Sha
         tr = config.trending
         hot = trending_candidates(trending(lines, as_of, tr.period_days, tr.min_count,
                                            tr.growth, tr.boost))
-    return SharedTables(intervals, similarity, hot)
+    return SharedTables(intervals, similarity, hot, eligible)
 
 
 def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Timestamp,
@@ -493,15 +498,24 @@ def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Ti
     lines = lines.loc[lines["user_id"].isin(list(users)) & (lines["event_time"] <= as_of)]
     names = {name for name, _ in config.mix}
     parts = [lines[["user_id", "sku"]].drop_duplicates().assign(score=0.0, source=PURCHASED)]
+    cut = max_per_user if tables.eligible is None else None
+
+    def keep(scored: pd.DataFrame, source: str) -> pd.DataFrame:
+        scored = scored[["user_id", "sku", "score"]]
+        if tables.eligible is not None:  # drop ineligible SKUs first, then cut
+            scored = _top_per(scored.loc[scored["sku"].isin(tables.eligible)], "user_id",
+                              max_per_user, ["score", "sku"], [False, True])
+        return scored.assign(source=source)
+
     if "buy_again" in names:
         ba = config.buy_again
-        scored = buy_again(lines, as_of, ba.half_life_days, ba.max_due,
-                           max_per_user=max_per_user, due=ba.due, intervals=tables.intervals)
-        parts.append(scored[["user_id", "sku", "score"]].assign(source="buy_again"))
+        parts.append(keep(buy_again(lines, as_of, ba.half_life_days, ba.max_due,
+                                    max_per_user=cut, due=ba.due, intervals=tables.intervals),
+                          "buy_again"))
     if "also_bought" in names and tables.similarity is not None and len(lines):
         ab = config.also_bought
-        scored = also_bought_scores(lines, tables.similarity.table, as_of, ab.half_life_days,
-                                    ab.max_history, True, max_per_user)
-        parts.append(scored[["user_id", "sku", "score"]].assign(source="also_bought"))
+        parts.append(keep(also_bought_scores(lines, tables.similarity.table, as_of,
+                                             ab.half_life_days, ab.max_history, True, cut),
+                          "also_bought"))
     out = pd.concat(parts, ignore_index=True)
     return out.astype({"user_id": object, "sku": object, "score": float, "source": object})

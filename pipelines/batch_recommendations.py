@@ -242,7 +242,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     elif ctx.ranker is None:  # the slot mix (#14): more sources, from the same order lines
         personal, tables, (source_counts, build_counts) = (
             {"users": profiles, "lines": order_lines}
-            | "SourceCandidates" >> SourceCandidates(ctx.as_of, config, n_shards))
+            | "SourceCandidates" >> SourceCandidates(ctx.as_of, config, n_shards,
+                                                     catalog.rows))
         recs = ({"users": profiles, "fitment": fitment.rows, "candidates": personal}
                 | "RecommendPerVehicle" >> RecommendPerVehicle(
                     catalog.rows, popularity, config, ctx.run_id, n_shards, tables))

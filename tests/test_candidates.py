@@ -330,3 +330,18 @@ def test_shared_tables_on_no_lines():
     tables = candidates.shared_tables(pd.DataFrame(), AS_OF, config)
     assert len(tables.intervals) == 0 and tables.similarity.pairs_kept == 0
     assert len(tables.trending) == 0
+
+
+def test_ineligible_favourites_do_not_crowd_out_an_eligible_sku():
+    """u bought five cheap staples 3 times each and a battery once; with 2 rows per user,
+    knowing the eligible set keeps the battery, which the plain cut would lose."""
+    rows = [("u", f"o{s}{i}", s, i) for s in ("s1", "s2", "s3", "s4", "s5") for i in range(3)]
+    lines = lines_of(rows + [("u", "ob", "battery", 5)])
+    config = _mix_config((("buy_again", 2), ("segment_popularity", 2)))
+    blind = candidates.shared_tables(lines, AS_OF, config)
+    out = candidates.personal_candidates(lines, ["u"], AS_OF, config, blind, 2)
+    assert "battery" not in set(out.loc[out["source"] == "buy_again", "sku"])
+    known = candidates.shared_tables(lines, AS_OF, config, frozenset({"battery", "s1"}))
+    out = candidates.personal_candidates(lines, ["u"], AS_OF, config, known, 2)
+    assert sorted(out.loc[out["source"] == "buy_again", "sku"]) == ["battery", "s1"]
+    assert len(out.loc[out["source"] == candidates.PURCHASED]) == 6  # QA still sees all

@@ -282,18 +282,23 @@ class SourceCandidates(beam.PTransform):
     """
 
     def __init__(self, as_of: pd.Timestamp, config: RecsConfig,
-                 num_shards: int = DEFAULT_SHARDS):
+                 num_shards: int = DEFAULT_SHARDS, catalog: Optional[beam.PCollection] = None):
         super().__init__()
         self._as_of = as_of
         self._config = config
         self._num_shards = num_shards
+        self._catalog = catalog
 
     def expand(self, inputs: Dict[str, beam.PCollection]):
         lines, users = inputs["lines"], inputs["users"]
-        tables = (lines
-                  | "GatherOrderLines" >> beam.CombineGlobally(ConcatFramesFn())
-                  | "BuildSharedTables" >> beam.Map(
-                      candidates.shared_tables, self._as_of, self._config.candidates))
+        gathered = lines | "GatherOrderLines" >> beam.CombineGlobally(ConcatFramesFn())
+        if self._catalog is None:
+            tables = gathered | "BuildSharedTables" >> beam.Map(
+                candidates.shared_tables, self._as_of, self._config.candidates)
+        else:  # with the eligible SKUs, so per-user lists are cut after dropping the rest
+            tables = gathered | "BuildSharedTables" >> beam.Map(
+                _tables_with_eligible, self._as_of, self._config,
+                beam.pvalue.AsSingleton(self._catalog))
         result = ({"users": users, "lines": lines}
                   | "ShardByUserId" >> CoGroupFrames(
                       {"users": ["user_id"], "lines": ["user_id"]}, self._num_shards)
@@ -303,6 +308,13 @@ class SourceCandidates(beam.PTransform):
                       Tag.COUNTS.value, main=Tag.ROWS.value))
         stats = tables | "SimilarityCounts" >> beam.FlatMap(_similarity_counts)
         return result[Tag.ROWS.value], tables, (result[Tag.COUNTS.value], stats)
+
+
+def _tables_with_eligible(lines: pd.DataFrame, as_of: pd.Timestamp, config: RecsConfig,
+                          catalog: pd.DataFrame) -> candidates.SharedTables:
+    arrays = CatalogArrays.build(catalog, config.rules)
+    return candidates.shared_tables(lines, as_of, config.candidates,
+                                    frozenset(arrays.sku[arrays.eligible]))
 
 
 def _similarity_counts(tables: candidates.SharedTables) -> Iterator[Tuple[str, int]]:
