@@ -2,6 +2,7 @@
 
     python bench/candidates.py                       # imports the data into bench/work if missing
     python bench/candidates.py --data out/completejourney --periods 3 --ks 4,10
+    python bench/candidates.py --world wholesale     # the generated repeat-buyer world, k=4,25
 
 Data: dunnhumby "The Complete Journey" (``../shared/data/completejourney``) imported
 with ``pipelines.import_dataset completejourney``; the grocer's retailer file
@@ -34,6 +35,13 @@ official cutoff's history, in a fresh subprocess per side (so peak RSS is the
 build's own process): :func:`models.candidates.item_similarity` against the same
 similarity as one DuckDB SQL query, each repeated; the SQL table is compared
 row by row with the Python one.
+
+Generated worlds (``--world``): the same backtest on a world written by
+``pipelines.generate_world`` (the ``wholesale`` preset is generated into bench/work when
+missing; a directory of JSON Lines is used as it is), with that world's retailer file
+(``configs/wholesale.yaml`` by default), at k=4 and k=25, plus the origin's mix (SPEC §8:
+4/5 buy-again, 1/5 also-bought, popularity topping up, at most 3 per product group) and
+intervals against (a) as well. Kept under ``worlds`` in the results, beside the grocer's.
 
 Results: bench/results/candidates.json (docs/recommenders.md summarises them).
 """
@@ -209,8 +217,11 @@ class Grocer:
         from models.profiles import attach_signals, orders_with_segments
         from models.recommend import Recommender, recommend_all
 
-        config = dataclasses.replace(self.config, rules=dataclasses.replace(
-            self.config.rules, recs_per_user=n))
+        # segment popularity alone, n slots (a retailer file's own mix is measured separately)
+        config = dataclasses.replace(
+            self.config, rules=dataclasses.replace(self.config.rules, recs_per_user=n),
+            candidates=dataclasses.replace(self.config.candidates,
+                                           mix=(("segment_popularity", n),)))
         train = self.events.loc[self.events["event_time"] < cutoff]
         lines = orders_with_segments(train, self.users, config.segment_attributes)
         popularity = PopularityIndex(partial_popularity(lines, cutoff, config), self.arrays.sku,
@@ -235,8 +246,8 @@ def eligible_only(frame: pd.DataFrame, eligible: frozenset) -> pd.DataFrame:
     return frame.loc[frame["sku"].isin(eligible)].reset_index(drop=True)
 
 
-def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int,
-                      log: Dict) -> Dict[str, pd.DataFrame]:
+def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int, log: Dict,
+                      origin_mix: bool = False) -> Dict[str, pd.DataFrame]:
     """Every strategy's slots for one cutoff at one k."""
     train = g.lines.loc[g.lines["event_time"] < cutoff].reset_index(drop=True)
     ok = g.eligible_set
@@ -291,6 +302,14 @@ def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int,
             mixes[name] = {"mix": [list(m) for m in mix], "buy_again": again_name,
                            "also_bought": also_name}
             out[name] = fill_slots(sources, mix, k, users=g.user_ids)
+        if origin_mix:  # SPEC §8: 20 repurchase + 5 discovery of 25, 3 per product group
+            discovery = max(1, k // 5)
+            mix = [("buy_again", k - discovery), ("also_bought", discovery), ("popularity", k)]
+            name = f"mix_{family}_origin_cap3"
+            mixes[name] = {"mix": [list(m) for m in mix], "buy_again": again_name,
+                           "also_bought": also_name, "max_per_part_type": 3}
+            out[name] = fill_slots(sources, mix, k, max_per_group=3, group_of_sku=g.part_type,
+                                   users=g.user_ids)
         name = f"mix_{family}_again_also_popularity_cap2"
         mixes[name] = {**mixes[f"mix_{family}_again_also_popularity"],
                        "max_per_part_type": 2}
@@ -300,7 +319,7 @@ def period_strategies(g: Grocer, cutoff: pd.Timestamp, k: int,
     return out
 
 
-def backtest(g: Grocer, periods: int, ks: List[int]) -> dict:
+def backtest(g: Grocer, periods: int, ks: List[int], origin_mix: bool = False) -> dict:
     holdout_start = pd.Timestamp(g.world["holdout_start"])
     result: dict = {"periods": [], "by_k": {}}
     per_user: Dict[int, Dict[str, List[np.ndarray]]] = {k: {} for k in ks}
@@ -317,7 +336,7 @@ def backtest(g: Grocer, periods: int, ks: List[int]) -> dict:
         for k in ks:
             started = time.perf_counter()
             log: dict = {}
-            strategies = period_strategies(g, cutoff, k, log)
+            strategies = period_strategies(g, cutoff, k, log, origin_mix)
             figures = {}
             for name, slots in strategies.items():
                 got = list_metrics(slots, purchases, k, g.catalogue_size, users=buyers)
@@ -339,6 +358,7 @@ def backtest(g: Grocer, periods: int, ks: List[int]) -> dict:
     for k in ks:
         pooled = {}
         base = np.concatenate(per_user[k][BASELINE])
+        popular = np.concatenate(per_user[k]["sql_global_popularity"])
         who = np.concatenate(clusters[k])
         official = per_user[k][BASELINE][0]
         for name, parts in per_user[k].items():
@@ -352,6 +372,9 @@ def backtest(g: Grocer, periods: int, ks: List[int]) -> dict:
                     clusters=np.concatenate(clusters[k][1:])) if len(parts) > 1 else None),
                 "relative_to_baseline_b_pooled": (float(values.mean() / base.mean() - 1)
                                                   if base.mean() else None),
+                "vs_baseline_a_pooled": paired_interval(values, popular, clusters=who),
+                "relative_to_baseline_a_pooled": (float(values.mean() / popular.mean() - 1)
+                                                  if popular.mean() else None),
             }
         result["by_k"][str(k)] = {"household_periods": int(len(base)),
                                   "households": int(len(set(who))), "strategies": pooled}
@@ -451,6 +474,54 @@ def ensure_scale_world(name: str) -> str:
     return out
 
 
+# Generated worlds for the backtest (seed 7, JSON Lines, no bad rows) and their retailer files.
+BACKTEST_WORLDS = {"wholesale": os.path.join(ROOT, "configs", "wholesale.yaml")}
+
+
+def ensure_backtest_world(name: str) -> str:
+    """A world directory: ``name`` itself, or a BACKTEST_WORLDS preset generated when missing."""
+    if name not in BACKTEST_WORLDS:
+        return name
+    out = os.path.join(HERE, "work", f"candidates_{name}_world")
+    if not os.path.exists(os.path.join(out, "world.json")):
+        from models.world import generate, preset, write_world
+        write_world(generate(preset(name), 7), out, "jsonl", 0)
+    return out
+
+
+def world_backtest(name: str, config: Optional[str], periods: int, ks: List[int]) -> int:
+    """Backtests a generated world and keeps it under ``worlds`` beside the grocer's results."""
+    data = ensure_backtest_world(name)
+    config = config or BACKTEST_WORLDS.get(name) or DEFAULT_CONFIG
+    started = time.perf_counter()
+    g = Grocer(data, config)
+    print(f"{name}: {len(g.lines):,} order lines, {len(g.user_ids):,} users, "
+          f"{len(g.eligible):,} of {g.catalogue_size:,} products eligible", flush=True)
+    entry = {
+        "world": g.world.get("preset", os.path.basename(os.path.normpath(data))),
+        "seed": g.world.get("seed"), "config": os.path.relpath(config, ROOT),
+        "commit": commit(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "generated_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "order_lines": int(len(g.lines)), "users": len(g.user_ids),
+        "eligible_products": int(len(g.eligible)), "catalogue_size": g.catalogue_size,
+        "world_stats": g.world.get("stats"),
+        "baseline": BASELINE, "period_days": PERIOD_DAYS, "half_life_days": HALF_LIFE,
+        "backtest": backtest(g, periods, ks, origin_mix=True),
+    }
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    result = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS, encoding="utf-8") as handle:
+            result = json.load(handle)
+    result.setdefault("worlds", {})[name] = entry
+    with open(RESULTS, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1, default=str)
+        handle.write("\n")
+    print(f"added world {name} to {os.path.relpath(RESULTS, ROOT)} in {entry['seconds']} s",
+          flush=True)
+    return 0
+
+
 def add_scale_timing(world: str, repeats: int) -> int:
     """Times the also-bought build on a bigger world; kept beside the grocer's in the results."""
     timing = time_similarity(world, repeats)
@@ -480,14 +551,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="imported Complete Journey directory")
     parser.add_argument("--source", default=DEFAULT_SOURCE, help="raw dataset, for the import")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="the grocer's retailer file")
+    parser.add_argument("--config", default=None,
+                        help="retailer file (default: the grocer's, or the --world's own)")
     parser.add_argument("--periods", type=int, default=3, help="cutoffs, 28 days apart")
-    parser.add_argument("--ks", default="4,10", help="list lengths, comma-separated")
+    parser.add_argument("--ks", default=None,
+                        help="list lengths, comma-separated (default 4,10; 4,25 with --world)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per side")
     parser.add_argument("--scale_world", default=None,
                         help="only time the also-bought build on a world and add it to the "
                              "results: a directory (Parquet or JSON Lines) or one of "
                              + ", ".join(SCALE_WORLDS) + " (generated into bench/work)")
+    parser.add_argument("--world", default=None,
+                        help="backtest a generated world instead of the grocer and add it to "
+                             "the results: a JSON Lines directory or one of "
+                             + ", ".join(BACKTEST_WORLDS) + " (generated into bench/work)")
     parser.add_argument("--part", choices=("all", "python", "duckdb_sql"), default="all",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -496,6 +573,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.scale_world:
         return add_scale_timing(ensure_scale_world(args.scale_world), args.repeats)
+    if args.world:
+        return world_backtest(args.world, args.config, args.periods,
+                              [int(k) for k in (args.ks or "4,25").split(",")])
+    args.config = args.config or DEFAULT_CONFIG
+    args.ks = args.ks or "4,10"
     ensure_data(args.data, args.source)
     started = time.perf_counter()
     g = Grocer(args.data, args.config)
@@ -512,11 +594,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "also_bought_build": time_similarity(args.data, args.repeats),
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
-    if os.path.exists(RESULTS):  # the at-scale timings come from their own runs: keep them
+    if os.path.exists(RESULTS):  # at-scale timings and worlds come from their own runs: keep
         with open(RESULTS, encoding="utf-8") as handle:
-            kept = json.load(handle).get("also_bought_build_at_scale")
-        if kept:
-            result["also_bought_build_at_scale"] = kept
+            previous = json.load(handle)
+        for key in ("also_bought_build_at_scale", "worlds"):
+            if previous.get(key):
+                result[key] = previous[key]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1, default=str)

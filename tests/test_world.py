@@ -521,7 +521,7 @@ def test_wholesale_clients_order_weekly_from_recurring_baskets(wholesale, wholes
     hold = lines[lines["event_time"] >= m["holdout_start"]]
     weeks = wholesale.spec.history_days / 7
     orders = hist.groupby("user_id")["order_id"].nunique()
-    assert len(orders) == wholesale.spec.n_users and (orders / weeks).median() > 0.8
+    assert len(orders) == wholesale.spec.n_users and (orders / weeks).median() > 0.5
     assert (hist.groupby("order_id")["user_id"].nunique() == 1).all()
     # Most holdout lines are items the client bought before; a shuffled world would not be.
     seen = set(zip(hist["user_id"], hist["sku"]))

@@ -83,6 +83,8 @@ class WholesaleSpec:
     collections_per_client: Tuple[int, int] = (2, 4)
     n_trending: int = 25               # products launched in the last weeks of history
     trending_weight: float = 12.0      # their discovery weight against an average product
+    order_week_share: Tuple[float, float] = (4.0, 2.0)  # Beta of a client's share of weeks
+    #                                    with an order; lines due in a skipped week wait
     views_per_week: float = 1.0        # browsing views per client per week
     duplicate_event_share: float = 0.005
 
@@ -225,6 +227,13 @@ def generate_wholesale(spec: WholesaleSpec, seed: int) -> World:
     l_user, l_item = np.array(l_user, np.int64), np.array(l_item, np.int64)
     l_disc = np.array(l_disc, bool)
     week = np.ceil((np.array(l_t) - t0 - order_offset[l_user]) / WEEK).astype(np.int64)
+    # Weeks without an order: what fell due waits for the client's next order week.
+    n_weeks = int(np.ceil((t2 - t0) / WEEK)) + 2
+    active = r_users.random((n, n_weeks)) < r_users.beta(*spec.order_week_share, n)[:, None]
+    active[:, -1] = True
+    idx = np.where(active, np.arange(n_weeks), n_weeks - 1)
+    next_active = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    week = next_active[l_user, np.clip(week, 0, n_weeks - 1)]
     l_t = t0 + order_offset[l_user] + week * WEEK + r_events.integers(0, 1800, len(week))
     keep = (l_t >= t0) & (l_t < t2)
     key = (l_user * 1000 + week) * n_sku + l_item
