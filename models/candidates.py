@@ -498,24 +498,24 @@ def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Ti
     lines = lines.loc[lines["user_id"].isin(list(users)) & (lines["event_time"] <= as_of)]
     names = {name for name, _ in config.mix}
     parts = [lines[["user_id", "sku"]].drop_duplicates().assign(score=0.0, source=PURCHASED)]
-    cut = max_per_user if tables.eligible is None else None
-
-    def keep(scored: pd.DataFrame, source: str) -> pd.DataFrame:
-        scored = scored[["user_id", "sku", "score"]]
-        if tables.eligible is not None:  # drop ineligible SKUs first, then cut
-            scored = _top_per(scored.loc[scored["sku"].isin(tables.eligible)], "user_id",
-                              max_per_user, ["score", "sku"], [False, True])
-        return scored.assign(source=source)
-
+    # Ineligible SKUs are dropped before each user's cut, so they cannot crowd out eligible
+    # ones: buy-again scores (user, sku) pairs independently (the intervals are global), and
+    # an also-bought score of j sums only over the table's rows whose neighbour is j.
+    table = tables.similarity.table if tables.similarity is not None else None
+    scorable = lines
+    if tables.eligible is not None:
+        scorable = lines.loc[lines["sku"].isin(tables.eligible)]
+        if table is not None:
+            table = table.loc[table["neighbour"].isin(tables.eligible)]
     if "buy_again" in names:
         ba = config.buy_again
-        parts.append(keep(buy_again(lines, as_of, ba.half_life_days, ba.max_due,
-                                    max_per_user=cut, due=ba.due, intervals=tables.intervals),
-                          "buy_again"))
-    if "also_bought" in names and tables.similarity is not None and len(lines):
+        scored = buy_again(scorable, as_of, ba.half_life_days, ba.max_due,
+                           max_per_user=max_per_user, due=ba.due, intervals=tables.intervals)
+        parts.append(scored[["user_id", "sku", "score"]].assign(source="buy_again"))
+    if "also_bought" in names and table is not None and len(lines):
         ab = config.also_bought
-        parts.append(keep(also_bought_scores(lines, tables.similarity.table, as_of,
-                                             ab.half_life_days, ab.max_history, True, cut),
-                          "also_bought"))
+        scored = also_bought_scores(lines, table, as_of, ab.half_life_days, ab.max_history,
+                                    True, max_per_user)
+        parts.append(scored[["user_id", "sku", "score"]].assign(source="also_bought"))
     out = pd.concat(parts, ignore_index=True)
     return out.astype({"user_id": object, "sku": object, "score": float, "source": object})
