@@ -15,7 +15,7 @@ import pandas as pd
 
 from models import mix as slot_mix
 from models.catalog import CatalogArrays
-from models.config import REPURCHASE_SOURCES, RecsConfig
+from models.config import REPURCHASE_SOURCES, RecsConfig, ScoringConfig
 from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
                                popularity_score, segment_key, segment_keys)
 
@@ -151,11 +151,7 @@ class Recommender:
         weights = self.config.scoring
         for u in range(count):
             bought = signals["bought"][u]
-            boost: Dict[int, float] = {}
-            for column, weight in (("viewed", weights.view_weight),
-                                   ("carted", weights.cart_weight)):
-                for p in signals[column][u]:
-                    boost[int(p)] = max(boost.get(int(p), 0.0), weight)
+            boost = _intent_boost(signals, u, weights)
             for level in levels:
                 excluded_observed = int(level.scores.observed[bought].sum()) if len(bought) else 0
                 if level.scores.name != levels[-1].scores.name and (
@@ -200,11 +196,7 @@ class Recommender:
             if level is None:
                 continue
             bought = signals["bought"][u]
-            boost: Dict[int, float] = {}
-            for column, weight in (("viewed", weights.view_weight),
-                                   ("carted", weights.cart_weight)):
-                for p in signals[column][u]:
-                    boost[int(p)] = max(boost.get(int(p), 0.0), weight)
+            boost = _intent_boost(signals, u, weights)
             boosted = np.fromiter(boost.keys(), dtype=np.int64, count=len(boost))
             pool = np.union1d(level.order[:depth + len(bought)], boosted)
             pool = pool[~np.isin(pool, bought)]
@@ -423,3 +415,14 @@ def vehicle_groups(users: pd.DataFrame, attributes: Sequence[str]):
         keys = keys + KEY_SEPARATOR + users[attr].astype(object).where(
             users[attr].notna(), "\x00").astype(str)
     return users.groupby(keys.to_numpy(object), sort=True)
+
+
+def _intent_boost(signals: Mapping[str, Sequence[np.ndarray]], u: int,
+                  weights: ScoringConfig) -> Dict[int, float]:
+    """User ``u``'s intent: candidate position → the score added (a cart outranks a view;
+    a SKU viewed and carted gets the larger boost once, so QA rule 11's range holds)."""
+    boost: Dict[int, float] = {}
+    for column, weight in (("viewed", weights.view_weight), ("carted", weights.cart_weight)):
+        for p in signals[column][u]:
+            boost[int(p)] = max(boost.get(int(p), 0.0), weight)
+    return boost
