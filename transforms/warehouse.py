@@ -291,7 +291,25 @@ class WarehouseLock:
                 self._handle = None
 
 
-class LocalWarehouse:
+class _LastPublishedRun:
+    """What both warehouses answer about the last published batch run, from one column read
+    (``_last_published``, each warehouse's own query of :data:`_LAST_PUBLISHED`)."""
+
+    def _last_published(self, column: str) -> Any:
+        raise NotImplementedError
+
+    def last_published_rows(self) -> Optional[int]:
+        """Recommendations written by the last published run, if any."""
+        rows = self._last_published("recommendations_written")
+        return None if rows is None else int(rows)
+
+    def last_published_counters(self) -> Optional[Dict[str, Any]]:
+        """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
+        counters = self._last_published("counters")
+        return json.loads(counters) if counters else None
+
+
+class LocalWarehouse(_LastPublishedRun):
     """Tables in one DuckDB file; every publish is one transaction."""
 
     def __init__(self, path: str):
@@ -321,16 +339,6 @@ class LocalWarehouse:
                 return None
             row = con.execute(_LAST_PUBLISHED.format(column=column), [JOB]).fetchone()
         return row[0] if row else None
-
-    def last_published_rows(self) -> Optional[int]:
-        """Recommendations written by the last published run, if any."""
-        rows = self._last_published("recommendations_written")
-        return None if rows is None else int(rows)
-
-    def last_published_counters(self) -> Optional[Dict[str, Any]]:
-        """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
-        counters = self._last_published("counters")
-        return json.loads(counters) if counters else None
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
@@ -534,7 +542,7 @@ def rows_frame(rows) -> pd.DataFrame:
     return frame
 
 
-class BigQueryWarehouse:
+class BigQueryWarehouse(_LastPublishedRun):
     """Tables in one BigQuery dataset, the same interface as :class:`LocalWarehouse`.
 
     Publishing (see :meth:`publish`) never renames a table: BigQuery has no
@@ -622,16 +630,6 @@ class BigQueryWarehouse:
             return None
         found = self.query(_LAST_PUBLISHED.format(column=column), [JOB])
         return found.iloc[0, 0] if len(found) else None
-
-    def last_published_rows(self) -> Optional[int]:
-        """Recommendations written by the last published run, if any."""
-        rows = self._last_published("recommendations_written")
-        return None if rows is None else int(rows)
-
-    def last_published_counters(self) -> Optional[Dict[str, Any]]:
-        """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
-        counters = self._last_published("counters")
-        return json.loads(counters) if counters else None
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
