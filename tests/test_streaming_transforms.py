@@ -115,10 +115,10 @@ def finish(stream):
 
 
 class _Describe(beam.DoFn):
-    """A WindowPopularity pane as comparable facts: (end - BASE, timing, first, events, lines)."""
+    """A WindowPopularity pane as comparable facts: (end - BASE, timing, first, cells, lines)."""
 
     def process(self, pane):
-        yield (int(pane.window_end.timestamp()) - BASE, pane.timing, pane.is_first, pane.events,
+        yield (int(pane.window_end.timestamp()) - BASE, pane.timing, pane.is_first, pane.cells,
                pane.lines)
 
 
@@ -280,12 +280,16 @@ def test_bounded_timestamped_input_gives_the_same_windows(tmp_path):
     orders = [order(1, 3), order(2, 12, sku="S02"), order(3, 12, sku="S02", name="Ordered Product",
                                                           order_id="O2")]
     with TestPipeline() as p:
-        panes = (p | beam.Create(orders).with_output_types(dict)
-                 | WindowedPopularity(spec, reference, CONFIG)).panes
-        # window ends 10, 20, 30; O2 is one line under two names.
-        assert_that(panes | beam.ParDo(_Describe()), equal_to([
-            (10, "ON_TIME", True, 1, 1), (20, "ON_TIME", True, 3, 2),
-            (30, "ON_TIME", True, 2, 1)]))
+        out = (p | beam.Create(orders).with_output_types(dict)
+               | WindowedPopularity(spec, reference, CONFIG))
+        # window ends 10, 20, 30; O2 is one line under two names; U1 has a segment at all
+        # four levels, so each line is four cells.
+        assert_that(out.panes | beam.ParDo(_Describe()), equal_to([
+            (10, "ON_TIME", True, 4, 1), (20, "ON_TIME", True, 8, 2),
+            (30, "ON_TIME", True, 4, 1)]), label="Panes")
+        assert_that(out.counts | "Sum" >> beam.CombinePerKey(sum), equal_to([
+            ("popularity.order_lines", 2), ("popularity.order_lines.repeated", 1),
+            ("popularity.panes", 3), ("popularity.cells", 16)]), label="Counts")
 
 
 # --- late data ---------------------------------------------------------------------------------------
@@ -308,8 +312,14 @@ def test_late_data_inside_and_beyond_allowed_lateness_is_counted(tmp_path):
         orders = p | stream
         panes = orders | WindowedPopularity(spec, reference, CONFIG)
         audit = orders | LateDataAudit("orders", spec)
+        # The late order is counted (a late pane restating the window's 4 + 4 cells), not
+        # scored and discarded.
         assert_that(panes.panes | beam.ParDo(_Describe()), equal_to([
-            (10, "ON_TIME", True, 1, 1), (10, "LATE", False, 2, 2)]), label="Panes")
+            (10, "ON_TIME", True, 4, 1)]), label="Panes")
+        assert_that(summed("PopularityCounts", panes.counts), equal_to([{
+            "popularity.order_lines": 4, "popularity.panes": 1, "popularity.cells": 4,
+            "popularity.late_panes": 1, "popularity.late_cells": 8}]),
+            label="PopularityCounts")
         assert_that(audit.rows | beam.Map(lambda r: (
             r["stream"], int(r["window_end"].timestamp()) - BASE, r["seen"], r["on_time"],
             r["late"], r["too_late"])), equal_to([
@@ -421,6 +431,8 @@ def test_catalog_change_is_picked_up_without_restart(tmp_path):
 # --- ranking changes ------------------------------------------------------------------------------------
 
 def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
+    """Mustang's own segment moves to S08; the Civic (no orders of its own) gets its picks from
+    the global level, where S08 (which fits it) now leads too: both vehicles' users are told."""
     spec = model.WindowSpec.of_seconds(10, 10, 0)
     reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
     # Window [0,10): Mustang buyers order S01; window [10,20): many order S08 instead.
@@ -435,11 +447,12 @@ def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
     with streaming_pipeline() as p:
         popularity = p | stream | WindowedPopularity(spec, reference, CONFIG)
         notices = popularity.first_panes | RankingChanges(reference, CONFIG)
-        assert_that(notices.rows, equal_to([("U1", ("notice", model.REASON_SEGMENT)),
-                                            ("U2", ("notice", model.REASON_SEGMENT))]),
+        assert_that(notices.rows, equal_to([(u, ("notice", model.REASON_SEGMENT))
+                                            for u in ("U1", "U2", "U3", "U4")]),
                     label="Notices")
         assert_that(summed("Counts", notices.counts), equal_to([{
-            "ranking.vehicles_changed": 1, "ranking.users_notified": 2}]), label="Counts")
+            "ranking.vehicles_ranked": 4, "ranking.vehicles_changed": 2,
+            "ranking.users_notified": 4}]), label="Counts")
 
 
 # --- bandit ----------------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ Reading order of the graph (pipelines/streaming_refresh.py wires it):
     Pub/Sub messages → ParseMessages (contract check, event-time timestamps, dead letters)
       → events: CheckSkus (unknown SKUs dead-lettered, as the batch job does)
       → DropDuplicates (stateful per event_id, TTL timer)
-      → orders → WindowedPopularity (per-period partials → sliding windows → popularity at end)
-               → RankingChanges (consecutive windows → users of vehicles whose top picks moved)
+      → orders → WindowedPopularity (order lines once, keyed; decayed cells per (level, segment,
+                 sku) summed per period, slid, summed per window, scored at the window's end)
+               → RankingChanges (keyed per vehicle: users of vehicles whose top picks moved)
       → events + notices → TouchedUsers (stateful per user: recent stream events)
-      → RefreshRecommendations (per refresh period: the touched users, scored like the batch job)
+      → RefreshRecommendations (keyed per user shard, held until the period ends in event
+                 time by a timer; scored like the batch job)
     treatment events → CheckFunnel (stateful per recipient: no send, no count; as batch)
       → StreamingBandit (per-period sums → transforms.bandit.BanditState)
     orders, treatment counts → LateDataAudit (seen vs included per window: late and too-late)
@@ -26,7 +28,7 @@ PeriodicImpulse side input on the DirectRunner.
 One module per concern; this package re-exports every public name, so
 ``from transforms.streaming import X`` keeps working:
 
-    windows     event-time windows, triggers, time conversions, refresh-time stamping
+    windows     event-time windows, triggers, time conversions
     refusals    the dead-letter row and its counters, safe keying, the `Checked` shape
     reference   `FileReference` and the per-process cache of what is built from it
     parse       `ParseMessages`: Pub/Sub messages → timestamped records
@@ -49,15 +51,16 @@ from transforms.streaming.audit import (AuditKey, AuditOut, AuditUpdate, LateDat
 from transforms.streaming.bandit import StreamingBandit, treatment_counts
 from transforms.streaming.checks import CheckFunnel, CheckSkus, CheckSkusFn, FunnelStateFn
 from transforms.streaming.dedupe import DropDuplicateIdsFn, DropDuplicates
-from transforms.streaming.health import CountersRowFn, PeriodCounters
+from transforms.streaming.health import PeriodCounters, PeriodSumsFn, PreSumPerBundleFn
 from transforms.streaming.parse import ParseMessages, ParseMessagesFn, Parsed
-from transforms.streaming.popularity import (ChangedVehiclesFn, MergeOrderLinesCombineFn, Notice,
-                                             OrderLines, OrderLinesCombineFn, PairWithPreviousFn,
+from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, Notice,
+                                             NotifyUsersFn, PicksChangedFn,
                                              PopularityAtWindowEndFn, PopularityOut,
-                                             RankingChanges, WindowedPopularity,
-                                             WindowPopularity)
+                                             RankingChanges, SegmentWeightsFn, VehiclePicksFn,
+                                             WindowedPopularity, WindowPopularity)
 from transforms.streaming.reference import FileReference, cached
-from transforms.streaming.refresh import (RefreshRecommendations, Refreshed, RefreshShardFn,
+from transforms.streaming.refresh import (GatherPeriodFn, RefreshRecommendations, Refreshed,
+                                          RefreshShardFn,
                                           Touch, TouchedUsers, UserSignalsFn, event_touch,
                                           shard_of_user)
 from transforms.streaming.refusals import (Checked, DeadLetter, KeyOrRefuseFn, Record,
@@ -66,19 +69,19 @@ from transforms.streaming.refusals import (Checked, DeadLetter, KeyOrRefuseFn, R
 from transforms.streaming.tables import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                          WriteRows, frames_to_rows, recommendation_fields,
                                          stamp, to_bigquery_row)
-from transforms.streaming.windows import (StampRefreshTimeFn, period_buckets, sliding_windows,
-                                          to_global_window, windowed)
+from transforms.streaming.windows import (period_buckets, sliding_windows, to_global_window,
+                                          windowed)
 
 __all__ = [
-    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "ChangedVehiclesFn", "CheckFunnel",
-    "CheckSkus", "CheckSkusFn", "Checked", "Count", "CountersRowFn", "DEAD_LETTER_FIELDS",
-    "DeadLetter", "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FunnelStateFn",
-    "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit", "MergeOrderLinesCombineFn", "Notice",
-    "OrderLines", "OrderLinesCombineFn", "PairWithPreviousFn", "PaneCountFn", "ParseMessages",
-    "ParseMessagesFn", "Parsed", "PeriodCounters", "PopularityAtWindowEndFn", "PopularityOut",
+    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "CheckFunnel",
+    "CheckSkus", "CheckSkusFn", "Checked", "Count", "DEAD_LETTER_FIELDS",
+    "DeadLetter", "DecayedCountFn", "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FirstOrderLineFn", "FunnelStateFn", "GatherPeriodFn",
+    "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit", "Notice", "NotifyUsersFn",
+    "PaneCountFn", "PicksChangedFn", "ParseMessages",
+    "ParseMessagesFn", "Parsed", "PeriodCounters", "PeriodSumsFn", "PopularityAtWindowEndFn", "PreSumPerBundleFn", "PopularityOut",
     "RankingChanges", "ReconcileWindowFn", "RefreshRecommendations", "RefreshShardFn", "Refreshed",
-    "Record", "RowsAndCounts", "SeenPerWindowFn", "StampRefreshTimeFn", "StreamingBandit", "Touch",
-    "TouchedUsers", "UserSignalsFn", "WindowPopularity", "WindowedPopularity", "WriteRows",
+    "Record", "RowsAndCounts", "SeenPerWindowFn", "SegmentWeightsFn", "StreamingBandit", "Touch",
+    "TouchedUsers", "UserSignalsFn", "VehiclePicksFn", "WindowPopularity", "WindowedPopularity", "WriteRows",
     "cached", "dead_letter", "event_touch", "frames_to_rows", "period_buckets", "record_text",
     "recommendation_fields", "refusal_counts", "shard_of_user", "sliding_windows", "stamp",
     "to_bigquery_row", "to_global_window", "treatment_counts", "windowed",

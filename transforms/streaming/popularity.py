@@ -1,123 +1,256 @@
 """Rolling segment popularity per sliding window, and the users whose ranking it changed.
 
-`WindowedPopularity` pre-sums order lines per period, slides them into
-windows and scores popularity at each window's end; `RankingChanges` compares
-consecutive windows' first panes and notifies the users of every vehicle
-whose default top picks moved.
+`WindowedPopularity` keeps additive state only: each order line is counted
+once (keyed state per (order_id, sku), expired by a timer), turned into one
+decayed cell per (level, segment, sku) with the buyer's segment attached at
+ingest, summed per key per period (`CombinePerKey`), slid into the windows,
+summed per key per window, and re-expressed at the window's end, where the
+history's popularity is added. `RankingChanges` keeps each vehicle's default
+top picks in keyed state and notifies the vehicle's users when a newer
+window moves them.
+
+State and accumulators, and what bounds them (docs/streaming.md):
+
+- ``FirstOrderLine``: one (time, event id, user) per order line, cleared by an
+  event-time timer ``size + lateness`` after the line: bounded by the order
+  rate over a window, never by the stream's total.
+- ``SumPerPeriod``: one `Decayed` (an int, a float, an int) per
+  (level, segment, sku) key and period: bounded by the catalogue times the
+  segments, whatever the volume.
+- ``CellsPerWindow``: per window, one `Decayed` per key the window holds:
+  bounded by the same key count.
+- ``PicksChanged``: one tuple of default picks per vehicle.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, NamedTuple, Tuple
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms import trigger, window
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
+from models import stream_popularity as cells
 from models import streaming as model
 from models.config import RecsConfig
+from models.stream_popularity import CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
-from transforms.streaming.reference import FileReference
+from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, RowsAndCounts
-from transforms.streaming.windows import period_buckets, utc_of, windowed
+from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
-OrderLines = Dict[model.OrderKey, model.OrderLine]
+OrderLineKey = Tuple[str, str]                      # (order_id, sku)
+CountedLine = Tuple[str, str, LineState, int]       # (order_id, sku, line, +1 / -1)
+Cell = Tuple[CellKey, Decayed]
 
 
-@typehints.with_input_types(Record)
-@typehints.with_output_types(Tuple[OrderLines, int])
-class OrderLinesCombineFn(beam.CombineFn):
-    """A window's distinct order lines.
+def order_line_key(record: Record) -> Tuple[OrderLineKey, Record]:
+    """An order record keyed by its order line (the contract makes order_id required here)."""
+    return (record["order_id"], record["sku"]), record
 
-    Accumulator: ``(lines, events)``: ``lines`` maps (order_id, sku) to the
-    earliest (event_time_us, event_id, user_id, event_name) reporting it, so
-    one order under three event names is one line (as the batch job's
-    `order_lines`); ``events`` counts the order events added. Merging keeps the
-    earliest line per key and sums the counts, so bundles may split anywhere.
+
+@typehints.with_input_types(Tuple[OrderLineKey, Record])
+@typehints.with_output_types(CountedLine)
+class FirstOrderLineFn(beam.DoFn):
+    """Counts each order line (order_id, sku) once, at its earliest event, in keyed state.
+
+    One order is reported under up to three event names (SPEC §2): the first
+    copy counts (+1); a later copy that is earlier in event time takes it back
+    (-1, at the first copy's time) and counts itself (+1), so the line ends up
+    where the batch job's `order_lines` puts it whatever the arrival order.
+    State: one `LineState` per line, cleared by an event-time timer at the
+    line's time + window size + allowed lateness, the last moment any window
+    holding it can still change; a copy after that could only be too late.
     """
 
-    def create_accumulator(self) -> Tuple[OrderLines, int]:
-        return {}, 0
+    LINE = ReadModifyWriteStateSpec("line", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def add_input(self, acc: Tuple[OrderLines, int], record: Record) -> Tuple[OrderLines, int]:
-        lines, events = acc
-        model.add_order(lines, record)
-        return lines, events + 1
+    def __init__(self, spec: WindowSpec):
+        self._ttl = duration_of(spec.size + spec.lateness)
 
-    def merge_accumulators(self, accs: Iterable[Tuple[OrderLines, int]]
-                           ) -> Tuple[OrderLines, int]:
-        # The first accumulator absorbs the others (Beam lets a merge reuse its first input).
-        accs = iter(accs)
-        lines, events = next(accs, ({}, 0))
-        for more, n in accs:
-            model.merge_orders_into(lines, more)
-            events += n
-        return lines, events
+    def process(self, element: Tuple[OrderLineKey, Record], timestamp=beam.DoFn.TimestampParam,
+                line=beam.DoFn.StateParam(LINE),
+                expiry=beam.DoFn.TimerParam(EXPIRY)) -> Iterator:
+        (order_id, sku), record = element
+        kept = line.read()
+        arriving = LineState(int(record["event_time_us"]), str(record["event_id"]),
+                             str(record["user_id"]))
+        state, changes = cells.line_update(kept, arriving)
+        if kept is None:
+            expiry.set(timestamp + self._ttl)
+        if not changes:
+            yield count("popularity.order_lines.repeated", 1)
+            return
+        line.write(state)
+        if kept is not None:
+            yield count("popularity.order_lines.restated", 1)
+        for counted, sign in changes:
+            yield window.TimestampedValue((order_id, sku, counted, sign), counted.at_us / MICROS)
 
-    def extract_output(self, acc: Tuple[OrderLines, int]) -> Tuple[OrderLines, int]:
-        # A copy: with accumulating panes the accumulator keeps growing after it is emitted.
-        return dict(acc[0]), acc[1]
-
-    def default_label(self) -> str:
-        return "OrderLinesPerPeriod"
-
-
-@typehints.with_input_types(Tuple[OrderLines, int])
-@typehints.with_output_types(Tuple[OrderLines, int])
-class MergeOrderLinesCombineFn(OrderLinesCombineFn):
-    """Merges per-period order lines into a window's (same accumulator as `OrderLinesCombineFn`)."""
-
-    def add_input(self, acc: Tuple[OrderLines, int], partial: Tuple[OrderLines, int]
-                  ) -> Tuple[OrderLines, int]:
-        lines, events = acc
-        model.merge_orders_into(lines, partial[0])   # the partial itself is never modified
-        return lines, events + partial[1]
-
-    def default_label(self) -> str:
-        return "OrderLinesPerWindow"
+    @on_timer(EXPIRY)
+    def expire(self, line=beam.DoFn.StateParam(LINE)) -> None:
+        line.clear()
 
 
-class WindowPopularity(NamedTuple):
-    """Popularity of one pane of one window (``as_of`` = the window's end)."""
+@typehints.with_input_types(CountedLine)
+@typehints.with_output_types(Cell)
+class SegmentWeightsFn(beam.DoFn):
+    """An order line → one decayed cell per level of its buyer's segment (attached at ingest).
 
-    window_start: pd.Timestamp
-    window_end: pd.Timestamp
-    timing: str          # ON_TIME or LATE (EARLY never: no early firings)
-    is_first: bool       # the window's first pane (what refreshes and change detection use)
-    events: int          # order events the window included so far
-    lines: int           # distinct order lines among them
-    popularity: pd.DataFrame
-
-
-@typehints.with_input_types(Tuple[OrderLines, int])
-@typehints.with_output_types(WindowPopularity)
-class PopularityAtWindowEndFn(beam.DoFn):
-    """A window's order lines → its segment popularity, scored at the window's end."""
+    The segment is the buyer's in the reference users at the time the line
+    arrives (the batch job joins today's users; a buyer who changes vehicle
+    keeps past orders where they were made). A line the history already holds
+    is skipped: the history counts it.
+    """
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         self._reference = reference
         self._config = config
 
-    def process(self, acc: Tuple[OrderLines, int], win=beam.DoFn.WindowParam,
+    def process(self, element: CountedLine) -> Iterator:
+        order_id, sku, line, sign = element
+        ref = self._reference.current()
+        if (order_id, sku) in ref.history_keys:
+            if sign > 0:
+                yield count("popularity.order_lines.in_history", 1)
+            return
+        segments = cached(self._reference.key + ":segments", ref.version,
+                          lambda: cells.segments_by_user(ref.users, self._config))
+        yield count("popularity.order_lines", sign)
+        yield from cells.line_cells(segments.get(line.user_id), sku, line.at_us, sign,
+                                    self._config)
+
+
+@typehints.with_input_types(Decayed)
+@typehints.with_output_types(Decayed)
+class DecayedCountFn(beam.CombineFn):
+    """Sums decayed order counts of one (level, segment, sku) key.
+
+    Accumulator: ``Decayed(at_us, weight, orders)``, three numbers whatever
+    the volume: the weight is held at the latest order time added and older
+    weights are decayed to it on merge (`models.stream_popularity.add`:
+    associative and commutative, so bundles may split and merge anywhere).
+    The inputs are cells too, so the same CombineFn sums order lines per
+    period and period partials per window.
+    """
+
+    def __init__(self, half_life_days: float, label: str = "SumDecayedCounts"):
+        self._half_life = half_life_days
+        self._label = label
+
+    def create_accumulator(self) -> Decayed:
+        return cells.EMPTY
+
+    def add_input(self, acc: Decayed, cell: Decayed) -> Decayed:
+        return cells.add(acc, cell, self._half_life)
+
+    def merge_accumulators(self, accs: Iterable[Decayed]) -> Decayed:
+        return cells.add_all(accs, self._half_life)
+
+    def extract_output(self, acc: Decayed) -> Decayed:
+        return acc
+
+    def default_label(self) -> str:
+        return self._label
+
+
+WindowCells = Dict[CellKey, Decayed]
+
+
+@typehints.with_input_types(Cell)
+@typehints.with_output_types(WindowCells)
+class WindowCellsFn(beam.CombineFn):
+    """A window's period partials → one decayed cell per (level, segment, sku) key.
+
+    Accumulator: ``{(level, segment, sku): Decayed}``, one `Decayed` (three
+    numbers) per key the window holds: bounded by the catalogue times the
+    segments, never by the number of orders (each period arrives already
+    summed per key by ``SumPerPeriod``). Merging adds cells key by key
+    (`models.stream_popularity.add`: associative and commutative).
+    """
+
+    def __init__(self, half_life_days: float):
+        self._half_life = half_life_days
+
+    def create_accumulator(self) -> WindowCells:
+        return {}
+
+    def add_input(self, acc: WindowCells, cell: Cell) -> WindowCells:
+        key, value = cell
+        acc[key] = cells.add(acc.get(key, cells.EMPTY), value, self._half_life)
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[WindowCells]) -> WindowCells:
+        accs = iter(accs)
+        merged = next(accs, {})      # Beam lets a merge reuse its first input
+        for more in accs:
+            for key, value in more.items():
+                merged[key] = cells.add(merged.get(key, cells.EMPTY), value, self._half_life)
+        return merged
+
+    def extract_output(self, acc: WindowCells) -> WindowCells:
+        # A copy: with accumulating panes the accumulator lives on after it is emitted.
+        return dict(acc)
+
+    def default_label(self) -> str:
+        return "CellsPerWindow"
+
+
+class WindowPopularity(NamedTuple):
+    """Popularity of one window's first pane (``window_end`` = the window's end = ``as_of``)."""
+
+    window_start: pd.Timestamp
+    window_end: pd.Timestamp
+    timing: str          # ON_TIME (late panes are counted, not computed)
+    is_first: bool       # always True: only the first pane is scored
+    cells: int           # (level, segment, sku) cells the stream holds in the window
+    lines: int           # distinct stream order lines in the window (the global level's count)
+    popularity: pd.DataFrame
+
+
+@typehints.with_input_types(WindowCells)
+@typehints.with_output_types(WindowPopularity)
+class PopularityAtWindowEndFn(beam.DoFn):
+    """A window's cells → its segment popularity at the window's end, plus the history's.
+
+    Only the first pane is scored: refreshes and change detection use it, and a
+    late order also falls in the windows that have not closed yet (the lateness
+    is shorter than a window), so it reaches the next refresh anyway. A late
+    pane is counted with the cells it restates (`LateDataAudit` counts its
+    elements), never scored and thrown away.
+    """
+
+    def __init__(self, reference: FileReference, config: RecsConfig):
+        self._reference = reference
+        self._config = config
+
+    def process(self, window_cells: WindowCells, win=beam.DoFn.WindowParam,
                 pane=beam.DoFn.PaneInfoParam) -> Iterator:
-        lines, events = acc
-        end = utc_of(win.end)
-        frame = model.window_popularity(model.orders_frame(lines), self._reference.current(),
-                                        end, self._config)
-        timing = PaneInfoTiming.to_string(pane.timing)
-        yield count("popularity.panes", 1)
-        if pane.timing == PaneInfoTiming.LATE:
+        keyed = list(window_cells.items())
+        if not pane.is_first:
             yield count("popularity.late_panes", 1)
-        yield WindowPopularity(utc_of(win.start), end, timing, bool(pane.is_first), events,
-                               len(lines), frame)
+            yield count("popularity.late_cells", len(keyed))
+            return
+        end = utc_of(win.end)
+        frame = cells.window_popularity(keyed, self._reference.current(), win.end.micros,
+                                        self._config)
+        lines = max((sum(c.orders for (level, _, _), c in keyed if level == name)
+                     for name, _ in cells.global_levels(self._config)), default=0)
+        yield count("popularity.panes", 1)
+        yield count("popularity.cells", len(keyed))
+        yield WindowPopularity(utc_of(win.start), end, PaneInfoTiming.to_string(pane.timing),
+                               True, len(keyed), lines, frame)
 
 
 class PopularityOut(NamedTuple):
-    """Every pane (sliding-windowed), the first pane of each window, and counters."""
+    """The scored first pane of each window (sliding-windowed, twice for old callers), counters."""
 
     panes: beam.PCollection
     first_panes: beam.PCollection
@@ -125,13 +258,11 @@ class PopularityOut(NamedTuple):
 
 
 class WindowedPopularity(beam.PTransform):
-    """Timestamped order records → segment popularity per sliding window.
+    """Timestamped order records → segment popularity per sliding window, from additive cells.
 
     Trigger: one pane when the watermark passes a window's end, then one per
-    late element within the allowed lateness; panes accumulate, so a late
-    pane restates its window whole. Refreshes use each window's first pane
-    only: a late order also falls in windows that have not closed yet (the
-    lateness is shorter than a window), so it reaches the next refresh anyway.
+    late element within the allowed lateness; panes accumulate per key. The
+    first pane is scored at the window's end; late panes are counted.
     """
 
     def __init__(self, spec: WindowSpec, reference: FileReference, config: RecsConfig):
@@ -141,69 +272,110 @@ class WindowedPopularity(beam.PTransform):
         self._config = config
 
     def expand(self, orders: beam.PCollection) -> PopularityOut:
-        panes = (orders
+        half_life = self._config.scoring.half_life_days
+        lines = (orders
+                 | "KeyByOrderLine" >> beam.Map(order_line_key).with_output_types(
+                     Tuple[OrderLineKey, Record])
+                 | "FirstOrderLine" >> beam.ParDo(FirstOrderLineFn(self._spec)).with_outputs(
+                     Tag.COUNTS.value, main=Tag.ROWS.value))
+        weights = (lines[Tag.ROWS.value]
+                   | "SegmentWeights" >> beam.ParDo(
+                       SegmentWeightsFn(self._reference, self._config)).with_outputs(
+                       Tag.COUNTS.value, main=Tag.ROWS.value))
+        panes = (weights[Tag.ROWS.value]
                  | "PeriodBuckets" >> period_buckets(self._spec)
-                 | "OrderLinesPerPeriod" >> beam.CombineGlobally(
-                     OrderLinesCombineFn()).without_defaults()
+                 | "SumPerPeriod" >> beam.CombinePerKey(
+                     DecayedCountFn(half_life, "SumPerPeriod")).with_output_types(Cell)
                  | "SlidingWindows" >> windowed(self._spec,
                                                 trigger.AccumulationMode.ACCUMULATING)
-                 | "OrderLinesPerWindow" >> beam.CombineGlobally(
-                     MergeOrderLinesCombineFn()).without_defaults()
+                 | "CellsPerWindow" >> beam.CombineGlobally(
+                     WindowCellsFn(half_life)).without_defaults()
                  | "PopularityAtWindowEnd" >> beam.ParDo(
                      PopularityAtWindowEndFn(self._reference, self._config)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
+        counts = ((lines[Tag.COUNTS.value], weights[Tag.COUNTS.value])
+                  | "FlattenLineCounts" >> beam.Flatten()
+                  | "LineCountsToGlobalWindow" >> beam.WindowInto(window.GlobalWindows()))
+        pane_counts = panes[Tag.COUNTS.value] | "PaneCountsToGlobalWindow" >> beam.WindowInto(
+            window.GlobalWindows())
         rows = panes[Tag.ROWS.value]
+        # A step of its own: the DirectRunner's side-input view of a multi-output ParDo's main
+        # output also holds the ParDo's tagged outputs (Beam 2.77), and refreshes read this one.
         first = rows | "FirstPaneOfWindow" >> beam.Filter(lambda p: p.is_first)
-        return PopularityOut(rows, first, panes[Tag.COUNTS.value])
+        return PopularityOut(rows, first, (counts, pane_counts)
+                             | "FlattenPopularityCounts" >> beam.Flatten())
 
 
-@typehints.with_input_types(Tuple[int, WindowPopularity])
-@typehints.with_output_types(Tuple[WindowPopularity, WindowPopularity])
-class PairWithPreviousFn(beam.DoFn):
-    """Emits (previous window, this window) for consecutive first panes (one key, global window)."""
-
-    PREVIOUS = ReadModifyWriteStateSpec("previous", PickleCoder())
-
-    def process(self, element: Tuple[int, WindowPopularity],
-                previous=beam.DoFn.StateParam(PREVIOUS)) -> Iterator:
-        _, current = element
-        before = previous.read()
-        # An older window arriving after a newer one has nothing newer to compare with.
-        if before is None or before.window_end < current.window_end:
-            previous.write(current)
-            if before is not None:
-                yield window.TimestampedValue((before, current), current.window_end.timestamp())
+Picks = Tuple[str, ...]         # (source, rec_part_1, ...)
+VehiclePicks = Tuple[str, Tuple[int, Picks]]      # (vehicle, (window end us, picks))
 
 
-Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
+@typehints.with_input_types(WindowPopularity)
+@typehints.with_output_types(VehiclePicks)
+class VehiclePicksFn(beam.DoFn):
+    """A window's popularity → every vehicle's default picks (what a user without signals gets).
 
-
-@typehints.with_input_types(Tuple[WindowPopularity, WindowPopularity])
-@typehints.with_output_types(Notice)
-class ChangedVehiclesFn(beam.DoFn):
-    """Users of every vehicle whose default top picks differ between two consecutive windows."""
+    Bounded by the vehicle count (~1,100 in the field: one batch re-rank of as
+    many probe users per window, about a second an hour).
+    """
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         self._reference = reference
         self._config = config
 
-    def process(self, pair: Tuple[WindowPopularity, WindowPopularity]) -> Iterator:
-        before, after = pair
+    def process(self, pane: WindowPopularity) -> Iterator:
         ref = self._reference.current()
-        vehicles = model.changed_vehicles(
-            model.scorer(ref, before.popularity, self._config),
-            model.scorer(ref, after.popularity, self._config),
-            before.popularity, after.popularity, ref, self._config)
-        users = [u for v in vehicles for u in ref.vehicle_users[v]]
-        yield count("ranking.vehicles_changed", len(vehicles))
+        scorer = model.scorer(ref, pane.popularity, self._config)
+        picks = model.default_picks(scorer, ref, sorted(ref.vehicle_users), self._config)
+        end_us = int(pane.window_end.value // 1_000)
+        yield count("ranking.vehicles_ranked", len(picks))
+        for vehicle, chosen in picks.items():
+            yield vehicle, (end_us, tuple(str(p) for p in chosen))
+
+
+@typehints.with_input_types(VehiclePicks)
+@typehints.with_output_types(Tuple[str, int])
+class PicksChangedFn(beam.DoFn):
+    """Keyed per vehicle: its last window's picks; emits the vehicle when a newer window moves them.
+
+    State: one (window end, picks) per vehicle (a handful of SKU ids). An
+    older window arriving after a newer one has nothing newer to compare with.
+    """
+
+    LAST = ReadModifyWriteStateSpec("last", PickleCoder())
+
+    def process(self, element: VehiclePicks, last=beam.DoFn.StateParam(LAST)) -> Iterator:
+        vehicle, (end_us, picks) = element
+        before: Optional[Tuple[int, Picks]] = last.read()
+        if before is not None and before[0] >= end_us:
+            return
+        last.write((end_us, picks))
+        if before is not None and before[1] != picks:
+            yield window.TimestampedValue((vehicle, end_us), Timestamp(micros=end_us))
+
+
+Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
+
+
+@typehints.with_input_types(Tuple[str, int])
+@typehints.with_output_types(Notice)
+class NotifyUsersFn(beam.DoFn):
+    """A vehicle whose picks moved → a ranking notice for each of its users."""
+
+    def __init__(self, reference: FileReference):
+        self._reference = reference
+
+    def process(self, changed: Tuple[str, int]) -> Iterator:
+        vehicle, _ = changed
+        users = self._reference.current().vehicle_users.get(vehicle, ())
+        yield count("ranking.vehicles_changed", 1)
         yield count("ranking.users_notified", len(users))
-        at = after.window_end.timestamp()
         for user in users:
-            yield window.TimestampedValue((user, ("notice", model.REASON_SEGMENT)), at)
+            yield user, ("notice", model.REASON_SEGMENT)
 
 
 class RankingChanges(beam.PTransform):
-    """First panes of popularity → a notice for every user whose vehicle's ranking changed."""
+    """First panes of popularity → a notice for every user whose vehicle's default picks moved."""
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         super().__init__()
@@ -211,12 +383,15 @@ class RankingChanges(beam.PTransform):
         self._config = config
 
     def expand(self, first_panes: beam.PCollection) -> RowsAndCounts:
-        out = (first_panes
-               | "PopularityToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
-               | "OneKey" >> beam.Map(lambda p: (0, p)).with_output_types(
-                   Tuple[int, WindowPopularity])
-               | "PairWithPrevious" >> beam.ParDo(PairWithPreviousFn())
-               | "ChangedVehicles" >> beam.ParDo(
-                   ChangedVehiclesFn(self._reference, self._config)).with_outputs(
+        picks = (first_panes
+                 | "PopularityToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                 | "VehiclePicks" >> beam.ParDo(
+                     VehiclePicksFn(self._reference, self._config)).with_outputs(
+                     Tag.COUNTS.value, main=Tag.ROWS.value))
+        out = (picks[Tag.ROWS.value]
+               | "PicksChanged" >> beam.ParDo(PicksChangedFn())
+               | "NotifyUsers" >> beam.ParDo(NotifyUsersFn(self._reference)).with_outputs(
                    Tag.COUNTS.value, main=Tag.ROWS.value))
-        return RowsAndCounts(out[Tag.ROWS.value], out[Tag.COUNTS.value])
+        counts = ((picks[Tag.COUNTS.value], out[Tag.COUNTS.value])
+                  | "FlattenRankingCounts" >> beam.Flatten())
+        return RowsAndCounts(out[Tag.ROWS.value], counts)

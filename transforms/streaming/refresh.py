@@ -11,15 +11,16 @@ import json
 import time
 import uuid
 import zlib
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
-from apache_beam.transforms import window
+from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec,
+                                               TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
 from models import rules
@@ -30,10 +31,11 @@ from transforms.health import Tag, count
 from transforms.streaming.popularity import WindowPopularity
 from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, dead_letter
-from transforms.streaming.windows import MICROS, StampRefreshTimeFn, duration_of, seconds_of, utc_of
+from transforms.streaming.windows import MICROS, seconds_of, utc_of
 
 # (user_id, ("event", event tuple) | ("notice", reason))
 Touch = Tuple[str, Tuple[str, object]]
+PeriodKey = Tuple[int, int]      # (user shard, refresh period end in microseconds)
 
 
 def event_touch(record: Record) -> Touch:
@@ -108,7 +110,7 @@ def shard_of_user(user_id: str, num_shards: int) -> int:
     return zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % num_shards
 
 
-@typehints.with_input_types(Tuple[int, Iterable[Tuple[str, RefreshRequest]]],
+@typehints.with_input_types(Tuple[PeriodKey, Iterable[List[Tuple[str, RefreshRequest]]]],
                             typehints.Optional[WindowPopularity])
 @typehints.with_output_types(pd.DataFrame)
 class RefreshShardFn(beam.DoFn):
@@ -139,8 +141,8 @@ class RefreshShardFn(beam.DoFn):
 
     def process(self, element, pop: Optional[WindowPopularity],
                 win=beam.DoFn.WindowParam) -> Iterator:
-        _, requests = element
-        requests = model.merge_requests(requests)
+        _, batches = element
+        requests = model.merge_requests(r for batch in batches for r in batch)
         end = utc_of(win.end)
         ref = self._reference.current()
         scorer = self._scorer(ref, pop, end)
@@ -183,12 +185,97 @@ class Refreshed(NamedTuple):
     counts: beam.PCollection
 
 
+@typehints.with_input_types(Tuple[int, Tuple[str, RefreshRequest]])
+@typehints.with_output_types(Tuple[PeriodKey, List[Tuple[str, RefreshRequest]]])
+class GatherPeriodFn(beam.DoFn):
+    """Keyed per user shard: holds refresh requests until their refresh period ends in event time.
+
+    A request waits for the end of the period its timestamp falls in (an
+    event-time timer), then leaves with every other request of the shard due
+    by then, stamped at that period's last instant by the timer itself: no
+    timestamp is rewritten with the wall clock, and the period's window (whose
+    side input is the popularity of the sliding window closing with it) is
+    the request's own. A request for a period this shard already released
+    (late data) joins the next period not yet released, counted
+    (``refresh.late_requests``): it is refreshed with the popularity in force
+    then, and nothing is dropped for lateness. State per shard: the pending
+    requests (users touched in the periods the watermark has not passed),
+    the earliest pending period end and the last released one.
+    """
+
+    PENDING = BagStateSpec("pending", PickleCoder())
+    NEXT = ReadModifyWriteStateSpec("next", PickleCoder())
+    RELEASED = ReadModifyWriteStateSpec("released", PickleCoder())
+    FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
+
+    def __init__(self, period: pd.Timedelta):
+        self._period_us = int(period // pd.Timedelta(microseconds=1))
+
+    def process(self, element: Tuple[int, Tuple[str, RefreshRequest]],
+                timestamp=beam.DoFn.TimestampParam,
+                pending=beam.DoFn.StateParam(PENDING), next_end=beam.DoFn.StateParam(NEXT),
+                released=beam.DoFn.StateParam(RELEASED),
+                flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+        _, request = element
+        end = (timestamp.micros // self._period_us + 1) * self._period_us
+        last = released.read()
+        if last is not None and end <= last:
+            end = last + self._period_us
+            yield count("refresh.late_requests", 1)
+        pending.add((end, request))
+        due = next_end.read()
+        if due is None or end < due:
+            next_end.write(end)
+            flush.set(Timestamp(micros=end - 1))
+
+    @on_timer(FLUSH)
+    def release(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                pending=beam.DoFn.StateParam(PENDING), next_end=beam.DoFn.StateParam(NEXT),
+                released=beam.DoFn.StateParam(RELEASED),
+                flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+        now = fired.micros + 1
+        held = list(pending.read())
+        due = [r for end, r in held if end <= now]
+        later = [(end, r) for end, r in held if end > now]
+        pending.clear()
+        for item in later:
+            pending.add(item)
+        if later:
+            following = min(end for end, _ in later)
+            next_end.write(following)
+            flush.set(Timestamp(micros=following - 1))
+        else:
+            next_end.clear()
+        released.write(max(now, released.read() or now))
+        if due:
+            yield (key, now), due
+
+
+def at_period_end(element: Tuple[PeriodKey, Iterable]) -> window.TimestampedValue:
+    """A gathered (shard, period end) back at its period's last instant (event time, from the key).
+
+    A GroupByKey in the global window stamps its output at the window's end
+    on the DirectRunner whatever the timestamp combiner; the period the
+    requests belong to travels in the key.
+    """
+    return window.TimestampedValue(element, Timestamp(micros=element[0][1] - 1))
+
+
 class RefreshRecommendations(beam.PTransform):
     """Refresh requests → recommendation rows, once per period for the users touched in it.
 
-    Requests are stamped with the time they are served and gathered per
-    refresh period (fixed windows of the popularity's period, so each one
-    ends with the sliding window whose popularity it uses), sharded by user.
+    Requests are sharded by user and held per shard until their refresh
+    period ends in event time (`GatherPeriodFn`, keyed state and a timer),
+    then scored in that period's window, which ends with the sliding window
+    whose popularity it uses.
+
+    ``GatherShard`` (a GroupByKey per (shard, period) in the global window,
+    fired per element, then `at_period_end`) is a DirectRunner seam:
+    that runner hands a side-input ParDo the empty bundle every stateful
+    step commits and then fails on it (``'NoneType' object has no attribute
+    'max_timestamp'``, Beam 2.77), which a GroupByKey never emits. It never
+    drops anything (the global window never expires) and costs one shuffle
+    of what is already grouped.
     """
 
     def __init__(self, reference: FileReference, popularity: beam.PCollection,
@@ -206,16 +293,28 @@ class RefreshRecommendations(beam.PTransform):
 
     def expand(self, requests: beam.PCollection) -> Refreshed:
         out = (requests
-               | "StampRefreshTime" >> beam.ParDo(StampRefreshTimeFn(self._clock))
-               | "RefreshPeriods" >> beam.WindowInto(
-                   window.FixedWindows(seconds_of(self._spec.period)),
-                   allowed_lateness=duration_of(self._spec.lateness))
                | "ShardByUser" >> beam.Map(
-                   lambda kv, n: (shard_of_user(kv[0], n), kv), self._num_shards)
-               | "GatherShard" >> beam.GroupByKey()
-               | "RefreshShard" >> beam.ParDo(
-                   RefreshShardFn(self._reference, self._config, self._run_id,
-                                  self._model_version, self._clock),
-                   beam.pvalue.AsSingleton(self._popularity, default_value=None)).with_outputs(
-                   Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
-        return Refreshed(out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value], out[Tag.COUNTS.value])
+                   lambda kv, n: (shard_of_user(kv[0], n), kv), self._num_shards
+               ).with_output_types(Tuple[int, Tuple[str, RefreshRequest]])
+               | "GatherPeriod" >> beam.ParDo(GatherPeriodFn(self._spec.period)).with_outputs(
+                   Tag.COUNTS.value, main=Tag.ROWS.value))
+        periods = (out[Tag.ROWS.value]
+                   | "ShardPeriodPanes" >> beam.WindowInto(
+                       window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterCount(1)),
+                       accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                       timestamp_combiner=window.TimestampCombiner.OUTPUT_AT_EARLIEST)
+                   | "GatherShard" >> beam.GroupByKey()
+                   | "AtPeriodEnd" >> beam.Map(at_period_end)
+                   | "RefreshPeriods" >> beam.WindowInto(
+                       window.FixedWindows(seconds_of(self._spec.period))))
+        scored = periods | "RefreshShard" >> beam.ParDo(
+            RefreshShardFn(self._reference, self._config, self._run_id, self._model_version,
+                           self._clock),
+            beam.pvalue.AsSingleton(self._popularity, default_value=None)).with_outputs(
+            Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
+        counts = ((out[Tag.COUNTS.value] | "HeldCountsToGlobalWindow" >> beam.WindowInto(
+                      window.GlobalWindows()),
+                   scored[Tag.COUNTS.value] | "RefreshCountsToGlobalWindow" >> beam.WindowInto(
+                      window.GlobalWindows()))
+                  | "FlattenRefreshCounts" >> beam.Flatten())
+        return Refreshed(scored[Tag.ROWS.value], scored[Tag.DEAD_LETTER.value], counts)

@@ -6,12 +6,9 @@ the same period boundaries of one `models.streaming.WindowSpec`.
 """
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterator
 
 import apache_beam as beam
 import pandas as pd
-from apache_beam import typehints
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -79,21 +76,3 @@ def in_global_window(value, at: Timestamp) -> WindowedValue:
 def to_global_window(label: str, pcoll: beam.PCollection) -> beam.PCollection:
     """Re-window into the global window so side outputs of any windowing can be flattened."""
     return pcoll | label >> beam.WindowInto(window.GlobalWindows())
-
-
-@typehints.with_input_types(typehints.Any)
-@typehints.with_output_types(typehints.Any)
-class StampRefreshTimeFn(beam.DoFn):
-    """Moves an element's timestamp to now (never back): a refresh happens when it is asked for.
-
-    An old event (late data, a replayed backlog) must refresh the user with
-    today's catalogue and popularity, not be filed under its own past window.
-    ``clock`` is injectable so TestStream tests can keep event times.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time):
-        self._clock = clock
-
-    def process(self, element, timestamp=beam.DoFn.TimestampParam) -> Iterator:
-        now = Timestamp(micros=int(self._clock() * MICROS))
-        yield window.TimestampedValue(element, max(timestamp, now))

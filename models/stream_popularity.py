@@ -1,0 +1,202 @@
+"""Additive, decayed popularity cells of the stream: what the streaming job combines per key.
+
+Batch popularity (`models.popularity.partial_popularity`) is, per
+(level, segment, sku), the number of distinct orders containing the SKU and
+their weights 0.5 ** (age / half-life) at ``as_of``. Both are sums, so the
+stream keeps them as one small cell per key instead of the order lines:
+
+    Decayed(at_us, weight, orders)   the weight is expressed at instant ``at_us``
+
+Two cells add by re-expressing the earlier at the later instant (every weight
+shrinks by the same factor over the same time, `decay_factor`), so adding is
+associative and commutative and a cell never grows with the number of orders
+it counts. At a window's end the cell is re-expressed once more, at that end
+(`at_window_end`): this is the batch job's weight for the same lines. An
+order line that must be taken back (an earlier copy of the same line arrived
+later, `LineState`) adds a cell of weight -1 and orders -1.
+
+Nothing here imports Beam.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from models import popularity
+from models.config import RecsConfig
+
+_MICROS_PER_DAY = 86_400 * 1_000_000
+
+CellKey = Tuple[str, str, str]          # (level name, segment, sku)
+
+
+class Decayed(NamedTuple):
+    """A decayed order count at one instant.
+
+    Attributes:
+      at_us: the instant (microseconds since the epoch) the weight is expressed at;
+        always the latest order time added, so re-expressing only ever decays.
+      weight: sum of 0.5 ** ((at_us - order time) / half-life) over the orders.
+      orders: how many distinct orders (order lines) were added (minus taken back).
+    """
+
+    at_us: int
+    weight: float
+    orders: int
+
+
+EMPTY = Decayed(0, 0.0, 0)
+
+
+def decay_factor(from_us: int, to_us: int, half_life_days: float) -> float:
+    """0.5 ** (days from ``from_us`` to ``to_us`` / half-life): how a weight shrinks meanwhile.
+
+    >>> decay_factor(0, 30 * 86_400 * 1_000_000, 30.0)
+    0.5
+    """
+    return float(np.power(0.5, (to_us - from_us) / _MICROS_PER_DAY / half_life_days))
+
+
+def add(a: Decayed, b: Decayed, half_life_days: float) -> Decayed:
+    """The sum of two cells, expressed at the later instant (associative and commutative).
+
+    >>> day = 86_400 * 1_000_000
+    >>> add(Decayed(0, 1.0, 1), Decayed(30 * day, 1.0, 1), 30.0)
+    Decayed(at_us=2592000000000, weight=1.5, orders=2)
+    >>> add(EMPTY, Decayed(5, 1.0, 1), 30.0) == Decayed(5, 1.0, 1)
+    True
+    """
+    if not a.orders and not a.weight:
+        return b
+    if not b.orders and not b.weight:
+        return a
+    if a.at_us < b.at_us:
+        a, b = b, a
+    return Decayed(a.at_us, a.weight + b.weight * decay_factor(b.at_us, a.at_us, half_life_days),
+                   a.orders + b.orders)
+
+
+def add_all(cells: Iterable[Decayed], half_life_days: float) -> Decayed:
+    """The sum of any number of cells (`add` folded)."""
+    total = EMPTY
+    for cell in cells:
+        total = add(total, cell, half_life_days)
+    return total
+
+
+def at_window_end(cell: Decayed, end_us: int, half_life_days: float) -> float:
+    """A cell's weight at a window's end: the batch job's weight of the same orders at ``as_of``."""
+    return cell.weight * decay_factor(cell.at_us, end_us, half_life_days)
+
+
+def one_order(at_us: int, sign: int = 1) -> Decayed:
+    """The cell of one order line (``sign`` -1 takes one back)."""
+    return Decayed(int(at_us), float(sign), int(sign))
+
+
+# --- the buyer's segment, attached at ingest --------------------------------------------------
+
+def segments_by_user(users: pd.DataFrame, config: RecsConfig) -> Dict[str, Tuple[Tuple[str, str],
+                                                                               ...]]:
+    """(level name, segment) of every level where a user's attributes are complete.
+
+    The same user row `profiles.orders_with_segments` joins (a non-duplicate
+    row first), so a stream order lands in the batch job's segments. A buyer
+    missing from ``users`` is absent here and counts at the levels without
+    attributes (the global level) only, as in batch.
+    """
+    profile = users.sort_values("is_duplicate", kind="stable").drop_duplicates("user_id")
+    keys = [(config.level_name(level), popularity.segment_keys(profile, level).to_numpy(object))
+            for level in config.levels]
+    ids = profile["user_id"].to_numpy(object)
+    return {user: tuple((name, k[i]) for name, k in keys if k[i] is not None)
+            for i, user in enumerate(ids)}
+
+
+def global_levels(config: RecsConfig) -> Tuple[Tuple[str, str], ...]:
+    """The levels an unknown buyer counts at: those without attributes (segment "")."""
+    return tuple((config.level_name(level), "") for level in config.levels if not level)
+
+
+def line_cells(user_segments: Optional[Sequence[Tuple[str, str]]], sku: str, at_us: int,
+               sign: int, config: RecsConfig) -> List[Tuple[CellKey, Decayed]]:
+    """The keyed cells one order line adds: one per level its buyer has a segment at."""
+    levels = user_segments if user_segments is not None else global_levels(config)
+    cell = one_order(at_us, sign)
+    return [((level, segment, sku), cell) for level, segment in levels]
+
+
+# --- a window's popularity from its cells ------------------------------------------------------
+
+def cells_frame(cells: Iterable[Tuple[CellKey, Decayed]], end_us: int,
+                half_life_days: float) -> pd.DataFrame:
+    """A window's cells as a popularity frame at its end (cells netting to no order dropped).
+
+    The columns and order are `models.popularity.merge_popularity`'s.
+    """
+    rows = [(k[0], k[1], k[2], at_window_end(c, end_us, half_life_days), c.orders)
+            for k, c in cells if c.orders > 0]
+    frame = pd.DataFrame(rows, columns=list(popularity.POPULARITY_COLUMNS))
+    return popularity.merge_popularity([frame.astype({"weight": float, "orders": np.int64})])
+
+
+class LineState(NamedTuple):
+    """What the stream keeps per order line (order_id, sku) until its TTL: the line counted."""
+
+    at_us: int
+    event_id: str
+    user_id: str
+
+
+def line_update(kept: Optional[LineState], arriving: LineState
+                ) -> Tuple[Optional[LineState], List[Tuple[LineState, int]]]:
+    """The state after a copy of an order line arrives, and the lines to add (+1) or take back (-1).
+
+    The first copy counts; a later copy counts only when it is earlier (time,
+    then event id), which takes the first back: the line then counts at its
+    earliest event, as the batch job's `order_lines` has it, whatever the
+    arrival order.
+
+    >>> first, earlier = LineState(5, "E2", "U"), LineState(3, "E1", "U")
+    >>> line_update(None, first)
+    (LineState(at_us=5, event_id='E2', user_id='U'), [(LineState(at_us=5, event_id='E2', user_id='U'), 1)])
+    >>> line_update(first, earlier)[1]
+    [(LineState(at_us=5, event_id='E2', user_id='U'), -1), (LineState(at_us=3, event_id='E1', user_id='U'), 1)]
+    >>> line_update(earlier, first)
+    (LineState(at_us=3, event_id='E1', user_id='U'), [])
+    """
+    if kept is None:
+        return arriving, [(arriving, 1)]
+    if (arriving.at_us, arriving.event_id) < (kept.at_us, kept.event_id):
+        return arriving, [(kept, -1), (arriving, 1)]
+    return kept, []
+
+
+def history_popularity_at(reference, as_of: pd.Timestamp, config: RecsConfig) -> pd.DataFrame:
+    """The history's popularity at a window's end (``reference``: `models.streaming.ReferenceData`).
+
+    Re-expressed from the once-computed frame when the window ends after the
+    history (the usual case: one multiplication); a window ending before the
+    history's last order is scored from the history's lines, as batch would.
+    """
+    from models.streaming import rescale   # models.streaming imports nothing from here
+    if not len(reference.history_lines):
+        return popularity.merge_popularity([])
+    if as_of < reference.history_as_of:
+        return popularity.partial_popularity(reference.history_lines, as_of, config)
+    return rescale(reference.history_popularity, reference.history_as_of, as_of,
+                   config.scoring.half_life_days)
+
+
+def window_popularity(cells: Iterable[Tuple[CellKey, Decayed]], reference, end_us: int,
+                      config: RecsConfig) -> pd.DataFrame:
+    """A window's popularity at its end: the history's plus the stream's cells (batch's numbers).
+
+    Stream cells never hold a line the history holds (`SegmentWeights` skips
+    those at ingest), so the two add like two partials (`merge_popularity`).
+    """
+    as_of = pd.Timestamp(end_us, unit="us", tz="UTC")
+    stream = cells_frame(cells, end_us, config.scoring.half_life_days)
+    return popularity.merge_popularity([history_popularity_at(reference, as_of, config), stream])
