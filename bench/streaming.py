@@ -339,6 +339,55 @@ def throughput(args) -> Dict:
     return out
 
 
+def state_sizes(args) -> Dict:
+    """Largest accumulator and state cell of the windowed popularity at 1x and 10x the orders.
+
+    One production window (7 days) of orders over the same users and
+    catalogue, fed through the job's own pure functions: the per-window
+    accumulator (`WindowCellsFn`: one cell per (level, segment, sku)), one
+    per-key accumulator (`DecayedCountFn`: a `Decayed`), one order-line state
+    cell (`FirstOrderLineFn`: a `LineState`), and for comparison the map of
+    every distinct order line the earlier `OrderLinesCombineFn` carried.
+    Sizes are pickled bytes (what Beam's PickleCoder stores).
+    """
+    import pickle
+    from models import stream_popularity as cells
+    from transforms.streaming.popularity import WindowCellsFn
+    world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
+                   args.preset)
+    reference = FileReference(world, DEFAULT_CONFIG, 3600, "events").current()
+    segments = cells.segments_by_user(reference.users, DEFAULT_CONFIG)
+    half_life = DEFAULT_CONFIG.scoring.half_life_days
+    distinct_segments = len({seg for levels in segments.values() for seg in levels})
+    out = {"key_bound": len(reference.arrays.sku) * distinct_segments,
+           "key_bound_is": "catalogue SKUs x (level, segment) pairs of the users"}
+    for factor in (1, 10, 100):
+        orders, _ = _records(args.state_orders * factor, 0, 7.0, world)
+        combine = WindowCellsFn(half_life)
+        acc = combine.create_accumulator()
+        lines = {}
+        for r in orders:
+            model.add_order(lines, r)
+        for (order_id, sku), (at, event_id, user, _) in lines.items():
+            for cell in cells.line_cells(segments.get(user), sku, at, 1, DEFAULT_CONFIG):
+                acc = combine.add_input(acc, cell)
+        largest_key = max(acc, key=lambda k: acc[k].orders)
+        out[f"{factor}x"] = {
+            "order_events": len(orders), "order_lines": len(lines),
+            "window_accumulator_cells": len(acc),
+            "window_accumulator_bytes": len(pickle.dumps(acc)),
+            "per_key_accumulator_bytes": len(pickle.dumps(acc[largest_key])),
+            "per_key_accumulator_orders": acc[largest_key].orders,
+            "order_line_state_cell_bytes": len(pickle.dumps(cells.LineState(
+                orders[0]["event_time_us"], orders[0]["event_id"], orders[0]["user_id"]))),
+            "earlier_order_lines_accumulator_bytes": len(pickle.dumps(lines)),
+        }
+    out["note"] = ("one 7-day window of generated orders over the world's users and catalogue "
+                   f"({args.preset} preset); the window accumulator is bounded by the keys "
+                   "(catalogue x segments), so it stops growing once every key has an order")
+    return out
+
+
 def previous_results() -> Dict:
     """The results file as it is (a run of some scenarios keeps the others' figures)."""
     if not os.path.exists(RESULTS):
@@ -365,6 +414,8 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput_orders", type=int, default=4_000)
     parser.add_argument("--throughput_treatments", type=int, default=16_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--state_orders", type=int, default=4_000,
+                        help="Orders in one 7-day window for the state-size figures (x1, x10).")
     parser.add_argument("--skip_freshness", action="store_true")
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args(argv)
@@ -377,6 +428,8 @@ def main(argv=None) -> int:
                                           capture_output=True, text=True).stdout.strip()},
     }
     if not args.skip_throughput:
+        result["state_sizes"] = state_sizes(args)
+        print(json.dumps(result["state_sizes"], indent=1), flush=True)
         result["throughput"] = throughput(args)
         print(json.dumps(result["throughput"], indent=1), flush=True)
     if not args.skip_freshness:

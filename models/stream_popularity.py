@@ -200,3 +200,28 @@ def window_popularity(cells: Iterable[Tuple[CellKey, Decayed]], reference, end_u
     as_of = pd.Timestamp(end_us, unit="us", tz="UTC")
     stream = cells_frame(cells, end_us, config.scoring.half_life_days)
     return popularity.merge_popularity([history_popularity_at(reference, as_of, config), stream])
+
+
+# --- which vehicles a window's stream can re-rank ----------------------------------------------
+
+def vehicles_by_segment(vehicles: Iterable[str], config: RecsConfig
+                        ) -> Dict[Tuple[str, str], Tuple[str, ...]]:
+    """(level name, segment) of the two most specific levels → the vehicles under it.
+
+    A vehicle key joins the group attributes with `popularity.KEY_SEPARATOR`
+    (`ReferenceData.vehicle_users`). Changes at coarser levels alone move
+    every vehicle a little and almost never reorder one, so only these two
+    levels decide which vehicles are re-ranked.
+
+    >>> from models.config import DEFAULT_CONFIG
+    >>> sorted(vehicles_by_segment(["Ford|Mustang|2015"], DEFAULT_CONFIG).items())[0]
+    (('make+model', 'Ford|Mustang'), ('Ford|Mustang|2015',))
+    """
+    group = list(config.group_attributes)
+    out: Dict[Tuple[str, str], List[str]] = {}
+    for vehicle in vehicles:
+        named = dict(zip(group, vehicle.split(popularity.KEY_SEPARATOR)))
+        for level in config.levels[:2]:
+            key = popularity.KEY_SEPARATOR.join(named[a] for a in level) if level else ""
+            out.setdefault((config.level_name(level), key), []).append(vehicle)
+    return {k: tuple(sorted(v)) for k, v in out.items()}

@@ -19,11 +19,13 @@ State and accumulators, and what bounds them (docs/streaming.md):
   segments, whatever the volume.
 - ``CellsPerWindow``: per window, one `Decayed` per key the window holds:
   bounded by the same key count.
+- ``VehiclePicks``: one key, the previous window's end and the vehicles the
+  stream touched in it (at most the vehicle count).
 - ``PicksChanged``: one tuple of default picks per vehicle.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -213,6 +215,7 @@ class WindowPopularity(NamedTuple):
     cells: int           # (level, segment, sku) cells the stream holds in the window
     lines: int           # distinct stream order lines in the window (the global level's count)
     popularity: pd.DataFrame
+    segments: FrozenSet[Tuple[str, str]] = frozenset()   # (level, segment) with stream orders
 
 
 @typehints.with_input_types(WindowCells)
@@ -245,8 +248,10 @@ class PopularityAtWindowEndFn(beam.DoFn):
                      for name, _ in cells.global_levels(self._config)), default=0)
         yield count("popularity.panes", 1)
         yield count("popularity.cells", len(keyed))
+        segments = frozenset((level, segment) for (level, segment, _), c in keyed
+                             if c.orders > 0)
         yield WindowPopularity(utc_of(win.start), end, PaneInfoTiming.to_string(pane.timing),
-                               True, len(keyed), lines, frame)
+                               True, len(keyed), lines, frame, segments)
 
 
 class PopularityOut(NamedTuple):
@@ -307,50 +312,82 @@ class WindowedPopularity(beam.PTransform):
 
 
 Picks = Tuple[str, ...]         # (source, rec_part_1, ...)
-VehiclePicks = Tuple[str, Tuple[int, Picks]]      # (vehicle, (window end us, picks))
+# (vehicle, (window end us, picks, picks without the stream's orders or None))
+VehiclePicks = Tuple[str, Tuple[int, Picks, Optional[Picks]]]
 
 
-@typehints.with_input_types(WindowPopularity)
+@typehints.with_input_types(Tuple[int, WindowPopularity])
 @typehints.with_output_types(VehiclePicks)
 class VehiclePicksFn(beam.DoFn):
-    """A window's popularity → every vehicle's default picks (what a user without signals gets).
+    """A window's popularity → default picks of the vehicles the stream can have re-ranked.
 
-    Bounded by the vehicle count (~1,100 in the field: one batch re-rank of as
-    many probe users per window, about a second an hour).
+    Those are the vehicles whose own segments (the two most specific levels)
+    hold stream orders in this window or held some in the previous one (their
+    orders may just have left). State, on the one key all windows share: the
+    previous window's end and that set of vehicles, at most the vehicle count
+    (~1,100 in the field), never a frame. A vehicle entering the set is also
+    ranked without the stream's orders (the history alone at the window's
+    end), what it had before its first stream order, so a first order that
+    moves its picks is noticed.
     """
+
+    PREVIOUS = ReadModifyWriteStateSpec("previous", PickleCoder())
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         self._reference = reference
         self._config = config
 
-    def process(self, pane: WindowPopularity) -> Iterator:
-        ref = self._reference.current()
-        scorer = model.scorer(ref, pane.popularity, self._config)
-        picks = model.default_picks(scorer, ref, sorted(ref.vehicle_users), self._config)
+    def process(self, element: Tuple[int, WindowPopularity],
+                previous=beam.DoFn.StateParam(PREVIOUS)) -> Iterator:
+        _, pane = element
         end_us = int(pane.window_end.value // 1_000)
-        yield count("ranking.vehicles_ranked", len(picks))
+        before = previous.read()
+        if before is not None and before[0] >= end_us:
+            return      # an older window after a newer one: nothing newer to compare with
+        ref = self._reference.current()
+        by_segment = cached(self._reference.key + ":vehicles", ref.version,
+                            lambda: cells.vehicles_by_segment(ref.vehicle_users, self._config))
+        now = frozenset(v for seg in pane.segments for v in by_segment.get(seg, ()))
+        previous.write((end_us, now))
+        earlier = before[1] if before is not None else frozenset()
+        ranked = sorted(now | earlier)
+        yield count("ranking.vehicles_ranked", len(ranked))
+        if not ranked:
+            return
+        picks = model.default_picks(model.scorer(ref, pane.popularity, self._config), ref,
+                                    ranked, self._config)
+        entering = sorted(now - earlier)
+        baseline = {}
+        if entering:
+            history = cells.window_popularity([], ref, end_us, self._config)
+            baseline = model.default_picks(model.scorer(ref, history, self._config), ref,
+                                           entering, self._config)
         for vehicle, chosen in picks.items():
-            yield vehicle, (end_us, tuple(str(p) for p in chosen))
+            base = baseline.get(vehicle)
+            yield vehicle, (end_us, tuple(str(p) for p in chosen),
+                            tuple(str(p) for p in base) if base is not None else None)
 
 
 @typehints.with_input_types(VehiclePicks)
 @typehints.with_output_types(Tuple[str, int])
 class PicksChangedFn(beam.DoFn):
-    """Keyed per vehicle: its last window's picks; emits the vehicle when a newer window moves them.
+    """Keyed per vehicle: its last ranked picks; emits the vehicle when a newer window moves them.
 
-    State: one (window end, picks) per vehicle (a handful of SKU ids). An
-    older window arriving after a newer one has nothing newer to compare with.
+    State: one (window end, picks) per vehicle (a handful of SKU ids). A
+    vehicle ranked for the first time is compared with its picks without the
+    stream's orders. An older window arriving after a newer one is ignored.
     """
 
     LAST = ReadModifyWriteStateSpec("last", PickleCoder())
 
     def process(self, element: VehiclePicks, last=beam.DoFn.StateParam(LAST)) -> Iterator:
-        vehicle, (end_us, picks) = element
+        vehicle, (end_us, picks, baseline) = element
         before: Optional[Tuple[int, Picks]] = last.read()
         if before is not None and before[0] >= end_us:
             return
         last.write((end_us, picks))
-        if before is not None and before[1] != picks:
+        compared = before[1] if before is not None else baseline
+        if compared is not None and compared != picks:
             yield window.TimestampedValue((vehicle, end_us), Timestamp(micros=end_us))
 
 
@@ -385,6 +422,8 @@ class RankingChanges(beam.PTransform):
     def expand(self, first_panes: beam.PCollection) -> RowsAndCounts:
         picks = (first_panes
                  | "PopularityToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                 | "OneKey" >> beam.Map(lambda p: (0, p)).with_output_types(
+                     Tuple[int, WindowPopularity])
                  | "VehiclePicks" >> beam.ParDo(
                      VehiclePicksFn(self._reference, self._config)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
