@@ -711,23 +711,7 @@ def refresh_users(requests: Mapping[str, RefreshRequest], reference: ReferenceDa
     return Refreshed(recs, unknown, duplicates, unserved, with_signals)
 
 
-# --- ranking changes between windows ----------------------------------------------------------
-
-def changed_segments(previous: pd.DataFrame, current: pd.DataFrame,
-                     levels: Sequence[str]) -> Set[Tuple[str, str]]:
-    """(level, segment) pairs whose distinct-order counts differ between two popularity frames.
-
-    Decay alone never reorders a segment (every weight shrinks by the same
-    factor); only orders entering or leaving the window can.
-    """
-    def counts(frame):
-        rows = frame.loc[frame["level"].isin(levels), ["level", "segment", "sku", "orders"]]
-        return rows.set_index(["level", "segment", "sku"])["orders"]
-    a, b = counts(previous), counts(current)
-    both = a.index.union(b.index)
-    diff = a.reindex(both, fill_value=0) != b.reindex(both, fill_value=0)
-    return {(level, segment) for level, segment, _ in both[diff.to_numpy(bool)]}
-
+# --- default picks of a vehicle (ranking changes) ---------------------------------------------
 
 def default_picks(model: Scorer, reference: ReferenceData, vehicles: Sequence[str],
                   config: RecsConfig) -> Dict[str, Tuple]:
@@ -745,35 +729,6 @@ def default_picks(model: Scorer, reference: ReferenceData, vehicles: Sequence[st
     parts = ["source"] + [f"rec_part_{i}" for i in range(1, n + 1)]
     keys = popularity.segment_keys(recs, group).to_numpy(object)
     return {k: tuple(row) for k, row in zip(keys, recs[parts].itertuples(index=False))}
-
-
-def changed_vehicles(previous: Scorer, current: Scorer, previous_pop: pd.DataFrame,
-                     current_pop: pd.DataFrame, reference: ReferenceData,
-                     config: RecsConfig) -> List[str]:
-    """Vehicles whose default recommendations differ between two consecutive windows.
-
-    Only vehicles whose own segments (the two most specific levels) gained or
-    lost orders are re-ranked: a change at the make or global level alone
-    moves every vehicle a little and almost never reorders one, so checking
-    them all every window would cost a full re-rank for nothing.
-    """
-    levels = [config.level_name(level) for level in config.levels[:2]]
-    changed = changed_segments(previous_pop, current_pop, levels)
-    if not changed:
-        return []
-    candidates = []
-    group = list(config.group_attributes)
-    for vehicle in reference.vehicle_users:
-        values = vehicle.split(popularity.KEY_SEPARATOR)
-        named = dict(zip(group, values))
-        for level in config.levels[:2]:
-            key = popularity.KEY_SEPARATOR.join(named[a] for a in level) if level else ""
-            if (config.level_name(level), key) in changed:
-                candidates.append(vehicle)
-                break
-    before = default_picks(previous, reference, candidates, config)
-    after = default_picks(current, reference, candidates, config)
-    return sorted(v for v in candidates if before.get(v) != after.get(v))
 
 
 # --- late data ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ period add up, nothing is dropped for lateness and no timestamp is rewritten.
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterator, Tuple
 
 import apache_beam as beam
 import pandas as pd

@@ -23,7 +23,7 @@ from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteState
                                                TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
-from models import rules
+from models import rules, stream_popularity
 from models import streaming as model
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
@@ -134,8 +134,8 @@ class RefreshShardFn(beam.DoFn):
     def _scorer(self, ref: model.ReferenceData, pop: Optional[WindowPopularity],
                 end: pd.Timestamp) -> model.Scorer:
         def build() -> model.Scorer:
-            frame = pop.popularity if pop is not None else model.window_popularity(
-                model.orders_frame({}), ref, end, self._config)
+            frame = pop.popularity if pop is not None else stream_popularity.window_popularity(
+                [], ref, end.value // 1_000, self._config)
             return model.scorer(ref, frame, self._config)
         return cached(self._key, f"{end.value}|{ref.version}|{pop is not None}", build)
 
