@@ -799,3 +799,54 @@ def test_decayed_cells_add_in_any_order_to_the_batch_weight():
     # taking one order back leaves the other 49
     less = cells.add(forward, cells.one_order(times[0], -1), 30.0)
     assert less.orders == 49
+
+
+def test_refresh_requests_wait_for_their_period_and_late_ones_join_the_next():
+    """No wall clock: a request leaves when the watermark passes its period's end, stamped there;
+    one for a period already released joins the next period, counted, never dropped."""
+    from transforms.streaming import GatherPeriodFn
+
+    def request(user, seconds):
+        return TimestampedValue((0, (user, model.RefreshRequest(("intent",), ()))),
+                                BASE + seconds)
+
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([request("U1", 2), request("U2", 7)])
+              .advance_watermark_to(BASE + 15)            # [0, 10) released at 10
+              .add_elements([request("U3", 3)])           # late: its period is gone
+              .add_elements([request("U4", 12)]))
+    stream = finish(stream)
+
+    class _Released(beam.DoFn):
+        def process(self, element, timestamp=beam.DoFn.TimestampParam):
+            (shard, end_us), requests = element
+            yield (end_us // US - BASE, round(float(timestamp) - BASE, 6),
+                   sorted(u for u, _ in requests))
+
+    with streaming_pipeline() as p:
+        out = (p | stream
+               | beam.ParDo(GatherPeriodFn(pd.Timedelta(seconds=10))).with_outputs(
+                   "counts", main="rows"))
+        assert_that(out.rows | beam.ParDo(_Released()), equal_to([
+            (10, 9.999999, ["U1", "U2"]), (20, 19.999999, ["U3", "U4"])]), label="Released")
+        assert_that(out.counts | beam.Map(lambda kv: kv), equal_to([
+            ("refresh.late_requests", 1)]), label="Counts")
+
+
+def test_health_counters_are_summed_per_event_time_period_and_late_ones_add_a_row():
+    from transforms.streaming import PeriodCounters
+    stream = (TestStream()
+              .advance_watermark_to(BASE)
+              .add_elements([TimestampedValue(("events.read", 2), BASE + 1),
+                             TimestampedValue(("events.read", 1), BASE + 4),
+                             TimestampedValue(("events.read", 5), BASE + 12)])
+              .advance_watermark_to(BASE + 15)
+              .add_elements([TimestampedValue(("events.read", 7), BASE + 3)]))   # late
+    stream = finish(stream)
+    with streaming_pipeline() as p:
+        rows = p | stream | PeriodCounters(pd.Timedelta(seconds=10))
+        assert_that(rows | beam.Map(lambda r: (int(r["window_end"].timestamp()) - BASE,
+                                               json.loads(r["counters"]))),
+                    equal_to([(10, {"events.read": 3}), (20, {"events.read": 5}),
+                              (10, {"events.read": 7})]))
