@@ -5,9 +5,11 @@ window of the stream adds, so both agree on the same events:
 
 - a Pub/Sub message is parsed and validated with `models.contracts`, exactly
   like a JSON Lines record of the same table (`parse_messages`);
-- a window's popularity is `profiles.orders_with_segments` then
-  `popularity.partial_popularity` with ``as_of`` = the window's end, over the
-  history's order lines plus the window's (`window_popularity`);
+- a window's popularity is the batch job's `popularity.partial_popularity`
+  at ``as_of`` = the window's end over the history's order lines plus the
+  window's; the job keeps it as additive decayed cells per (level, segment,
+  sku) (`models.stream_popularity`), and `window_popularity` here computes the
+  same figure from the lines (the reference the tests compare with);
 - a refreshed user is scored by `recommend.recommend_all` with signals from
   `profiles.attach_signals` (`refresh_users`).
 
