@@ -56,7 +56,8 @@ def decay_factor(from_us: int, to_us: int, half_life_days: float) -> float:
     >>> decay_factor(0, 30 * 86_400 * 1_000_000, 30.0)
     0.5
     """
-    return float(np.power(0.5, (to_us - from_us) / _MICROS_PER_DAY / half_life_days))
+    # Plain float power: this runs once per cell and window, where numpy's scalar call costs ~10x.
+    return 0.5 ** ((to_us - from_us) / _MICROS_PER_DAY / half_life_days)
 
 
 def add(a: Decayed, b: Decayed, half_life_days: float) -> Decayed:
@@ -136,10 +137,16 @@ def cells_frame(cells: Iterable[Tuple[CellKey, Decayed]], end_us: int,
 
     The columns and order are `models.popularity.merge_popularity`'s.
     """
-    rows = [(k[0], k[1], k[2], at_window_end(c, end_us, half_life_days), c.orders)
-            for k, c in cells if c.orders > 0]
-    frame = pd.DataFrame(rows, columns=list(popularity.POPULARITY_COLUMNS))
-    return popularity.merge_popularity([frame.astype({"weight": float, "orders": np.int64})])
+    kept = [(k, c) for k, c in cells if c.orders > 0]
+    at = np.fromiter((c.at_us for _, c in kept), dtype=np.int64, count=len(kept))
+    weight = np.fromiter((c.weight for _, c in kept), dtype=float, count=len(kept))
+    frame = pd.DataFrame({
+        "level": [k[0] for k, _ in kept], "segment": [k[1] for k, _ in kept],
+        "sku": [k[2] for k, _ in kept],
+        "weight": weight * np.power(0.5, (end_us - at) / _MICROS_PER_DAY / half_life_days),
+        "orders": np.fromiter((c.orders for _, c in kept), dtype=np.int64, count=len(kept))},
+        columns=list(popularity.POPULARITY_COLUMNS))
+    return popularity.merge_popularity([frame])
 
 
 class LineState(NamedTuple):

@@ -53,8 +53,8 @@ from transforms.streaming.checks import CheckFunnel, CheckSkus, CheckSkusFn, Fun
 from transforms.streaming.dedupe import DropDuplicateIdsFn, DropDuplicates
 from transforms.streaming.health import PeriodCounters, PeriodSumsFn, PreSumPerBundleFn
 from transforms.streaming.parse import ParseMessages, ParseMessagesFn, Parsed
-from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, Notice,
-                                             NotifyUsersFn, PicksChangedFn,
+from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, MergeCellsFn,
+                                             Notice, NotifyUsersFn, PicksChangedFn,
                                              PopularityAtWindowEndFn, PopularityOut,
                                              RankingChanges, SegmentWeightsFn, VehiclePicksFn,
                                              WindowedPopularity, WindowPopularity)
@@ -73,16 +73,18 @@ from transforms.streaming.windows import (period_buckets, sliding_windows, to_gl
                                           windowed)
 
 __all__ = [
-    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "CheckFunnel",
-    "CheckSkus", "CheckSkusFn", "Checked", "Count", "DEAD_LETTER_FIELDS",
-    "DeadLetter", "DecayedCountFn", "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FirstOrderLineFn", "FunnelStateFn", "GatherPeriodFn",
-    "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit", "Notice", "NotifyUsersFn",
-    "PaneCountFn", "PicksChangedFn", "ParseMessages",
-    "ParseMessagesFn", "Parsed", "PeriodCounters", "PeriodSumsFn", "PopularityAtWindowEndFn", "PreSumPerBundleFn", "PopularityOut",
-    "RankingChanges", "ReconcileWindowFn", "RefreshRecommendations", "RefreshShardFn", "Refreshed",
-    "Record", "RowsAndCounts", "SeenPerWindowFn", "SegmentWeightsFn", "StreamingBandit", "Touch",
-    "TouchedUsers", "UserSignalsFn", "VehiclePicksFn", "WindowPopularity", "WindowedPopularity", "WriteRows",
-    "cached", "dead_letter", "event_touch", "frames_to_rows", "period_buckets", "record_text",
-    "recommendation_fields", "refusal_counts", "shard_of_user", "sliding_windows", "stamp",
-    "to_bigquery_row", "to_global_window", "treatment_counts", "windowed",
+    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "CheckFunnel", "CheckSkus",
+    "CheckSkusFn", "Checked", "Count", "DEAD_LETTER_FIELDS", "DeadLetter", "DecayedCountFn",
+    "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FirstOrderLineFn",
+    "FunnelStateFn", "GatherPeriodFn", "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit",
+    "MergeCellsFn", "Notice", "NotifyUsersFn", "PaneCountFn", "ParseMessages",
+    "ParseMessagesFn", "Parsed", "PeriodCounters", "PeriodSumsFn", "PicksChangedFn",
+    "PopularityAtWindowEndFn", "PopularityOut", "PreSumPerBundleFn", "RankingChanges",
+    "ReconcileWindowFn", "Record", "RefreshRecommendations", "RefreshShardFn", "Refreshed",
+    "RowsAndCounts", "SeenPerWindowFn", "SegmentWeightsFn", "StreamingBandit", "Touch",
+    "TouchedUsers", "UserSignalsFn", "VehiclePicksFn", "WindowPopularity",
+    "WindowedPopularity", "WriteRows", "cached", "dead_letter", "event_touch",
+    "frames_to_rows", "period_buckets", "recommendation_fields", "record_text",
+    "refusal_counts", "shard_of_user", "sliding_windows", "stamp", "to_bigquery_row",
+    "to_global_window", "treatment_counts", "windowed",
 ]

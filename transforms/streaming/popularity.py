@@ -17,8 +17,8 @@ State and accumulators, and what bounds them (docs/streaming.md):
 - ``SumPerPeriod``: one `Decayed` (an int, a float, an int) per
   (level, segment, sku) key and period: bounded by the catalogue times the
   segments, whatever the volume.
-- ``CellsPerWindow``: per window, one `Decayed` per key the window holds:
-  bounded by the same key count.
+- ``CellsPerPeriod`` / ``CellsPerWindow``: per period and per window, one
+  `Decayed` per key it holds: bounded by the same key count.
 - ``VehiclePicks``: one key, the previous window's end and the vehicles the
   stream touched in it (at most the vehicle count).
 - ``PicksChanged``: one tuple of default picks per vehicle.
@@ -169,7 +169,7 @@ WindowCells = Dict[CellKey, Decayed]
 @typehints.with_input_types(Cell)
 @typehints.with_output_types(WindowCells)
 class WindowCellsFn(beam.CombineFn):
-    """A window's period partials → one decayed cell per (level, segment, sku) key.
+    """Per-key period sums → one map of decayed cells per (level, segment, sku) key.
 
     Accumulator: ``{(level, segment, sku): Decayed}``, one `Decayed` (three
     numbers) per key the window holds: bounded by the catalogue times the
@@ -202,7 +202,23 @@ class WindowCellsFn(beam.CombineFn):
         return dict(acc)
 
     def default_label(self) -> str:
-        return "CellsPerWindow"
+        return "CellCounts"
+
+
+@typehints.with_input_types(WindowCells)
+@typehints.with_output_types(WindowCells)
+class MergeCellsFn(WindowCellsFn):
+    """Period partials (cell maps) → a window's cell map (same accumulator as `WindowCellsFn`).
+
+    Sliding one map per period instead of one element per key and period keeps
+    the fan-out (each period lies in size / period windows) at one element per
+    window instead of one per key per window.
+    """
+
+    def add_input(self, acc: WindowCells, partial: WindowCells) -> WindowCells:
+        for key, value in partial.items():    # the partial itself is never modified
+            acc[key] = cells.add(acc.get(key, cells.EMPTY), value, self._half_life)
+        return acc
 
 
 class WindowPopularity(NamedTuple):
@@ -291,10 +307,12 @@ class WindowedPopularity(beam.PTransform):
                  | "PeriodBuckets" >> period_buckets(self._spec)
                  | "SumPerPeriod" >> beam.CombinePerKey(
                      DecayedCountFn(half_life, "SumPerPeriod")).with_output_types(Cell)
+                 | "CellsPerPeriod" >> beam.CombineGlobally(
+                     WindowCellsFn(half_life)).without_defaults()
                  | "SlidingWindows" >> windowed(self._spec,
                                                 trigger.AccumulationMode.ACCUMULATING)
                  | "CellsPerWindow" >> beam.CombineGlobally(
-                     WindowCellsFn(half_life)).without_defaults()
+                     MergeCellsFn(half_life)).without_defaults()
                  | "PopularityAtWindowEnd" >> beam.ParDo(
                      PopularityAtWindowEndFn(self._reference, self._config)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
