@@ -323,6 +323,38 @@ class CandidatesConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """What ``python -m pipelines.status`` calls an alarm (#19, docs/operations.md).
+
+    Attributes:
+      max_published_age_hours: the published recommendations (their newest
+        ``generated_at``) may be at most this old; the daily batch plus two hours
+        of slack, so one late run alarms and a normal one does not.
+      max_streaming_health_age_minutes: the streaming job's newest
+        ``streaming_health`` row may be at most this old (it writes one per period).
+      runs_shown: the last runs listed and plotted.
+      max_dead_letter_share: dead-lettered records per record read above which the
+        last run is flagged (status) and the dead-letter alert policy fires.
+    """
+
+    max_published_age_hours: float = 26.0
+    max_streaming_health_age_minutes: float = 30.0
+    runs_shown: int = 10
+    max_dead_letter_share: float = 0.01
+
+    def __post_init__(self) -> None:
+        _whole(self, "runs_shown")
+        _finite(self, "max_published_age_hours", "max_streaming_health_age_minutes",
+                "max_dead_letter_share")
+        _require(self.max_published_age_hours > 0, "max_published_age_hours must be > 0")
+        _require(self.max_streaming_health_age_minutes > 0,
+                 "max_streaming_health_age_minutes must be > 0")
+        _require(self.runs_shown >= 1, "runs_shown must be >= 1")
+        _require(0 <= self.max_dead_letter_share <= 1,
+                 "max_dead_letter_share must be within [0, 1]")
+
+
+@dataclass(frozen=True)
 class RecsConfig:
     """Everything a recommendations run needs besides its inputs.
 
@@ -340,6 +372,7 @@ class RecsConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def __post_init__(self) -> None:
         # One source fills every slot whatever its count (so recs_per_user or a backtest's k

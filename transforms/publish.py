@@ -25,7 +25,9 @@ from apache_beam import typehints
 from models import health, rules, sanity
 from models.catalog import ineligibility_reasons
 from models.config import RecsConfig, RulesConfig
+from models.provenance import provenance
 from models.stability import stability_report
+from models.status import run_health_line
 from transforms import schemas
 from transforms.bigquery_io import WriteFramesToBigQuery
 from transforms.io import WriteFrames
@@ -158,6 +160,8 @@ class PublishRunFn(beam.DoFn):
         self._keep_backups = keep_backups
         self._accept_changes = accept_changes
         self._input_tables = tuple(input_tables)
+        # Fixed where the graph is built (the launcher runs the same image as the workers).
+        self._provenance = provenance(config)
 
     def process(self, counters: Dict[str, int], violations: Dict[int, int],
                 recs_staged: List[Any], popularity_staged: List[Any],
@@ -177,7 +181,9 @@ class PublishRunFn(beam.DoFn):
         columns = ["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)] + [
             f"rec{i}_price" for i in range(1, n + 1)]
         previous = self._warehouse.read("recommendations", columns)
-        current = self._warehouse.frame(staged["recommendations"])[columns]
+        staged_recs = self._warehouse.frame(staged["recommendations"])
+        current = staged_recs[columns]
+        model_versions = sorted(set(staged_recs["model_version"].dropna().astype(str)))
         report = stability_report(current.iloc[:0] if previous is None else previous,
                                   current, n)
         gates = sanity.evaluate(signals, pd.Timestamp(self._run["as_of"]), counters,
@@ -202,7 +208,10 @@ class PublishRunFn(beam.DoFn):
             "deduplicated": sum(v for k, v in counters.items() if k.endswith(".deduplicated")),
             "qa_violations": int(sum(violations.values())),
             "counters": json.dumps(dict(sorted(counters.items()))),
+            **self._provenance,
+            "model_version": ",".join(model_versions) or None,
         }
+        logging.info("%s", run_health_line(row))
         logs: Dict[str, Union[pa.Table, Staged]] = {
             "qa_checks": pa.Table.from_pandas(qa, schema=schemas.QA_CHECKS, preserve_index=False),
             "dead_letter": staged["dead_letter"],

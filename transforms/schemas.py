@@ -64,6 +64,9 @@ PIPELINE_RUNS = pa.schema([
     ("message", pa.string()), ("users_read", pa.int64()), ("eligible_users", pa.int64()),
     ("recommendations_written", pa.int64()), ("dead_lettered", pa.int64()),
     ("deduplicated", pa.int64()), ("qa_violations", pa.int64()), ("counters", pa.string()),
+    # What made the run (#19, models.provenance); NULL in rows written before these existed.
+    ("source_commit", pa.string()), ("template_version", pa.string()),
+    ("config_digest", pa.string()), ("model_version", pa.string()),
 ])
 
 # Dead letters as logged: the staged rows plus the run that refused them.

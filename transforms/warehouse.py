@@ -340,6 +340,13 @@ class LocalWarehouse(_LastPublishedRun):
             row = con.execute(_LAST_PUBLISHED.format(column=column), [JOB]).fetchone()
         return row[0] if row else None
 
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` exists (as :meth:`BigQueryWarehouse.exists`)."""
+        if not os.path.exists(self.path):
+            return False
+        with duckdb.connect(self.path, read_only=True) as con:
+            return _exists(con, table_name(name))
+
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""
         if not os.path.exists(self.path):
