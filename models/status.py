@@ -136,15 +136,15 @@ def run_health_line(row: Mapping[str, Any]) -> str:
     """The one line a finished batch run logs, parsed by the log-based metrics.
 
     ``key=value`` pairs after ``run_health``; values never contain spaces.
-    templates/alerts/metrics/*.yaml match ``status=``, ``recommendations_written=``
-    and extract ``dead_letter_share=``: change them together.
+    templates/alerts/metrics/*.json match ``status=``, ``recommendations_written=``
+    and ``retrain_recommended=``, and extract ``dead_letter_share=``: change them together.
 
     >>> run_health_line({"job": "batch_recommendations", "run_id": "r1", "status": "gated",
     ...                  "recommendations_written": 0, "dead_lettered": 5,
     ...                  "counters": '{"users.read": 100, "events.read": 400}'})
     'run_health job=batch_recommendations run_id=r1 status=gated recommendations_written=0 \
 dead_lettered=5 records_read=500 dead_letter_share=0.010000 source_commit=- \
-template_version=- model_version=-'
+template_version=- model_version=- retrain_recommended=0'
     """
     counters = _counters(row.get("counters"))
     fields = {
@@ -156,6 +156,7 @@ template_version=- model_version=-'
         "source_commit": row.get("source_commit"),
         "template_version": row.get("template_version"),
         "model_version": row.get("model_version"),
+        "retrain_recommended": int(counters.get("ranker.retrain_recommended", 0) or 0),
     }
     return " ".join([RUN_HEALTH_PREFIX] + [
         f"{k}={str(v).replace(' ', '_') if v not in (None, '') else '-'}"

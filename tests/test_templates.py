@@ -427,10 +427,14 @@ def test_cloudbuild_parses_and_everything_it_references_exists():
                                   env={"PATH": os.environ["PATH"]}, capture_output=True,
                                   text=True, timeout=60)
             assert proc.returncode in (0, 1), (args, proc.stderr)
-    assert ids == ["test", "images", "smoke", "push", "templates", "streaming"]
-    script = " ".join(build["steps"][0]["args"])
+    assert ids == ["test-image", "test", "images", "smoke", "push", "templates", "schedules",
+                   "alerts", "streaming"]
+    script = " ".join(build["steps"][1]["args"])
     assert "python -m templates.metadata --check" in script and "pytest" in script
-    assert build["steps"][0]["name"].startswith("python:3.11")  # the image's Python
+    # The suite runs in the image built from templates/test/Dockerfile (#19), whose
+    # Python is the templates' 3.11 (tests/test_status_deploy.py checks that file).
+    assert "templates/test/Dockerfile" in build["steps"][0]["args"]
+    assert build["steps"][1]["name"] == build["steps"][0]["args"][-2]
     # Every repository path the build, deploy.sh and smoke.sh name, and the image
     # paths (/template/...) they run, exist in the repository.
     text = _read(CLOUDBUILD) + _read(DEPLOY) + _read(os.path.join(REPO, "templates", "smoke.sh"))
