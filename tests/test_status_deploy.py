@@ -245,3 +245,27 @@ def test_the_test_image_has_what_the_suite_needs():
     for package in ("python3-venv", "default-jre-headless", "redis-server", "libgomp1"):
         assert package in text, package
     assert '"/deps[test]"' in text and "sys.version_info[:2] == (3, 11)" in text
+
+
+def test_a_missing_emulator_stops_the_suite_with_one_line(tmp_path):
+    """tests/conftest.py: no gcloud/java on PATH -> one line and exit 4, no test runs."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_streaming_e2e.py", "tests/test_status_deploy.py"],
+                          cwd=REPO, env=dict(os.environ, PATH=str(empty)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "unavailable" in line]
+    assert len(lines) == 1 and "Pub/Sub emulator unavailable (gcloud is not on PATH)" in lines[0]
+    assert "test_streaming_e2e.py" in lines[0] and "install:" in lines[0]
+    assert " passed" not in proc.stdout and " failed" not in proc.stdout
+
+
+def test_only_modules_that_start_an_emulator_need_it(monkeypatch):
+    from tests import conftest
+    monkeypatch.setenv("PATH", "")
+    need = conftest.missing_components({"a.py": "with pubsub_emulator() as emu:",
+                                        "b.py": "def test_x(tmp_path): pass"})
+    assert len(need) == 1 and "a.py need it" in need[0]
+    assert conftest.missing_components({"b.py": "def test_x(tmp_path): pass"}) == []
