@@ -77,7 +77,7 @@ class Snapshot:
       stability: ``stability_report`` rows of the runs (may be empty).
       streaming: the newest ``streaming_health`` row, None when there is none;
         ``streaming_expected`` says whether its absence is itself an alarm.
-      changes: ``stability_changes`` rows of the last published run (may be empty).
+      changes: ``stability_changes`` rows of the last batch run (may be empty).
     """
 
     now: pd.Timestamp
@@ -437,9 +437,9 @@ def _streaming_line(snapshot: Snapshot, config: StatusConfig) -> str:
 def _changes_lines(changes: pd.DataFrame) -> List[str]:
     if changes is None or changes.empty:
         return []
-    lines = ["changes explained (last published run):"]
-    lines += [f"  {row['kind']}: {row['detail']}" for row in changes.head(12).to_dict("records")]
-    return lines
+    from models.stability import format_changes
+    return (["changes explained (last batch run vs the output it would replace):"]
+            + format_changes(changes))
 
 
 # --------------------------------------------------------------------------- HTML

@@ -7,6 +7,7 @@ health row, and ``status`` must name the alarm and exit with its code.
 """
 import json
 import os
+import re
 import shutil
 
 import duckdb
@@ -88,8 +89,12 @@ def test_a_gated_last_run_exits_1_and_old_rows_stay_readable(clean, capsys, tmp_
         for column in ("source_commit", "template_version", "config_digest", "model_version"):
             con.execute(f"ALTER TABLE pipeline_runs DROP COLUMN {column}")
     config = tmp_path / "strict.yaml"
-    config.write_text("gates:\n  min_eligible_skus: 100000\n")
+    # A gate trips; and a much larger bonus for vehicle-specific parts changes the lists.
+    config.write_text("gates:\n  min_eligible_skus: 100000\n"
+                      "scoring:\n  specific_bonus: 5.0\n")
     assert _batch(clean[0], warehouse, clean[1], "second", "--config", str(config)) == 1
+    summary = capsys.readouterr().out
+    assert "changes explained:" in summary and " replaced " in summary  # the run summary
     with duckdb.connect(warehouse, read_only=True) as con:
         rows = dict(con.execute("SELECT run_id, source_commit FROM pipeline_runs").fetchall())
     assert rows == {"first": None, "second": COMMIT}  # the migration added the columns
@@ -97,6 +102,16 @@ def test_a_gated_last_run_exits_1_and_old_rows_stay_readable(clean, capsys, tmp_
     assert code == model.EXIT_CODES[model.GATED] == 1
     assert "ALARM gated" in out and "second" in out and "eligible_skus" in out
     assert "ALARM zero_rows" not in out
+    # Changes explained (#19): what the gated run would have changed, and why.
+    explained = out[out.index("changes explained (last batch run"):].splitlines()
+    assert re.match(r"  \S+ replaced \S+ for [\d,]+ users: [\d,.]+ vs [\d,.]+ decayed orders",
+                    explained[1]), explained[:3]
+    assert any(re.match(r"  Placed Order: [\d,]+ events read vs [\d,]+ last run \(\+0\.0%\)",
+                        line) for line in explained), explained
+    with duckdb.connect(warehouse, read_only=True) as con:
+        kinds = dict(con.execute("SELECT kind, count(*) FROM stability_changes WHERE "
+                                 "run_id = 'second' GROUP BY kind").fetchall())
+    assert kinds["sku_swap"] >= 1 and kinds["scores"] == 1 and kinds["event_volume"] >= 3
 
 
 def test_a_run_that_wrote_zero_rows_exits_4(clean, capsys, tmp_path):
@@ -104,9 +119,12 @@ def test_a_run_that_wrote_zero_rows_exits_4(clean, capsys, tmp_path):
     config = tmp_path / "nothing_eligible.yaml"
     config.write_text("rules:\n  min_price: 1000000.0\n")
     assert _batch(clean[0], warehouse, clean[1], "empty", "--config", str(config)) == 1
+    capsys.readouterr()
     code, out, _ = _status(capsys, warehouse, clean[3] + pd.Timedelta(hours=1))
     assert code == model.EXIT_CODES[model.ZERO_ROWS] == 4
     assert "ALARM zero_rows" in out and "ALARM gated" in out  # both named, 4 wins
+    # Every user of the output is lost, each with the reason the run refused them.
+    assert "1,485 users lost: fewer eligible parts than recommendations" in out
 
 
 def _health_row(warehouse, emitted_at):

@@ -68,8 +68,8 @@ def read_snapshot(warehouse: Warehouse, now: pd.Timestamp, runs_shown: int,
                         backups=warehouse.list_backups(), stability=stability,
                         streaming=read_streaming(streaming or warehouse),
                         streaming_expected=streaming_expected)
-    publisher = snapshot.last_published_run()
-    if publisher is not None and warehouse.exists("stability_changes"):
+    last = snapshot.last_batch_run()  # gated or not: a gated run's changes say why
+    if last is not None and warehouse.exists("stability_changes"):
         snapshot.changes = warehouse.query("SELECT * FROM stability_changes WHERE run_id = ? "
-                                           "ORDER BY rank", [publisher["run_id"]])
+                                           "ORDER BY rank", [last["run_id"]])
     return snapshot

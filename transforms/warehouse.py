@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from transforms import schemas
 
 PUBLISHED_TABLES = ("recommendations", "segment_popularity")
-LOG_TABLES = ("qa_checks", "dead_letter", "pipeline_runs", "stability_report")
+LOG_TABLES = ("qa_checks", "dead_letter", "pipeline_runs", "stability_report",
+              "stability_changes")
 JOB = "batch_recommendations"
 # The last published run of the batch job: the baseline of the row-count and input-size gates.
 _LAST_PUBLISHED = ("SELECT {column} FROM pipeline_runs WHERE status = 'published' AND job = ? "
