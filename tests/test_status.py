@@ -208,3 +208,36 @@ def test_usage_errors_are_one_line_exit_2(clean, capsys, tmp_path):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     code = run_with_status(status.run, ["--warehouse", clean[2], "--now", "yesterday"])
     assert code == 2 and "RFC 3339" in capsys.readouterr().err
+
+
+def test_status_reads_a_bigquery_dataset(clean, bigquery, capsys):
+    """The same status on the BigQuery emulator: the clean run's tables copied over."""
+    import pyarrow as pa
+    import uuid
+    from transforms import schemas
+    from transforms.warehouse import BigQueryWarehouse
+    from transforms.bigquery import client
+
+    endpoint = f"http://{bigquery.host}"
+    dataset = f"status_{uuid.uuid4().hex[:8]}"
+    client(bigquery.project, endpoint).create_dataset(dataset)
+    shop = BigQueryWarehouse(bigquery.project, dataset, endpoint)
+    with duckdb.connect(clean[2], read_only=True) as con:
+        for name, schema in (("pipeline_runs", schemas.PIPELINE_RUNS),
+                             ("qa_checks", schemas.QA_CHECKS),
+                             ("recommendations", schemas.recommendations(4))):
+            table = con.execute(f"SELECT * FROM {name}").arrow()
+            if hasattr(table, "read_all"):
+                table = table.read_all()
+            shop.append(name, table.select(schema.names).cast(schema))
+    argv = ["--bigquery_project", bigquery.project, "--bigquery_dataset", dataset,
+            "--bigquery_endpoint", endpoint, "--verify"]
+    code = run_with_status(status.run, argv + ["--now", (clean[3] + pd.Timedelta(hours=2))
+                                               .isoformat()], job="status")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"bigquery://{bigquery.project}.{dataset}" in out and "first" in out
+    assert "chain: template, last run and published rows agree" in out
+    code = run_with_status(status.run, argv + ["--now", (clean[3] + pd.Timedelta(days=3))
+                                               .isoformat()], job="status")
+    assert code == 5 and "ALARM stale_output" in capsys.readouterr().out
