@@ -241,3 +241,25 @@ def test_status_reads_a_bigquery_dataset(clean, bigquery, capsys):
     code = run_with_status(status.run, argv + ["--now", (clean[3] + pd.Timedelta(days=3))
                                                .isoformat()], job="status")
     assert code == 5 and "ALARM stale_output" in capsys.readouterr().out
+    # The streaming job's health rows live in their own dataset (--streaming_dataset).
+    stream = f"{dataset}_stream"
+    client(bigquery.project, endpoint).create_dataset(stream)
+    argv += ["--streaming_dataset", stream, "--now",
+             (clean[3] + pd.Timedelta(hours=2)).isoformat()]
+    code = run_with_status(status.run, argv, job="status")
+    assert code == 6 and "no streaming_health row" in capsys.readouterr().out
+    emitted = clean[3] + pd.Timedelta(hours=1)
+    BigQueryWarehouse(bigquery.project, stream, endpoint).append(
+        "streaming_health", pa.Table.from_pylist(
+            [{"run_id": "stream", "kind": "counters", "window_end": emitted,
+              "counters": json.dumps({"events.read": 7}), "emitted_at": emitted}],
+            schema=pa.schema([("run_id", pa.string()), ("kind", pa.string()),
+                              ("window_end", schemas.TIMESTAMP), ("counters", pa.string()),
+                              ("emitted_at", schemas.TIMESTAMP)])))
+    code = run_with_status(status.run, argv, job="status")
+    out = capsys.readouterr().out
+    assert code == 6 and "the newest streaming_health row is 60 min old" in out
+    code = run_with_status(status.run, argv[:-1] + [(emitted + pd.Timedelta(minutes=10))
+                                                    .isoformat()], job="status")
+    out = capsys.readouterr().out
+    assert code == 0 and "events.read 7" in out, out
