@@ -188,7 +188,7 @@ def alarms(snapshot: Snapshot, config: StatusConfig) -> List[Alarm]:
     found: List[Alarm] = []
     last = snapshot.last_batch_run()
     if last is not None and last["status"] == "gated":
-        if int(last.get("recommendations_written") or 0) == 0:
+        if _int(last.get("recommendations_written")) == 0:
             found.append(Alarm(ZERO_ROWS, f"the last batch run {last['run_id']} wrote zero "
                                           f"recommendations ({last['message']})",
                                "an input is empty or every user was refused: read the run's "
@@ -339,6 +339,14 @@ def verify(snapshot: Snapshot, template: Optional[TemplateInfo]) -> List[str]:
 
 # --------------------------------------------------------------------------- text
 
+def _int(value: Any) -> int:
+    """A count from a warehouse cell (NULL/NaN in another job's row: 0)."""
+    try:
+        return 0 if value is None or pd.isna(value) else int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _value(row: Optional[Mapping[str, Any]], key: str, default: str = "-") -> str:
     if row is None:
         return default
@@ -401,15 +409,15 @@ def render_text(snapshot: Snapshot, found: Sequence[Alarm], config: StatusConfig
     for run in snapshot.runs.to_dict("records"):
         lines.append(f"  {run['run_id']:32s} {run['job']:22s} {str(run['status']):12s} "
                      f"finished {_value(run, 'finished_at')}  written "
-                     f"{int(run.get('recommendations_written') or 0):,}  dead-lettered "
-                     f"{int(run.get('dead_lettered') or 0):,}  "
+                     f"{_int(run.get('recommendations_written')):,}  dead-lettered "
+                     f"{_int(run.get('dead_lettered')):,}  "
                      + (qa_summary(snapshot.qa, run["run_id"]) if run["job"] == BATCH_JOB
                         else str(run.get("message") or "")))
     if snapshot.backups is None or snapshot.backups.empty:
         lines.append("backups: none")
     else:
         lines.append(f"backups: {len(snapshot.backups)}, newest "
-                     + ", ".join(f"{b.backup_id} ({int(b.recommendations):,} rows)"
+                     + ", ".join(f"{b.backup_id} ({_int(b.recommendations):,} rows)"
                                  for b in snapshot.backups.head(3).itertuples()))
     lines.append("streaming: " + _streaming_line(snapshot, config))
     lines += _changes_lines(snapshot.changes)
@@ -511,10 +519,10 @@ def trends(snapshot: Snapshot) -> Dict[str, List[float]]:
             snapshot.stability["run_id"], snapshot.stability["changed_0_share"], common)}
     return {
         "run_id": list(runs["run_id"]),
-        "recommendations written": [float(v or 0) for v in runs["recommendations_written"]],
+        "recommendations written": [float(_int(v)) for v in runs["recommendations_written"]],
         "dead-letter share": [dead_letter_share(d, _counters(c)) for d, c in
                               zip(runs["dead_lettered"], runs["counters"])],
-        "QA violations": [float(v or 0) for v in runs["qa_violations"]],
+        "QA violations": [float(_int(v)) for v in runs["qa_violations"]],
         "users with a changed list": [churn.get(r, np.nan) for r in runs["run_id"]],
     }
 
