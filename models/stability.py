@@ -236,15 +236,27 @@ def explain_changes(previous: pd.DataFrame, current: pd.DataFrame, n: int,
                     popularity_now: Optional[pd.DataFrame] = None,
                     counters: Optional[Mapping[str, Any]] = None,
                     last_counters: Optional[Mapping[str, Any]] = None,
-                    top: int = 10) -> pd.DataFrame:
+                    top: int = 10, made_by: Optional[Mapping[str, Any]] = None,
+                    made_before: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
     """The ``stability_changes`` rows of a run (without ``run_id``): one per SKU swap,
     per reason users were lost, for the score change and per event name.
 
     Columns: ``rank`` (order of reading), ``kind`` (``sku_swap``, ``users_lost``,
     ``scores``, ``event_volume``), ``subject``, ``users``, ``value_before``,
-    ``value_after`` and ``detail``, the line a reviewer reads.
+    ``value_after`` and ``detail``, the line a reviewer reads. ``made_by`` and
+    ``made_before`` (``pipeline_runs`` provenance of this run and of the last
+    published one) add a ``provenance`` row first for each of the configuration,
+    model and commit that changed: the likeliest cause of everything below.
     """
     rows: List[Dict[str, Any]] = []
+    for field, what in (("config_digest", "configuration"), ("model_version", "model"),
+                        ("source_commit", "code")):
+        now, was = (made_by or {}).get(field), (made_before or {}).get(field)
+        if isinstance(now, str) and isinstance(was, str) and now != was:
+            rows.append({"kind": "provenance", "subject": field, "users": None,
+                         "value_before": None, "value_after": None,
+                         "detail": f"{what} changed since the last published run: {field} "
+                                   f"{was} -> {now}"})
     for swap in sku_swaps(previous, current, n, popularity_before, popularity_now,
                           top).to_dict("records"):
         rows.append({"kind": "sku_swap", "subject": f"{swap['old_sku']} -> {swap['new_sku']}",
@@ -303,8 +315,9 @@ def format_changes(changes: pd.DataFrame, swaps: int = 5) -> List[str]:
     if changes is None or changes.empty:
         return []
     ordered = changes.sort_values("rank")
-    shown = pd.concat([ordered[ordered["kind"] == "sku_swap"].head(swaps),
-                       ordered[ordered["kind"] != "sku_swap"]])
+    swapped = ordered["kind"] == "sku_swap"
+    shown = pd.concat([ordered[ordered["kind"] == "provenance"], ordered[swapped].head(swaps),
+                       ordered[~swapped & (ordered["kind"] != "provenance")]])
     return [f"  {d}" for d in shown["detail"]]
 
 

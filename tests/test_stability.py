@@ -168,3 +168,14 @@ def test_an_unknown_vehicle_that_stays_unknown_is_not_a_vehicle_change():
                                     '"year": null}'}])
     lost = stability.lost_users(before, before.iloc[:0], dead)
     assert list(lost["reason"]) == [stability.TOO_FEW_PARTS]
+
+
+def test_a_changed_configuration_or_model_is_named_first():
+    changes = stability.explain_changes(
+        BEFORE, AFTER, 2, made_by={"config_digest": "new", "model_version": "m1",
+                                   "source_commit": "abc"},
+        made_before={"config_digest": "old", "model_version": "m1", "source_commit": None})
+    assert changes["detail"].iloc[0] == ("configuration changed since the last published run: "
+                                         "config_digest old -> new")
+    assert list(changes["kind"]).count("provenance") == 1
+    assert stability.format_changes(changes)[0].startswith("  configuration changed")

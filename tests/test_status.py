@@ -125,6 +125,7 @@ def test_a_run_that_wrote_zero_rows_exits_4(clean, capsys, tmp_path):
     assert "ALARM zero_rows" in out and "ALARM gated" in out  # both named, 4 wins
     # Every user of the output is lost, each with the reason the run refused them.
     assert "1,485 users lost: fewer eligible parts than recommendations" in out
+    assert "configuration changed since the last published run: config_digest" in out
 
 
 def _health_row(warehouse, emitted_at):

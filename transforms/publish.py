@@ -225,7 +225,8 @@ class PublishRunFn(beam.DoFn):
                 previous, staged_recs, n, self._dead_letters(run_id, staged["dead_letter"]),
                 self._warehouse.read("segment_popularity"),
                 self._warehouse.frame(staged["segment_popularity"]), counters,
-                self._warehouse.last_published_counters())
+                self._warehouse.last_published_counters(), made_by=row,
+                made_before=self._warehouse.last_published_run())
             logs["stability_changes"] = pa.Table.from_pandas(
                 changes.assign(run_id=run_id), schema=schemas.STABILITY_CHANGES,
                 preserve_index=False)

@@ -304,6 +304,14 @@ class _LastPublishedRun:
         rows = self._last_published("recommendations_written")
         return None if rows is None else int(rows)
 
+    def last_published_run(self) -> Optional[Dict[str, Any]]:
+        """The whole ``pipeline_runs`` row of the last published batch run (whatever columns
+        the table has: older warehouses lack the provenance ones), or None."""
+        if not self.exists("pipeline_runs"):
+            return None
+        found = self.query(_LAST_PUBLISHED.format(column="*"), [JOB])
+        return found.iloc[0].to_dict() if len(found) else None
+
     def last_published_counters(self) -> Optional[Dict[str, Any]]:
         """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
         counters = self._last_published("counters")
