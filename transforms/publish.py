@@ -243,7 +243,6 @@ class PublishRunFn(beam.DoFn):
                 logging.info("run %s: pruned backups %s", run_id, pruned)
         yield row
 
-
     def _dead_letters(self, run_id: str, staged: Staged) -> pd.DataFrame:
         """This run's dead-lettered user rows (the lost users' reasons)."""
         if staged.data is not None:
