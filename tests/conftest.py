@@ -76,14 +76,47 @@ def missing_components(sources: Dict[str, str]) -> List[str]:
     return lines
 
 
+def _stop_if_missing(sources: Dict[str, str]) -> None:
+    problems = missing_components(sources)
+    if problems:
+        pytest.exit("; ".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _sources_of(args: List[str]) -> Dict[str, str]:
+    """The test modules named by command-line paths (directories searched for test_*.py)."""
+    files = []
+    for arg in args:
+        path = arg.split("::", 1)[0]
+        if os.path.isdir(path):
+            files += [os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                      if f.startswith("test_") and f.endswith(".py")]
+        elif path.endswith(".py") and os.path.isfile(path):
+            files.append(path)
+    sources = {}
+    for path in sorted(set(files)):
+        with open(path, encoding="utf-8") as handle:
+            sources[path] = handle.read()
+    return sources
+
+
+def pytest_sessionstart(session) -> None:
+    """With pytest-xdist (-n N) the controller collects nothing and a worker that exits
+    crashes the run; so the controller checks the modules its paths name, before any
+    worker starts (a -k selection is not seen: a named module counts)."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    _stop_if_missing(_sources_of([str(a) for a in config.args]))
+
+
 def pytest_collection_finish(session) -> None:
     """Stop the session with one line when a selected test needs a missing component."""
+    if hasattr(session.config, "workerinput"):  # the xdist controller checked already
+        return
     sources = {}
     for item in session.items:
         path = str(getattr(item, "fspath", "") or "")
         if path.endswith(".py") and path not in sources:
             with open(path, encoding="utf-8") as handle:
                 sources[path] = handle.read()
-    problems = missing_components(sources)
-    if problems:
-        pytest.exit("; ".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+    _stop_if_missing(sources)

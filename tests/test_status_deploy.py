@@ -269,3 +269,17 @@ def test_only_modules_that_start_an_emulator_need_it(monkeypatch):
                                         "b.py": "def test_x(tmp_path): pass"})
     assert len(need) == 1 and "a.py need it" in need[0]
     assert conftest.missing_components({"b.py": "def test_x(tmp_path): pass"}) == []
+
+
+def test_with_xdist_the_controller_stops_before_any_worker_crashes(tmp_path):
+    """Cloud Build runs the suite with -n 2: the same one message, no INTERNALERROR."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-n", "2", "tests/test_streaming_e2e.py"],
+                          cwd=REPO, env=dict(os.environ, PATH=str(empty)),
+                          capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 4, text[-2000:]
+    assert "Pub/Sub emulator unavailable (gcloud is not on PATH)" in text
+    assert "INTERNALERROR" not in text and "Traceback" not in text
