@@ -28,6 +28,7 @@ import pandas as pd
 
 from models import bandit
 from models.bandit import BanditConfig
+from models.campaign import complete_windows, overall_rows
 
 ALL = "*"
 ALLOCATION_COLUMNS = ("allocation_version", "window_start", "window_end", "segment",
@@ -104,12 +105,14 @@ def allocation_table(state: pd.DataFrame, version: str,
                      config: BanditConfig = BanditConfig()) -> pd.DataFrame:
     """``bandit_allocation`` rows from the latest window of ``bandit_state`` rows.
 
+    The latest window lying within the data (`campaign.complete_windows`) is
+    the evidence; when the data are shorter than one window, the overall rows.
     The overall (``*``) weights are the window's own. For each segment, every
     treatment of the window competes: the segment's counts (zero where it has
     none) under the prior Beta(strength·rate, strength·(1−rate)) with `rate`
     the treatment's overall posterior mean, then P(best) and the floor.
 
-    >>> state = pd.DataFrame({"scope": "window", "window_start": pd.Timestamp(0, tz="UTC"),
+    >>> state = pd.DataFrame({"scope": "overall", "window_start": pd.Timestamp(0, tz="UTC"),
     ...     "window_end": pd.Timestamp(86400e9, tz="UTC"), "segment": ["*", "*", "F"],
     ...     "treatment_id": ["A", "B", "A"], "views": [100, 100, 10], "clicks": [10, 1, 1],
     ...     "mean": [0.11, 0.02, 0.1], "weight": [0.97, 0.03, 1.0]})
@@ -120,9 +123,13 @@ def allocation_table(state: pd.DataFrame, version: str,
     [1.0, 1.0]
     """
     columns = list(ALLOCATION_COLUMNS)
-    windows = state.loc[state["scope"] == "window"] if "scope" in state.columns else state
-    if not len(windows):
+    if not len(state):
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    windows = complete_windows(state)
+    if not len(windows):   # data shorter than one window: all of it is the evidence
+        windows = overall_rows(state)
+    if not len(windows):
+        windows = state
     latest = windows.loc[windows["window_end"] == windows["window_end"].max()]
     overall = latest.loc[latest["segment"] == ALL].sort_values("treatment_id")
     frames = [overall[["segment", "treatment_id", "weight"]]]

@@ -596,6 +596,10 @@ def validate(table: str, frame: pd.DataFrame, limits: InputConfig = DEFAULT_LIMI
             typed, wrong = _as_text(values, column, reasons)
         elif column.kind in ("float", "int"):
             typed, wrong, nonfinite = _as_number(values)
+            if column.name == "propensity" and pd.api.types.is_float_dtype(values.dtype):
+                # Only SENT rows carry one: a typed source's (Parquet's) null on the other
+                # rows reads as NaN and means absent. JSON sources arrive as objects.
+                nonfinite &= ~np.isnan(typed.to_numpy())
             reasons.add(nonfinite, f"non-finite {column.name}")
             number = typed.to_numpy()
             low, high = _number_limits(table, column, limits)
