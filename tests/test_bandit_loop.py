@@ -1,4 +1,6 @@
 """The bandit in the loop (issue #18): OPE, choose(), attribution by send, the treatment registry."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -247,3 +249,22 @@ def test_the_registry_is_configurable_and_checked_at_start_up():
         config_from_dict({"inputs": {"treatment_ids": [HOSTILE]}})
     with pytest.raises(ValueError, match="treatment_id_pattern"):
         config_from_dict({"inputs": {"treatment_id_pattern": "(unclosed"}})
+
+
+def test_the_streaming_parse_dead_letters_unknown_treatments():
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.streaming import ParseMessages
+
+    record = {"event_id": "a", "event_time": "2026-05-01T10:00:00Z", "user_id": "u",
+              "treatment_id": "T01", "campaign_id": "C", "kind": "SENT"}
+    messages = [json.dumps({**record, "event_id": str(i), "treatment_id": t}).encode()
+                for i, t in enumerate(["T01", "T03", HOSTILE])]
+    with TestPipeline() as p:
+        parsed = p | beam.Create(messages) | ParseMessages("treatment_events", REGISTRY)
+        assert_that(parsed.rows | beam.Map(lambda r: r["treatment_id"]), equal_to(["T01"]),
+                    label="Kept")
+        assert_that(parsed.dead_letters | beam.Map(lambda d: d["reason"]),
+                    equal_to(["unknown treatment_id", "malformed treatment_id"]), label="Dead")

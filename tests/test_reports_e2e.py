@@ -273,3 +273,26 @@ def test_reports_take_the_input_limits_of_the_config(tmp_path):
     assert "quantity" in refused[0][1]
     assert json.loads(counters["default_cap"]).get("events.dead_lettered") == 1
     assert json.loads(counters["raised_cap"]).get("events.dead_lettered", 0) == 0
+
+
+def test_a_registry_of_treatments_refuses_the_others_and_they_never_become_arms(tmp_path):
+    """With ``inputs.treatment_ids`` configured, a treatment outside it is dead-lettered
+    (``unknown treatment_id``) and has no bandit row nor allocation weight (issue #18)."""
+    world = tmp_path / "world"
+    world.mkdir()
+    treatments, _ = write_world(world, seed=3, users=60, days=3)
+    config = tmp_path / "registry.yaml"
+    config.write_text("inputs:\n  treatment_ids: [T_hero, T_list]\n")
+    warehouse = str(tmp_path / "wh.duckdb")
+    assert bandit_report.run(["--input_dir", str(world), "--warehouse", warehouse,
+                              "--num_shards", "2", "--bandit_draws", "1000",
+                              "--run_id", "registry", "--config", str(config)]) == 0
+    with duckdb.connect(warehouse, read_only=True) as con:
+        reasons = dict(con.execute("SELECT reason, count(*) FROM dead_letter "
+                                   "GROUP BY reason").fetchall())
+        arms = {r[0] for r in con.execute("SELECT treatment_id FROM bandit_state").fetchall()}
+        weighted = {r[0] for r in con.execute(
+            "SELECT treatment_id FROM bandit_allocation").fetchall()}
+    plain = sum(t["treatment_id"] == "T_plain" for t in treatments)
+    assert reasons["unknown treatment_id"] == plain > 0
+    assert arms == weighted == {"T_hero", "T_list"}
