@@ -2,6 +2,7 @@
 
     python bench/bandit.py                  # 200 seeds per scenario
     python bench/bandit.py --seeds 20       # quick look
+    python bench/bandit.py --scenarios views_floor_0.005   # one scenario, the others kept
 
 Each seed draws a world of 24 treatments with known click rates and runs the
 product's loop for 14 daily periods: each day the allocation is the bandit's
@@ -20,9 +21,11 @@ from the true rates. From the truth it reports:
   logs with its interval (the figure the field quoted as 0.39% vs 0.25%),
   and how often that interval covers the true lift of the sends made.
 
-Two scenarios: ``views`` (click-through among views, 7.4% on average, 400
-views a day: the field's 5,598 views over 14 days) and ``per_send``
-(click-through per send, 0.25% on average under random, 4,000 sends a day).
+Scenarios: ``views`` (click-through among views, 7.4% on average, 400
+views a day: the field's 5,598 views over 14 days), ``per_send``
+(click-through per send, 0.25% on average under random, 4,000 sends a day)
+and ``views_floor_0.005`` (``views`` with a 0.5% exploration floor instead of
+the default 2%, which reserves 24 x 2% = 48% of the sends for exploration).
 
 Every timing records wall and CPU seconds and the load average before and after:
 the machine is shared. Results: bench/results/bandit.json.
@@ -51,6 +54,8 @@ ARMS, DAYS, WINDOW_DAYS, FLOOR, PILOT = 24, 14, 7, 0.02, 2_000
 SCENARIOS = {
     "views": {"mean_rate": 0.074, "sigma": 0.35, "per_day": 400},
     "per_send": {"mean_rate": 0.0025, "sigma": 0.5, "per_day": 4_000},
+    # The default floor reserves 24 x 2% = 48% of sends for exploration; a lower one:
+    "views_floor_0.005": {"mean_rate": 0.074, "sigma": 0.35, "per_day": 400, "floor": 0.005},
 }
 POLICIES = ("uniform", "greedy", "thompson")
 
@@ -61,10 +66,11 @@ def world(rng: np.random.Generator, mean_rate: float, sigma: float) -> np.ndarra
     return np.clip(z / z.mean() * mean_rate, 1e-5, 0.99)
 
 
-def run_seed(seed: int, mean_rate: float, sigma: float, per_day: int, resamples: int) -> Dict:
+def run_seed(seed: int, mean_rate: float, sigma: float, per_day: int, resamples: int,
+             floor: float = FLOOR) -> Dict:
     rng = np.random.default_rng(seed)
     p = world(rng, mean_rate, sigma)
-    config = bandit.BanditConfig(exploration_floor=FLOOR, draws=4_000, seed=seed)
+    config = bandit.BanditConfig(exploration_floor=floor, draws=4_000, seed=seed)
     names = np.array([f"T{i + 1:02d}" for i in range(ARMS)], dtype=object)
     index = {n: i for i, n in enumerate(names)}
     daily_sends = np.zeros((DAYS, ARMS))
@@ -76,7 +82,7 @@ def run_seed(seed: int, mean_rate: float, sigma: float, per_day: int, resamples:
         c = daily_clicks[lo:day].sum(axis=0)
         post = bandit.posterior(n, c, config)
         weights = bandit.allocation_weights(
-            bandit.prob_best(post.alpha, post.beta, config.draws, config.seed + day), FLOOR)
+            bandit.prob_best(post.alpha, post.beta, config.draws, config.seed + day), floor)
         table = pd.DataFrame({"allocation_version": f"s{seed}d{day}", "segment": "*",
                               "treatment_id": names, "weight": weights})
         users = [f"U{seed}-{day}-{i}" for i in range(per_day)]
@@ -175,14 +181,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--resamples", type=int, default=500)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="Comma-separated scenarios to run; the others keep their "
+                             "results already in --out.")
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; choose from {sorted(SCENARIOS)}")
+    previous = {}
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as handle:
+            previous = json.load(handle).get("scenarios", {})
     results = {"what": "bench/bandit.py: regret, OPE bias/coverage and realised lift on "
                        "simulated worlds with known truth",
                "arms": ARMS, "days": DAYS, "window_days": WINDOW_DAYS,
-               "exploration_floor": FLOOR, "pilot_sends": PILOT,
+               "default_exploration_floor": FLOOR, "pilot_sends": PILOT,
                "resamples": args.resamples, "python": platform.python_version(),
-               "scenarios": {}}
-    for name, scenario in SCENARIOS.items():
+               "scenarios": {k: v for k, v in previous.items() if k in SCENARIOS}}
+    for name in chosen:
+        scenario = SCENARIOS[name]
         load_before, wall, cpu = loadavg(), time.perf_counter(), time.process_time()
         rows = [run_seed(seed, resamples=args.resamples, **scenario)
                 for seed in range(args.seeds)]

@@ -255,6 +255,10 @@ def policy_chart(policy: pd.DataFrame, width: int = 760) -> str:
     for tick in nice_ticks(0.0, hi):
         body.append(_text(to_x(tick), height - 10, fmt_pct(tick), size=11, anchor="middle",
                           color="#64748b"))
+    if shown and shown[0][0] == POLICY_ROWS[0][2]:   # the realised rate, as a reference line
+        x = to_x(shown[0][1]["value"])
+        body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 24}" '
+                    f'stroke="{PALETTE[0]}" stroke-dasharray="3 3" stroke-opacity="0.6"/>')
     for i, (label, r) in enumerate(shown):
         y = top + i * row_h + 12
         color = PALETTE[0] if i == 0 else PALETTE[1 + (i - 1) % (len(PALETTE) - 1)]
