@@ -90,7 +90,8 @@ def choose_many(user_ids: Sequence[str], allocation: pd.DataFrame, seed: int,
     """`choose` for many users at once (vectorised per segment)."""
     versions = allocation["allocation_version"].unique() if len(allocation) else []
     if len(versions) != 1:
-        raise ValueError(f"allocation must hold exactly one allocation_version, got {len(versions)}")
+        raise ValueError(
+            f"allocation must hold exactly one allocation_version, got {len(versions)}")
     u = _uniform(seed, str(versions[0]), user_ids)
     segs = np.asarray(list(segments) if segments is not None else [ALL] * len(u), dtype=object)
     treatments = np.empty(len(u), dtype=object)

@@ -163,8 +163,8 @@ def bandit_state(events: beam.PCollection, ctx: BanditContext) -> BanditStateOut
              | "BanditState" >> BanditState(
                  ctx.config, ctx.window, ctx.period,
                  overall_bucket=campaign.common_bucket(ctx.window, ctx.period)))
-    return BanditStateOut(state.rows, state.dead_letters,
-                          (attributed.counts, state.counts) | "FlattenStateCounts" >> beam.Flatten())
+    counts = (attributed.counts, state.counts) | "FlattenStateCounts" >> beam.Flatten()
+    return BanditStateOut(state.rows, state.dead_letters, counts)
 
 
 def _allocation(frames: List[pd.DataFrame], version: str, config: BanditConfig) -> pd.DataFrame:

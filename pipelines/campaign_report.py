@@ -112,8 +112,8 @@ def policy_lines(policy: pd.DataFrame) -> List[str]:
         return f"{r['value']:.3%} [{r['ci_low']:.3%}, {r['ci_high']:.3%}]"
 
     return [f"click-through per send over {first['sends']:,} sends with a propensity "
-            f"({first['sends_without_propensity']:,} without): realised {show(('logged', 'realised'))}"
-            f", uniform random (SNIPS) {show(('uniform', 'snips'))}, lift "
+            f"({first['sends_without_propensity']:,} without): realised "
+            f"{show(('logged', 'realised'))}, uniform random (SNIPS) {show(('uniform', 'snips'))}, lift "
             f"{show(('lift_vs_uniform', 'snips'))}; greedy (DR) {show(('greedy', 'dr'))}, "
             f"Thompson (DR) {show(('thompson', 'dr'))}"]
 

@@ -1,4 +1,4 @@
-"""The bandit in the loop (issue #18): OPE, choose(), attribution by send, the treatment registry."""
+"""The bandit in the loop (issue #18): OPE, choose(), attribution by send, treatment registry."""
 import json
 
 import numpy as np
