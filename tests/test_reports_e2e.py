@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.campaign import complete_windows
 from pipelines import bandit_report, campaign_report
 
 START = pd.Timestamp("2026-05-01T08:00:00Z")
@@ -174,9 +175,11 @@ def test_the_bandit_publishes_the_allocation_a_sender_uses(runs):
     assert set(alloc["allocation_version"]) == {"bandit1"}
     assert set(alloc["treatment_id"]) == set(TREATMENT_RATES)
     np.testing.assert_allclose(alloc.groupby("segment")["weight"].sum(), 1.0)
-    latest = query(runs, "SELECT treatment_id, weight FROM bandit_state WHERE scope = 'window' "
-                         "AND segment = '*' AND window_end = (SELECT max(window_end) FROM "
-                         "bandit_state WHERE scope = 'window')")
+    # The weights of the latest window lying within the data (not one holding only its end).
+    within = complete_windows(query(runs, "SELECT * FROM bandit_state WHERE segment = '*'"))
+    latest = within.loc[within["window_end"] == within["window_end"].max()]
+    assert len(latest) == len(TREATMENT_RATES)
+    assert (alloc["window_end"] == latest["window_end"].iloc[0]).all()
     assert (alloc.set_index("treatment_id")["weight"].to_dict()
             == pytest.approx(latest.set_index("treatment_id")["weight"].to_dict()))
 
