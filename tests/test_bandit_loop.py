@@ -268,3 +268,38 @@ def test_the_streaming_parse_dead_letters_unknown_treatments():
                     label="Kept")
         assert_that(parsed.dead_letters | beam.Map(lambda d: d["reason"]),
                     equal_to(["unknown treatment_id", "malformed treatment_id"]), label="Dead")
+
+
+def test_streaming_keeps_per_segment_arms_shrunk_toward_the_overall_ones(tmp_path):
+    """``--bandit_segment_by make``: each treatment event is keyed by its user's make from
+    the reference users, and the window holds the overall arms plus each make's, as batch."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms.window import TimestampedValue
+
+    from models.config import DEFAULT_CONFIG
+    from tests.test_streaming_transforms import BASE, US, small_world
+    from transforms.streaming import FileReference, StreamingBandit
+    from transforms.streaming.refusals import Record
+
+    reference = FileReference(small_world(tmp_path / "ref"), DEFAULT_CONFIG, 3600)
+    spec = stream_model.WindowSpec.of_seconds(10, 10, 0)
+
+    def record(i, user, treatment, kind):
+        return {"event_id": f"T{i}", "user_id": user, "treatment_id": treatment,
+                "campaign_id": "C", "kind": kind, "event_time_us": (BASE + 1) * US}
+
+    # U1, U2 drive Fords, U3, U4 Hondas; "ghost" is not in the users file.
+    events = [record(1, "U1", "A", "VIEWED"), record(2, "U1", "A", "CLICKED"),
+              record(3, "U3", "A", "VIEWED"), record(4, "U4", "B", "VIEWED"),
+              record(5, "ghost", "B", "VIEWED")]
+    with TestPipeline() as p:
+        state = (p | beam.Create(events)
+                 | beam.Map(lambda r: TimestampedValue(r, BASE + 1)).with_output_types(Record)
+                 | StreamingBandit(BanditConfig(draws=500), spec, reference, ("make",)))
+        assert_that(state.rows | beam.FlatMap(lambda f: [
+            (r.segment, r.treatment_id, r.views, r.clicks) for r in f.itertuples(index=False)]),
+            equal_to([("*", "A", 2, 1), ("*", "B", 2, 0),
+                      ("FORD", "A", 1, 1), ("HONDA", "A", 1, 0), ("HONDA", "B", 1, 0),
+                      (campaign.NO_SEGMENT, "B", 1, 0)]))
