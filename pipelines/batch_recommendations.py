@@ -36,6 +36,7 @@ from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attr
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel, refusal
+from models.serving import ServingStore
 from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
                                RerankPerVehicle, check_model, resolve_model_path)
 from transforms.bigquery import (BigQueryOptions, apply_options,  # noqa: F401 (its flags)
@@ -45,6 +46,8 @@ from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceS
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
 from transforms.publish import GatherGateSignals, PublishRunFn, StageOutput
+from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
+                                SwitchServingFn, WriteServingVersion, store_from)
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
@@ -99,6 +102,7 @@ class RunContext(NamedTuple):
     bigquery: Optional[BigQuerySettings] = None
     ranker_path: Optional[str] = None
     ranker: Optional[RankerModel] = None
+    serving: Optional[ServingStore] = None
 
 
 def context_from(options: PipelineOptions) -> RunContext:
@@ -159,8 +163,12 @@ def context_from(options: PipelineOptions) -> RunContext:
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
+    try:
+        serving = store_from(options)
+    except ValueError as err:
+        raise UsageError(str(err))
     return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery, ranker_path,
-                      ranker)
+                      ranker, serving)
 
 
 def input_tables(config: RecsConfig) -> Tuple[str, ...]:
@@ -300,7 +308,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                "started_at": ctx.started_at}
     gated = config if batch.strategy != "global" else config.replace(
         gates=sanity.baseline_gates(config.gates))  # the baseline's one list is not nonsense
-    return counters | "GateAndPublish" >> beam.ParDo(
+    run = counters | "GateAndPublish" >> beam.ParDo(
         PublishRunFn(ctx.warehouse, run_row, gated, batch.min_ratio_vs_last_run,
                      batch.keep_backups, batch.accept_changes, input_tables(config)),
         beam.pvalue.AsSingleton(violations),
@@ -308,6 +316,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         beam.pvalue.AsList(staged["segment_popularity"]),
         beam.pvalue.AsList(staged["dead_letter"]),
         beam.pvalue.AsSingleton(signals))
+    if ctx.serving is None:
+        return run
+    # Written beside the warehouse's staging; served only once the gate has published.
+    written = stamped | "WriteServingStore" >> WriteServingVersion(
+        ctx.serving, ctx.run_id, model_version, ctx.started_at)
+    return run | "SwitchServingStore" >> beam.ParDo(
+        SwitchServingFn(ctx.serving, ctx.warehouse), beam.pvalue.AsSingleton(written))
 
 
 def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransform:

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="Use this BigQuery dataset instead of the local warehouse.")
     target.add_argument("--bigquery_endpoint", default=None,
                         help="A BigQuery emulator's URL (anonymous credentials).")
+    target.add_argument("--serving_store", default=None,
+                        help="Redis URL of the serving store: rollback and prune keep it in "
+                             "step with the warehouse (docs/serving.md).")
+    target.add_argument("--serving_namespace", default="recs",
+                        help="Key prefix of the serving store.")
     parser = OneLineParser(prog="python -m pipelines.publish",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,13 +103,19 @@ def _command(args: argparse.Namespace, warehouse: Warehouse) -> int:
                 print(f"backups in {warehouse.location}, newest first:")
                 print(backups.to_string(index=False))
         elif args.command == "rollback":
+            store = _serving_store(args)
             kept = warehouse.rollback(args.to)
             print(f"restored backup {args.to} in {warehouse.location}; the output it replaced "
                   f"is backup {kept}")
+            if store is not None:
+                _follow(store, warehouse)
         elif args.command == "prune":
+            store = _serving_store(args)
             dropped = warehouse.prune_backups(args.keep)
             print(f"dropped {len(dropped)} backup(s) from {warehouse.location}"
                   + (": " + ", ".join(dropped) if dropped else ""))
+            if store is not None:
+                _follow(store, warehouse)
         else:
             if not isinstance(warehouse, BigQueryWarehouse):
                 raise ValueError("load-inputs needs --bigquery_dataset")
@@ -117,6 +128,29 @@ def _command(args: argparse.Namespace, warehouse: Warehouse) -> int:
         print(f"refused: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _serving_store(args: argparse.Namespace):
+    """The serving store named by --serving_store, checked before the warehouse changes."""
+    if not args.serving_store:
+        return None
+    from models.serving import ServingStore, StoreUnavailable
+    store = ServingStore(args.serving_store, args.serving_namespace)
+    try:
+        store.check()
+    except StoreUnavailable as err:
+        raise ValueError(f"--serving_store {args.serving_store} does not answer ({err}); "
+                         f"nothing was changed")
+    return store
+
+
+def _follow(store, warehouse: Warehouse) -> None:
+    from transforms.serving import follow_warehouse
+    done = follow_warehouse(store, warehouse)
+    loaded = f"loaded {done['users']:,} users, " if done.get("users") is not None else ""
+    print(f"serving store {store.url}: serves run {done['run_id']} ({loaded}switch "
+          f"{done['switch_seconds'] * 1000:.1f} ms); dropped {len(done['pruned'])} old "
+          f"version(s)")
 
 
 if __name__ == "__main__":
