@@ -33,7 +33,6 @@ Nothing here logs a user id or an e-mail: only counts.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
@@ -136,16 +135,17 @@ def stamp(value: Any) -> Optional[str]:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _score(value: Any) -> Optional[float]:
-    return None if value is None or not math.isfinite(value) else round(float(value), 6)
-
-
-def _columns(frame: pd.DataFrame, n: int) -> Tuple[List[np.ndarray], List[np.ndarray],
-                                                   Optional[List[np.ndarray]]]:
-    skus = [frame[f"rec_part_{i}"].to_numpy(object) for i in range(1, n + 1)]
-    scores = [frame[f"rec{i}_score"].to_numpy(float) for i in range(1, n + 1)]
-    slot = ([frame[f"rec{i}_source"].to_numpy(object) for i in range(1, n + 1)]
-            if f"rec1_source" in frame.columns else None)
+def _columns(frame: pd.DataFrame, n: int) -> Tuple[List[list], List[list], Optional[List[list]]]:
+    """SKUs, scores (rounded to 6 decimals, NaN as None) and slot sources as Python lists."""
+    skus = [frame[f"rec_part_{i}"].astype(object).where(frame[f"rec_part_{i}"].notna(), None)
+            .tolist() for i in range(1, n + 1)]
+    scores = []
+    for i in range(1, n + 1):
+        values = np.round(frame[f"rec{i}_score"].to_numpy(float), 6)
+        scores.append(pd.Series(values).astype(object)
+                      .where(np.isfinite(values), None).tolist())
+    slot = ([frame[f"rec{i}_source"].astype(object).tolist() for i in range(1, n + 1)]
+            if "rec1_source" in frame.columns else None)
     return skus, scores, slot
 
 
@@ -167,27 +167,26 @@ def encode_rows(frame: pd.DataFrame, with_run: bool = False) -> List[bytes]:
     """
     n = slots_in(frame)
     skus, scores, slot = _columns(frame, n)
-    sources = frame["source"].to_numpy(object) if "source" in frame.columns else [None] * len(frame)
+    sources = (frame["source"].astype(object).tolist() if "source" in frame.columns
+               else [None] * len(frame))
     extra = None
     if with_run:
-        extra = list(zip([stamp(v) for v in frame["generated_at"]],
-                         frame["run_id"].to_numpy(object),
-                         frame["model_version"].to_numpy(object)))
+        times = pd.to_datetime(frame["generated_at"], utc=True)
+        extra = list(zip(times.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist(),
+                         frame["run_id"].astype(object).tolist(),
+                         frame["model_version"].astype(object).tolist()))
     out = []
+    dumps = orjson.dumps
     for r in range(len(frame)):
-        items = []
-        for i in range(n):
-            sku = skus[i][r]
-            if sku is None or (isinstance(sku, float) and math.isnan(sku)):
-                continue
-            item = [sku, _score(scores[i][r])]
-            if slot is not None:
-                item.append(slot[i][r])
-            items.append(item)
+        if slot is None:
+            items = [[skus[i][r], scores[i][r]] for i in range(n) if skus[i][r] is not None]
+        else:
+            items = [[skus[i][r], scores[i][r], slot[i][r]] for i in range(n)
+                     if skus[i][r] is not None]
         payload: Dict[str, Any] = {"s": sources[r], "i": items}
         if extra is not None:
             payload["g"], payload["r"], payload["m"] = extra[r]
-        out.append(orjson.dumps(payload))
+        out.append(dumps(payload))
     return out
 
 

