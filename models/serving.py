@@ -58,10 +58,10 @@ FALLBACK = "fallback"
 READ_SCRIPT = """
 local ns = ARGV[1]
 local v = redis.call('GET', ns .. ':current')
-if not v then return {false, false, false, false, false} end
+local live = redis.call('GET', ns .. ':live:' .. ARGV[2])
+if not v then return {false, false, false, live, false} end
 local meta = redis.call('GET', ns .. ':meta:' .. v)
 local row = redis.call('GET', ns .. ':u:' .. v .. ':' .. ARGV[2])
-local live = redis.call('GET', ns .. ':live:' .. ARGV[2])
 local fb = false
 if not row and not live then
   if ARGV[3] ~= '' then fb = redis.call('GET', ns .. ':s:' .. v .. ':' .. ARGV[3]) end
@@ -244,9 +244,10 @@ def answer(user_id: str, k: int, version: Optional[bytes], meta: Optional[bytes]
     """The API's JSON answer from what :data:`READ_SCRIPT` returned; None when nothing is served.
 
     The newer of the batch row and the streaming row wins (by ``generated_at``);
-    with neither, the fallback (``source: fallback``) or an empty list.
+    with neither, the fallback (``source: fallback``) or an empty list. Before
+    any batch publish (no version), only users with a streaming row are served.
     """
-    if version is None:
+    if version is None and not live:
         return None
     info = orjson.loads(meta) if meta else {}
     chosen = orjson.loads(row) if row else None
@@ -268,7 +269,8 @@ def answer(user_id: str, k: int, version: Optional[bytes], meta: Optional[bytes]
              for it in chosen["i"][:k]]
     body = {"user_id": user_id, "source": chosen.get("s"), "items": items,
             "generated_at": chosen.get("g"), "run_id": chosen.get("r"),
-            "model_version": chosen.get("m"), "version": version.decode()}
+            "model_version": chosen.get("m"),
+            "version": version.decode() if version is not None else None}
     if fallback_level is not None:
         body["fallback"] = fallback_level
     return body
