@@ -355,3 +355,25 @@ def test_a_streaming_refresh_is_what_the_api_answers(store, redis_server, tmp_pa
     assert (body["run_id"], body["items"][0]["sku"]) == ("streaming_run", "L-1")
     assert client.get("/v1/users/U2/recommendations").json()["run_id"] == "r1"
     assert 0 < store.client.ttl("recs:live:U1") <= serving.LIVE_TTL_SECONDS
+
+
+# --------------------------------------------------------------------------- command lines
+
+@pytest.mark.parametrize("job", ["batch_recommendations", "streaming_refresh"])
+def test_the_jobs_offer_the_store_flags(job):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", f"pipelines.{job}", "--help"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "--serving_store" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_serve_refuses_bad_usage_in_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("SERVING_STORE", raising=False)
+    assert serve.main(["run"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert serve.main(["run", "--serving_store", "http://x"]) == 2
+    assert serve.main(["status", "--serving_store", "redis://127.0.0.1:1/0"]) == 2
+    with pytest.raises(SystemExit) as usage:
+        serve.main(["rebuild", "--serving_store", "redis://h:1/0", "--bogus"])
+    assert usage.value.code == 2
