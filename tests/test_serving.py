@@ -377,3 +377,32 @@ def test_serve_refuses_bad_usage_in_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as usage:
         serve.main(["rebuild", "--serving_store", "redis://h:1/0", "--bogus"])
     assert usage.value.code == 2
+
+
+def test_a_store_outage_never_fails_the_job_and_keeps_the_served_version(
+        store, tmp_path, monkeypatch):
+    monkeypatch.setattr(serving_transforms, "RETRY_SECONDS", 0.0)
+    warehouse = LocalWarehouse(str(tmp_path / "wh.duckdb"))
+    publish(warehouse, "r1", frame("r1", ["U1"], "A"))
+    follow_warehouse(store, warehouse)
+    publish(warehouse, "r2", frame("r2", ["U1"], "B"))
+    down = ServingStore("redis://127.0.0.1:1/0", timeout=0.2)
+    writer = serving_transforms._WriteVersionFn(down, "r2", "test-v1", pd.Timestamp.now())
+    assert list(writer.process(frame("r2", ["U1", "U2"], "B"))) == [(0, 2)]
+    row = {"run_id": "r2", "status": "published"}
+    # Rows the store missed: published in the warehouse, not switched in the store.
+    switch = serving_transforms.SwitchServingFn(ServingStore(store.url), warehouse)
+    assert list(switch.process(row, (1, 1))) == [row]
+    assert store.current() == "r1"
+    # The store down at switch time: the row passes, nothing raises.
+    switch = serving_transforms.SwitchServingFn(down, warehouse)
+    assert list(switch.process(row, (2, 0))) == [row]
+    live = serving_transforms._WriteLiveFn(down)
+    assert list(live.process(frame("s1", ["U1"], "L"))) == []
+    # All rows written: the switch serves the run.
+    writer = serving_transforms._WriteVersionFn(ServingStore(store.url), "r2", "test-v1",
+                                                pd.Timestamp.now())
+    assert list(writer.process(frame("r2", ["U1"], "B"))) == [(1, 0)]
+    switch = serving_transforms.SwitchServingFn(ServingStore(store.url), warehouse)
+    list(switch.process(row, (1, 0)))
+    assert store.current() == "r2" and store.read("U1", N)["items"][0]["sku"] == "B-1"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Any, Dict, Iterator, List, Optional, Set, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import apache_beam as beam
 import pandas as pd
@@ -33,6 +33,24 @@ from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
 
 Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
 LOAD_ROWS = 50_000
+# A store command that fails is retried this many times, this far apart, before the rows
+# count as not written: the store is a copy (the warehouse is the record), so an outage
+# must not fail the job that publishes the warehouse.
+RETRIES = 3
+RETRY_SECONDS = 1.0
+
+
+def _with_retries(write, *args) -> int:
+    """``write(*args)``, retried on store errors; raises the last error."""
+    import redis
+    for attempt in range(RETRIES + 1):
+        try:
+            return write(*args)
+        except (redis.RedisError, OSError):
+            if attempt == RETRIES:
+                raise
+            time.sleep(RETRY_SECONDS * (attempt + 1))
+    return 0
 
 
 class ServingOptions(PipelineOptions):
@@ -142,9 +160,13 @@ def follow_warehouse(store: ServingStore, warehouse: Warehouse,
 # --------------------------------------------------------------------------- batch
 
 @typehints.with_input_types(pd.DataFrame)
-@typehints.with_output_types(int)
+@typehints.with_output_types(Tuple[int, int])
 class _WriteVersionFn(beam.DoFn):
-    """Writes frames of recommendation rows into one store version; yields rows written."""
+    """Writes frames of recommendation rows into one store version.
+
+    Yields ``(rows written, rows not written)``: a store that stays down through the
+    retries leaves rows unwritten, and the switch then keeps the served version.
+    """
 
     def __init__(self, store: ServingStore, version: str, model_version: str,
                  generated_at: pd.Timestamp):
@@ -153,22 +175,39 @@ class _WriteVersionFn(beam.DoFn):
         self._model_version = model_version
         self._generated_at = generated_at
         self._rows = Metrics.counter(COUNTERS, "serving.rows_written")
+        self._failed = Metrics.counter(COUNTERS, "serving.rows_not_written")
 
-    def start_bundle(self) -> None:
-        self._store.begin(self._version, self._version, self._model_version, self._generated_at)
-
-    def process(self, frame: pd.DataFrame) -> Iterator[int]:
+    def process(self, frame: pd.DataFrame) -> Iterator[Tuple[int, int]]:
         if not len(frame):
             return
-        written = self._store.write_users(self._version, frame["user_id"].astype(str).tolist(),
-                                          encode_rows(frame))
+        import redis
+        try:
+            _with_retries(self._store.begin, self._version, self._version,
+                          self._model_version, self._generated_at)
+            written = _with_retries(self._store.write_users, self._version,
+                                    frame["user_id"].astype(str).tolist(), encode_rows(frame))
+        except (redis.RedisError, OSError) as err:
+            logging.error("serving store: %d rows not written (%s)", len(frame),
+                          type(err).__name__)
+            self._failed.inc(len(frame))
+            yield 0, len(frame)
+            return
         self._rows.inc(written)
-        yield written
+        yield written, 0
+
+
+def _add_pairs(pairs) -> Tuple[int, int]:
+    """Sums ``(written, not written)`` pairs (a CombineGlobally function: (0, 0) when empty)."""
+    written = failed = 0
+    for w, f in pairs:
+        written, failed = written + w, failed + f
+    return written, failed
 
 
 class WriteServingVersion(beam.PTransform):
-    """Frames of recommendation rows -> one store version (not served yet) -> rows written
-    (a singleton; as a side input it makes the switch wait for every write)."""
+    """Frames of recommendation rows -> one store version (not served yet) -> ``(rows
+    written, rows not written)`` (a singleton; as a side input it makes the switch wait
+    for every write)."""
 
     def __init__(self, store: ServingStore, version: str, model_version: str,
                  generated_at: pd.Timestamp):
@@ -178,32 +217,56 @@ class WriteServingVersion(beam.PTransform):
     def expand(self, frames: beam.PCollection) -> beam.PCollection:
         return (frames
                 | "WriteUsers" >> beam.ParDo(self._fn)
-                | "SumWritten" >> beam.CombineGlobally(sum))
+                | "SumWritten" >> beam.CombineGlobally(_add_pairs))
 
 
 class SwitchServingFn(beam.DoFn):
     """After the gate: serve a published run's version, or drop a gated run's.
 
     Input: the run's ``pipeline_runs`` row (from ``PublishRunFn``); side input:
-    the rows the store version holds. A published run gets its fallback
-    lists (from the table just published), the pointer switch, and the store
-    pruned to the versions the warehouse backs up. The row passes through.
+    ``(rows written, rows not written)`` of the store version. A published run
+    whose every row was written gets its fallback lists (from the table just
+    published), the pointer switch, and the store pruned to the versions the
+    warehouse backs up. The row passes through.
+
+    The warehouse is the record and has already published, so a store that
+    failed (rows not written, or down at switch time) does not fail the job:
+    the store keeps serving its previous version, an error line says so, and
+    ``python -m pipelines.serve rebuild`` catches it up.
     """
 
     def __init__(self, store: ServingStore, warehouse: Warehouse):
         self._store = store
         self._warehouse = warehouse
+        self._switched = Metrics.counter(COUNTERS, "serving.switched")
+        self._not_switched = Metrics.counter(COUNTERS, "serving.not_switched")
 
-    def process(self, row: Dict[str, object], written: int) -> Iterator[Dict[str, object]]:
+    def process(self, row: Dict[str, object], written: Tuple[int, int]
+                ) -> Iterator[Dict[str, object]]:
+        import redis
         run_id = str(row["run_id"])
-        if row["status"] == health.PUBLISHED:
-            seconds = serve_published(self._store, self._warehouse, run_id, written)
-            pruned = self._store.prune(held_versions(self._warehouse))
-            logging.info("run %s: serving store switched to it (%d users, switch %.3f s); "
-                         "pruned %d old version(s)", run_id, written, seconds, len(pruned))
-        else:
-            self._store.drop(run_id)
-            logging.info("run %s: gated; its serving store version was dropped", run_id)
+        rows, failed = written
+        try:
+            if row["status"] != health.PUBLISHED:
+                _with_retries(self._store.drop, run_id)
+                logging.info("run %s: gated; its serving store version was dropped", run_id)
+            elif failed:
+                self._not_switched.inc()
+                logging.error("run %s: published, but %d rows did not reach the serving "
+                              "store; it keeps serving its previous version (run `python -m "
+                              "pipelines.serve rebuild`)", run_id, failed)
+            else:
+                seconds = _with_retries(serve_published, self._store, self._warehouse, run_id,
+                                        rows)
+                pruned = self._store.prune(held_versions(self._warehouse))
+                self._switched.inc()
+                logging.info("run %s: serving store switched to it (%d users, switch %.3f s); "
+                             "pruned %d old version(s)", run_id, rows, seconds, len(pruned))
+        except (redis.RedisError, OSError) as err:
+            self._not_switched.inc()
+            logging.error("run %s: the serving store did not answer (%s); it keeps serving "
+                          "its previous version (run `python -m pipelines.serve rebuild`)",
+                          run_id, type(err).__name__)
         yield row
 
 
@@ -212,17 +275,32 @@ class SwitchServingFn(beam.DoFn):
 @typehints.with_input_types(pd.DataFrame)
 @typehints.with_output_types(int)
 class _WriteLiveFn(beam.DoFn):
-    """Writes refreshed users as streaming rows (each with its own run and time, and a TTL)."""
+    """Writes refreshed users as streaming rows (each with its own run and time, and a TTL).
+
+    A store down through the retries costs those rows' copies in the store (counted as
+    ``serving.live_rows_not_written``), never the job: the rows are in BigQuery's
+    ``recommendation_updates``, and the user's next refresh or the nightly batch run
+    serves them again.
+    """
 
     def __init__(self, store: ServingStore):
         self._store = store
         self._rows = Metrics.counter(COUNTERS, "serving.live_rows_written")
+        self._failed = Metrics.counter(COUNTERS, "serving.live_rows_not_written")
 
     def process(self, frame: pd.DataFrame) -> Iterator[int]:
         if not len(frame):
             return
-        written = self._store.write_live(zip(frame["user_id"].astype(str).tolist(),
-                                             encode_rows(frame, with_run=True)))
+        import redis
+        payloads = list(zip(frame["user_id"].astype(str).tolist(),
+                            encode_rows(frame, with_run=True)))
+        try:
+            written = _with_retries(self._store.write_live, payloads)
+        except (redis.RedisError, OSError) as err:
+            self._failed.inc(len(payloads))
+            logging.error("serving store: %d streaming rows not written (%s)", len(payloads),
+                          type(err).__name__)
+            return
         self._rows.inc(written)
         yield written
 
