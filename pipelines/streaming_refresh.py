@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from models import streaming as model
 from models.bandit import BanditConfig
 from models.config import RecsConfig
+from models.serving import ServingStore
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import LOCAL_RUNNERS, UsageError, entry_point, job_options
 from pipelines.options import (CommonOptions, check_attributes, require_input_dir,
@@ -124,7 +125,7 @@ class StreamingContext(NamedTuple):
     config: RecsConfig
     bandit: BanditConfig
     dedupe_ttl: pd.Timedelta
-    serving: Optional[object] = None   # models.serving.ServingStore, with --serving_store
+    serving: Optional[ServingStore] = None   # with --serving_store (docs/serving.md)
 
     def table(self, name: str) -> str:
         """A table spec as Beam's BigQuery I/O takes it: project:dataset.table."""
