@@ -201,12 +201,16 @@ def freshness(orders: int, period_seconds: int) -> Dict[str, object]:
 
         seconds: Dict[str, float] = {}
 
-        def poll(user: str, published: float) -> None:
+        def poll(user: str, published: float, ordered_at: str) -> None:
+            """Until the user's answer is a streaming row generated after the order (a user
+            may have been refreshed before it, when the vehicle's top picks changed)."""
             url = f"http://127.0.0.1:{port}/v1/users/{user}/recommendations"
             while not stop.is_set() and time.monotonic() - published < 300:
                 try:
                     with urllib.request.urlopen(url, timeout=2) as answer:
-                        if json.loads(answer.read())["run_id"] == launched.context.run_id:
+                        body = json.loads(answer.read())
+                        if (body["run_id"] == launched.context.run_id
+                                and body["generated_at"] >= ordered_at):
                             seconds[user] = time.monotonic() - published
                             return
                 except Exception:  # noqa: BLE001 (503 before the first row)
@@ -218,18 +222,19 @@ def freshness(orders: int, period_seconds: int) -> Dict[str, object]:
         load_before = _loadavg()
         try:
             # Timed from steady state: a first order must come through before the others.
-            started = time.monotonic()
-            publish("events", {"event_id": "E-WARMUP", "event_time": iso(pd.Timestamp.now(
-                tz="UTC")), "user_id": warmup, "event_name": "Placed Order", "sku": skus[-1],
-                "quantity": 1, "price": 150.0, "order_id": "O-WARMUP"}).result()
-            poll(warmup, started)
+            started, at = time.monotonic(), iso(pd.Timestamp.now(tz="UTC"))
+            publish("events", {"event_id": "E-WARMUP", "event_time": at, "user_id": warmup,
+                               "event_name": "Placed Order", "sku": skus[-1], "quantity": 1,
+                               "price": 150.0, "order_id": "O-WARMUP"}).result()
+            poll(warmup, started, at)
             warmup_seconds = seconds.pop(warmup, None)
             for k, user in enumerate(buyers):
                 record = {"event_id": f"E-BUY-{k}", "event_time": iso(pd.Timestamp.now(
                     tz="UTC")), "user_id": user, "event_name": "Placed Order",
                     "sku": skus[k], "quantity": 1, "price": 150.0, "order_id": f"O-{k}"}
+                sent = time.monotonic()
                 publish("events", record).result()
-                t = threading.Thread(target=poll, args=(user, time.monotonic()))
+                t = threading.Thread(target=poll, args=(user, sent, record["event_time"]))
                 t.start()
                 pollers.append(t)
                 time.sleep(1.3)
