@@ -406,6 +406,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             service.terminate()
             service.wait(timeout=30)
+    if not args.freshness_orders and previous.get("freshness"):
+        result["freshness"] = previous["freshness"]  # --skip_batch without that step
     if args.freshness_orders:
         print(f"freshness: {args.freshness_orders} orders through the streaming refresh ...",
               flush=True)
