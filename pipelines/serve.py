@@ -249,8 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")),
                      help="Port to listen on (default: $PORT, else 8080).")
-    run.add_argument("--workers", type=int, default=1,
-                     help="Worker processes (one per core to use).")
+    run.add_argument("--workers", type=int, default=int(os.environ.get("SERVING_WORKERS", "1")),
+                     help="Worker processes, one per core to use (default: $SERVING_WORKERS, "
+                          "else 1).")
     run.add_argument("--timeout_seconds", type=float, default=0.5,
                      help="A store command slower than this answers 503.")
     rebuild = commands.add_parser("rebuild", parents=[store],

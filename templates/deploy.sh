@@ -225,7 +225,7 @@ cmd_service() {
   local name=${SERVICE_NAME:-segment-recs-api}
   gcloud run deploy "$name" --project="$PROJECT_ID" --region="$REGION" \
     --image="$(service_image)" --port=8080 \
-    --set-env-vars="SERVING_STORE=$SERVING_STORE" \
+    --set-env-vars="SERVING_STORE=$SERVING_STORE,SERVING_WORKERS=2" \
     --vpc-connector="$SERVICE_VPC_CONNECTOR" --vpc-egress=private-ranges-only \
     --cpu=2 --memory=1Gi --concurrency=200 --no-allow-unauthenticated
   say "service $name: $(service_image) serving $SERVING_STORE"

@@ -36,7 +36,8 @@ def test_service_is_deployed_to_cloud_run_over_the_store(deploy):  # noqa: F811
     [call] = calls
     assert call[:4] == ["gcloud", "run", "deploy", "segment-recs-api"]
     for flag in ("--project=demo-project", "--region=europe-west1", f"--image={SERVICE_IMAGE}",
-                 f"--set-env-vars=SERVING_STORE={STORE}", "--vpc-connector=recs-connector",
+                 f"--set-env-vars=SERVING_STORE={STORE},SERVING_WORKERS=2",
+                 "--vpc-connector=recs-connector", "--cpu=2",
                  "--no-allow-unauthenticated", "--port=8080"):
         assert flag in call, flag
 
