@@ -395,3 +395,33 @@ def test_a_store_outage_never_fails_the_job_and_keeps_the_served_version(
     switch = serving_transforms.SwitchServingFn(ServingStore(store.url), warehouse)
     list(switch.process(row, (1, 0)))
     assert store.current() == "r2" and store.read("U1", N)["items"][0]["sku"] == "B-1"
+
+
+def test_rebuild_and_rollback_from_a_bigquery_warehouse(store, redis_server, bigquery, capsys):
+    """The production path: the warehouse is BigQuery (the emulator)."""
+    import uuid
+    from transforms.bigquery import client as bigquery_client
+    from transforms.warehouse import BigQueryWarehouse
+    endpoint = f"http://{bigquery.host}"
+    dataset = f"serving_{uuid.uuid4().hex[:8]}"
+    bigquery_client(bigquery.project, endpoint).create_dataset(dataset)
+    warehouse = BigQueryWarehouse(bigquery.project, dataset, endpoint)
+    now = pd.Timestamp.now(tz="UTC")
+    for run_id, prefix in (("r1", "A"), ("r2", "B")):
+        table = pa.Table.from_pandas(frame(run_id, ["U1", "U2"], prefix), schema=SCHEMA,
+                                     preserve_index=False)
+        warehouse.append(warehouse.sink_table(run_id, "recommendations"), table)
+        staged = warehouse.staged(run_id, "recommendations", SCHEMA, [])
+        runs = pa.Table.from_pylist([{"run_id": run_id, "job": "batch_recommendations",
+                                      "started_at": now, "finished_at": now,
+                                      "status": "published", "recommendations_written": 2}],
+                                    schema=schemas.PIPELINE_RUNS)
+        warehouse.publish(run_id, {"recommendations": staged}, {"pipeline_runs": runs},
+                          swap=True)
+    where = ["--bigquery_project", bigquery.project, "--bigquery_dataset", dataset,
+             "--bigquery_endpoint", endpoint, "--serving_store", redis_server.url]
+    assert serve.main(["rebuild", *where]) == 0
+    assert store.current() == "r2" and store.read("U2", N)["items"][0]["sku"] == "B-1"
+    assert publish_cli.main(["rollback", "--to", "r2", *where]) == 0
+    assert "serves run r1" in capsys.readouterr().out
+    assert store.current() == "r1" and store.read("U2", N)["items"][0]["sku"] == "A-1"
