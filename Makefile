@@ -10,7 +10,7 @@ STORE_PORT ?= 6390
 STORE   := redis://127.0.0.1:$(STORE_PORT)/0
 AS_OF   = $$($(BIN)/python -c "import json; print(json.load(open('$(WORLD)/world.json'))['as_of'])")
 
-.PHONY: setup demo test bench clean store serve stop
+.PHONY: setup demo test bench bench-serve clean store serve stop
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/batch.py
+
+bench-serve: $(VENV)/.installed  # needs wrk (Debian package wrk) for the load steps
+	$(BIN)/python bench/serve.py
 
 store: $(VENV)/.installed
 	$(BIN)/python -m tests.redis_server --port $(STORE_PORT) --pidfile out/redis/redis.pid
