@@ -408,7 +408,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             service.wait(timeout=30)
     if previous.get("load"):  # every load measurement stays, with its load average
         result["earlier_load"] = previous.get("earlier_load", []) + [
-            {"measured_at": previous.get("measured_at"), **previous["load"]}]
+            {"measured_at": previous.get("measured_at"), **previous["load"],
+             "publish_to_store": previous.get("publish_to_store"),
+             "switch": previous.get("switch")}]
     if not args.freshness_orders and previous.get("freshness"):
         result["freshness"] = previous["freshness"]  # --skip_batch without that step
     if args.freshness_orders:
