@@ -51,6 +51,9 @@ LIVE_TTL_SECONDS = 8 * 86_400
 MAX_USER_ID = 128
 MAX_K = 100
 LOADING, COMPLETE = "loading", "complete"
+# Versions a store keeps: the served one and the one before it (a rollback by one run is a
+# pointer switch); older backups stay in the warehouse, and a rollback to one reloads it.
+KEEP_VERSIONS = 2
 FALLBACK = "fallback"
 
 # One round trip, atomic: pointer -> meta, the user's row, the user's streaming row, and a
@@ -303,12 +306,16 @@ class ServingStore:
         url: ``redis://host:port/db``.
         namespace: key prefix, so one database can hold several stores.
         timeout: seconds a command may take before the store counts as unreachable.
+        keep_versions: versions :meth:`prune` leaves when the caller keeps them (None:
+            every version the warehouse still backs up).
     """
 
-    def __init__(self, url: str, namespace: str = NAMESPACE, timeout: float = 2.0):
+    def __init__(self, url: str, namespace: str = NAMESPACE, timeout: float = 2.0,
+                 keep_versions: Optional[int] = KEEP_VERSIONS):
         self.url = parse_store_url(url)
         self.keys = Layout(namespace)
         self.timeout = timeout
+        self.keep_versions = keep_versions
         self._client = None
         self._read = None
 
@@ -455,10 +462,23 @@ class ServingStore:
         deleted += self.client.unlink(self.keys.global_list(version), self.keys.meta(version))
         return deleted
 
-    def prune(self, keep: Iterable[str]) -> List[str]:
-        """Drop every version not in ``keep`` (the served one always stays); returns them."""
-        keep = set(keep) | {self.current()}
-        dropped = sorted(v for v in self.versions() if v not in keep)
+    def prune(self, keep: Iterable[str], max_versions: Optional[int] = None) -> List[str]:
+        """Drop every version not in ``keep``, and beyond the ``max_versions`` most recently
+        served of those (the served one always stays); returns the versions dropped.
+
+        Each version costs the store a full copy of the users' lists, so it holds the
+        served one and the last few before it; a rollback further back reloads from the
+        warehouse (``transforms.serving.follow_warehouse``).
+        """
+        current = self.current()
+        found = self.versions()
+        held = sorted((v for v in found if v in set(keep) and v != current),
+                      key=lambda v: (found[v].get("switched_at") or "",
+                                     found[v].get("written_at") or "", v), reverse=True)
+        if max_versions is not None:
+            held = held[:max(0, max_versions - (1 if current else 0))]
+        kept = set(held) | {current}
+        dropped = sorted(v for v in found if v not in kept)
         for version in dropped:
             self.drop(version)
         return dropped

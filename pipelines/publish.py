@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                              "step with the warehouse (docs/serving.md).")
     target.add_argument("--serving_namespace", default="recs",
                         help="Key prefix of the serving store.")
+    target.add_argument("--serving_keep_versions", type=int, default=2,
+                        help="Versions the serving store keeps (the served one included).")
     parser = OneLineParser(prog="python -m pipelines.publish",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,7 +137,10 @@ def _serving_store(args: argparse.Namespace):
     if not args.serving_store:
         return None
     from models.serving import ServingStore, StoreUnavailable
-    store = ServingStore(args.serving_store, args.serving_namespace)
+    if args.serving_keep_versions < 1:
+        raise ValueError("--serving_keep_versions must be >= 1")
+    store = ServingStore(args.serving_store, args.serving_namespace,
+                         keep_versions=args.serving_keep_versions)
     try:
         store.check()
     except StoreUnavailable as err:

@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Tuple
 
 import orjson
 
-from models.serving import (MAX_K, NAMESPACE, ServingStore, StoreUnavailable,
-                            parse_store_url, valid_user_id)
+from models.serving import (KEEP_VERSIONS, MAX_K, NAMESPACE, ServingStore,
+                            StoreUnavailable, parse_store_url, valid_user_id)
 
 # No Beam here (nor pipelines.jobs, which imports it): the service's image and its workers
 # need only the store client, Starlette and uvicorn. ``rebuild`` imports the warehouse lazily.
@@ -256,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="A store command slower than this answers 503.")
     rebuild = commands.add_parser("rebuild", parents=[store],
                                   help="Load the warehouse's published output and serve it.")
+    rebuild.add_argument("--serving_keep_versions", type=int, default=KEEP_VERSIONS,
+                         help="Versions the store keeps afterwards (the served one included).")
     where = rebuild.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
     where.add_argument("--warehouse", default="out/warehouse.duckdb",
                        help="DuckDB file of the local warehouse.")
@@ -279,7 +281,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parse_store_url(args.serving_store)
         if args.command == "run":
             return _run(args)
-        store = ServingStore(args.serving_store, args.serving_namespace)
+        store = ServingStore(args.serving_store, args.serving_namespace,
+                             keep_versions=getattr(args, "serving_keep_versions", KEEP_VERSIONS))
+        if store.keep_versions < 1:
+            raise ValueError("--serving_keep_versions must be >= 1")
         store.check()
         if args.command == "status":
             return _status(store)

@@ -425,3 +425,22 @@ def test_rebuild_and_rollback_from_a_bigquery_warehouse(store, redis_server, big
     assert publish_cli.main(["rollback", "--to", "r2", *where]) == 0
     assert "serves run r1" in capsys.readouterr().out
     assert store.current() == "r1" and store.read("U2", N)["items"][0]["sku"] == "A-1"
+
+
+def test_the_store_keeps_few_versions_and_a_deeper_rollback_reloads(store, redis_server,
+                                                                     tmp_path, capsys):
+    path = str(tmp_path / "wh.duckdb")
+    warehouse = LocalWarehouse(path)
+    for run_id, prefix in (("r1", "A"), ("r2", "B"), ("r3", "C")):
+        publish(warehouse, run_id, frame(run_id, ["U1"], prefix))
+        follow_warehouse(store, warehouse)
+    assert store.current() == "r3" and set(store.versions()) == {"r2", "r3"}  # 2 by default
+    oldest = warehouse.list_backups()["backup_id"].tolist()[-1]  # holds r1's output
+    assert publish_cli.main(["rollback", "--to", oldest, "--warehouse", path,
+                             "--serving_store", redis_server.url]) == 0
+    assert "serves run r1 (loaded 1 users" in capsys.readouterr().out
+    assert store.current() == "r1" and store.read("U1", N)["items"][0]["sku"] == "A-1"
+    assert set(store.versions()) == {"r1", "r3"}  # r3 was served just before
+    assert publish_cli.main(["prune", "--keep", "5", "--warehouse", path, "--serving_store",
+                             redis_server.url, "--serving_keep_versions", "1"]) == 0
+    assert set(store.versions()) == {"r1"}

@@ -26,8 +26,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import health
-from models.serving import (NAMESPACE, ServingStore, StoreUnavailable, encode_rows,
-                            fallback_lists, frames_in_chunks)
+from models.serving import (KEEP_VERSIONS, NAMESPACE, ServingStore, StoreUnavailable,
+                            encode_rows, fallback_lists, frames_in_chunks)
 from transforms.health import NAMESPACE as COUNTERS
 from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
 
@@ -64,6 +64,10 @@ class ServingOptions(PipelineOptions):
                                  "atomically; unset: no serving store.")
         parser.add_argument("--serving_namespace", default=NAMESPACE,
                             help="Key prefix of the serving store's keys.")
+        parser.add_argument("--serving_keep_versions", type=int, default=KEEP_VERSIONS,
+                            help="Versions the serving store keeps (the served one included, "
+                                 "at least 1): each is a full copy; a rollback further back "
+                                 "reloads from the warehouse.")
 
 
 def store_from(options: PipelineOptions) -> Optional[ServingStore]:
@@ -71,7 +75,10 @@ def store_from(options: PipelineOptions) -> Optional[ServingStore]:
     opts = options.view_as(ServingOptions)
     if not opts.serving_store:
         return None
+    if opts.serving_keep_versions < 1:
+        raise ValueError("--serving_keep_versions must be >= 1")
     store = ServingStore(opts.serving_store, opts.serving_namespace)
+    store.keep_versions = opts.serving_keep_versions
     try:
         store.check()
     except StoreUnavailable as err:
@@ -153,7 +160,7 @@ def follow_warehouse(store: ServingStore, warehouse: Warehouse,
     if reload or not store.complete(run_id):
         loaded = load_from_warehouse(store, warehouse)
     loaded["switch_seconds"] = store.switch(run_id, loaded.get("users"))
-    loaded["pruned"] = store.prune(held_versions(warehouse))
+    loaded["pruned"] = store.prune(held_versions(warehouse), store.keep_versions)
     return loaded
 
 
@@ -258,7 +265,8 @@ class SwitchServingFn(beam.DoFn):
             else:
                 seconds = _with_retries(serve_published, self._store, self._warehouse, run_id,
                                         rows)
-                pruned = self._store.prune(held_versions(self._warehouse))
+                pruned = self._store.prune(held_versions(self._warehouse),
+                                           self._store.keep_versions)
                 self._switched.inc()
                 logging.info("run %s: serving store switched to it (%d users, switch %.3f s); "
                              "pruned %d old version(s)", run_id, rows, seconds, len(pruned))
