@@ -15,6 +15,8 @@ turn, so a rollback can be undone) and records itself in ``pipeline_runs``.
 demos and the emulator). Exit status: 0 done, 2 refused (bad name, no such
 backup, warehouse in use by a run, unreachable endpoint), 3 failure. A local
 warehouse is locked while a command works on it, like a job's run.
+With ``--serving_store``, ``rollback`` and ``prune`` keep the serving store in
+step: it serves what the warehouse now publishes (docs/serving.md).
 """
 from __future__ import annotations
 

@@ -243,7 +243,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--serving_namespace", default=os.environ.get(ENV_NAMESPACE, NAMESPACE),
                        help="Key prefix of the store's keys.")
     parser = OneLineParser(prog="python -m pipelines.serve",
-                           description=__doc__.split("\n\n")[0])
+                           description=__doc__.split("\n\n")[0],
+                           epilog="Exit status: 0 done, 2 refused (bad flag, unreachable store "
+                                  "or warehouse, nothing published), 3 failure. The API and "
+                                  "the store: docs/serving.md.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[store], help="Start the HTTP service.")
     run.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
