@@ -91,11 +91,59 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def python_load(url: str, ids_file: str, connections: int, seconds: float) -> None:
+    """The load generator when wrk is missing: asyncio keep-alive connections in this
+    (separate) process; prints the RESULT line wrk's script prints. Heavier on the CPU
+    than wrk, so it understates the service on a 2-core machine."""
+    import asyncio
+    from urllib.parse import urlparse
+    target = urlparse(url)
+    with open(ids_file) as handle:
+        ids = handle.read().split()
+    latencies: List[float] = []
+    errors = {"non_2xx": 0, "socket": 0}
+
+    async def client(k: int, deadline: float) -> None:
+        rng = random.Random(k)
+        reader, writer = await asyncio.open_connection(target.hostname, target.port)
+        while time.perf_counter() < deadline:
+            path = f"/v1/users/{ids[rng.randrange(len(ids))]}/recommendations"
+            started = time.perf_counter()
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                await reader.readexactly(length)
+            except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
+                errors["socket"] += 1
+                return
+            latencies.append(time.perf_counter() - started)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors["non_2xx"] += 1
+        writer.close()
+
+    async def run() -> float:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(k, deadline) for k in range(connections)))
+        return time.perf_counter() - started
+
+    duration = asyncio.run(run())
+    latencies.sort()
+    def pct(q):  # noqa: E306
+        return int(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6)
+    print("RESULT " + json.dumps({
+        "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999),
+        "max_us": int(latencies[-1] * 1e6), "requests": len(latencies),
+        "duration_us": int(duration * 1e6), "non_2xx": errors["non_2xx"],
+        "socket_errors": errors["socket"]}), flush=True)
+
+
 def load_test(url: str, ids_file: str, service_pid: int, seconds: int) -> List[Dict]:
-    """wrk at each connection count; its percentiles, throughput and the service's CPU."""
+    """wrk (or, without it, :func:`python_load` in a separate process) at each connection
+    count; percentiles, throughput and the service's CPU."""
     wrk = shutil.which("wrk")
-    if wrk is None:
-        return [{"error": "wrk is not installed (apt-get install wrk)"}]
     script = os.path.join(tempfile.mkdtemp(prefix="serve-bench-"), "ids.lua")
     with open(script, "w") as handle:
         handle.write(WRK_SCRIPT)
@@ -104,9 +152,11 @@ def load_test(url: str, ids_file: str, service_pid: int, seconds: int) -> List[D
         threads = min(connections, 2)
         load_before, cpu_before = _loadavg(), _cpu_of_tree(service_pid)
         started = time.perf_counter()
-        proc = subprocess.run([wrk, "-t", str(threads), "-c", str(connections), "-d",
-                               f"{seconds}s", "--timeout", "5s", "-s", script, url],
-                              capture_output=True, text=True,
+        command = ([wrk, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+                    "--timeout", "5s", "-s", script, url] if wrk else
+                   [sys.executable, os.path.abspath(__file__), "--python_load", url, ids_file,
+                    str(connections), str(seconds)])
+        proc = subprocess.run(command, capture_output=True, text=True,
                               env={**os.environ, "SERVE_BENCH_IDS": ids_file})
         wall = time.perf_counter() - started
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -115,7 +165,8 @@ def load_test(url: str, ids_file: str, service_pid: int, seconds: int) -> List[D
             continue
         r = json.loads(line[len("RESULT "):])
         levels.append({
-            "connections": connections, "wrk_threads": threads,
+            "connections": connections, "generator": "wrk" if wrk else "python asyncio",
+            "wrk_threads": threads if wrk else None,
             "requests": r["requests"], "requests_per_second":
                 round(r["requests"] / (r["duration_us"] / 1e6), 1),
             "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
@@ -397,7 +448,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             _wait_http(f"{base}/healthz")
             for user in ids[:200]:  # warm every worker's connection and script cache
                 urllib.request.urlopen(f"{base}/v1/users/{user}/recommendations").read()
-            print(f"load ({args.workers} service worker(s), wrk, {args.seconds} s a level):",
+            print(f"load ({args.workers} service worker(s), "
+                  f"{'wrk' if shutil.which('wrk') else 'python asyncio'}, {args.seconds} s a "
+                  f"level):",
                   flush=True)
             result["load"] = {"service_workers": args.workers, "seconds_per_level":
                               args.seconds, "distinct_users_asked": min(len(ids), 20_000),
@@ -440,4 +493,7 @@ def _write(result: Dict[str, object]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--python_load"]:
+        python_load(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        sys.exit(0)
     sys.exit(main())
