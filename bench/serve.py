@@ -354,6 +354,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only_freshness:
         with open(RESULTS) as handle:
             result = json.load(handle)
+        if result.get("freshness"):  # every freshness measurement stays
+            result["earlier_freshness"] = result.get("earlier_freshness", []) + [
+                result["freshness"]]
         result["freshness"] = freshness(args.freshness_orders, args.freshness_period)
         print(json.dumps(result["freshness"]))
         _write(result)
@@ -466,6 +469,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              "switch": previous.get("switch")}]
     if not args.freshness_orders and previous.get("freshness"):
         result["freshness"] = previous["freshness"]  # --skip_batch without that step
+    if previous.get("earlier_freshness"):
+        result["earlier_freshness"] = previous["earlier_freshness"]
     if args.freshness_orders:
         print(f"freshness: {args.freshness_orders} orders through the streaming refresh ...",
               flush=True)
