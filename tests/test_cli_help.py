@@ -14,6 +14,7 @@ JOBS = {
     "import_dataset": ["--source", "--out"],
     "publish": ["rollback", "prune"],
     "serve": ["run", "rebuild", "status"],
+    "status": ["--warehouse", "--verify", "--template_spec", "--html", "--now"],
     "train_ranker": ["--ranker_model_dir", "--ranker_objective", "--as_of"],
     "evaluate_ranker": ["--ranker_artifact", "--as_of"],
     "streaming_refresh": ["--events_subscription", "--window_seconds",
