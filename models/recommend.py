@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from models import mix as slot_mix
+from models.candidates import apply_boost
 from models.catalog import CatalogArrays
 from models.config import REPURCHASE_SOURCES, RecsConfig, ScoringConfig
 from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
@@ -279,8 +280,8 @@ def recommend_all(recommender: Recommender, users: pd.DataFrame,
 
 
 def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str, Iterable[str]],
-            personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame]
-            ) -> Tuple[pd.DataFrame, pd.DataFrame]:
+            personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame],
+            boost: Optional[pd.DataFrame] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Recommendation rows filled by the configured slot mix, vehicle by vehicle (#14).
 
     Every source is restricted to the vehicle's candidates (eligible and fitting
@@ -294,6 +295,9 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
       personal: ``user_id, sku, score, source`` of the per-user sources
         (:func:`models.candidates.personal_candidates`).
       shared: source name → ``sku, score``, one list for every user (trending).
+      boost: ``sku, multiplier`` of the trending SKUs; with ``segment_popularity`` in
+        ``trending.boost_sources`` popularity's scores are multiplied by it (capped at
+        ``scoring.max_score``, the formula's range that rule 11 checks) before the fill.
 
     Returns:
       the rows (SPEC §3 columns, ``source`` = the popularity level or
@@ -337,6 +341,10 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
     for name, _ in mix:
         if name == POPULARITY:
             sources[name] = pd.concat(popular, ignore_index=True)
+            if boost is not None and POPULARITY in config.candidates.trending.boost_sources:
+                boosted = apply_boost(sources[name], boost)
+                sources[name] = boosted.assign(score=np.minimum(
+                    boosted["score"].to_numpy(float), config.scoring.max_score))
         elif name in shared:  # one list for everyone, restricted per vehicle and cut to depth
             head = shared[name].sort_values(["score", "sku"], ascending=[False, True],
                                             kind="stable")
