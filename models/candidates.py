@@ -305,10 +305,13 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
         affinity = pd.concat([affinity, pd.DataFrame({
             "user_id": carts["user_id"].to_numpy(object), "sku": carts["sku"].to_numpy(object),
             "a": carts["weight"].to_numpy(float)})], ignore_index=True)
-    skus = pd.Index(np.union1d(np.union1d(affinity["sku"].to_numpy(str),
+    skus = pd.Index(np.union1d(np.union1d(np.union1d(bought["sku"].to_numpy(str),
+                                                     affinity["sku"].to_numpy(str)),
                                           table["sku"].to_numpy(str)),
                                table["neighbour"].to_numpy(str)))
-    users = pd.Index(pd.unique(affinity["user_id"])).sort_values()
+    users = pd.Index(pd.unique(np.concatenate([bought["user_id"].to_numpy(object),
+                                               affinity["user_id"].to_numpy(object)]))
+                     ).sort_values()
     u_codes = users.get_indexer(affinity["user_id"])
     a = sparse.csr_matrix((affinity["a"].to_numpy(float),
                            (u_codes, skus.get_indexer(affinity["sku"].to_numpy(str)))),

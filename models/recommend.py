@@ -102,6 +102,9 @@ class Recommender:
         self.popularity = popularity
         self.config = config
         self.universal = np.flatnonzero(catalog.eligible & catalog.is_universal)
+        # One level's ranking for one candidate set is the same for every vehicle group that
+        # shares the segment (the global level for all): computed once per recommender.
+        self._ranked: Dict[tuple, _Level] = {}
 
     def candidates(self, fitting: np.ndarray) -> np.ndarray:
         """Eligible catalogue positions that fit the vehicle or are universal (rule 8).
@@ -121,13 +124,17 @@ class Recommender:
         segments = [segment_key([first[a] for a in level]) for level in self.config.levels]
         specific = ~self.catalog.is_universal[cand]
         levels = []
+        candidates = hash(cand.tobytes())
         for scores in blended_levels(self.popularity, segments, cand):
             if scores.segment is None:
                 continue
-            base = popularity_score(scores.rate, self.config) + (
-                self.config.scoring.specific_bonus * specific)
-            order = np.argsort(-base, kind="stable")  # cand is SKU-sorted: ties go by SKU
-            levels.append(_Level(scores, base, order, int(scores.observed.sum())))
+            key = (scores.name, scores.segment, len(cand), candidates)
+            if key not in self._ranked:
+                base = popularity_score(scores.rate, self.config) + (
+                    self.config.scoring.specific_bonus * specific)
+                order = np.argsort(-base, kind="stable")  # cand is SKU-sorted: ties by SKU
+                self._ranked[key] = _Level(scores, base, order, int(scores.observed.sum()))
+            levels.append(self._ranked[key])
         return levels
 
     def recommend(self, users: pd.DataFrame, fitting: np.ndarray) -> Picks:

@@ -24,7 +24,8 @@ they build and the extra tables they need:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (Callable, Dict, List, Mapping, MutableMapping, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 import pandas as pd
 
@@ -276,7 +277,8 @@ def prepare_history(users: pd.DataFrame, events: pd.DataFrame, as_of: pd.Timesta
 
 
 def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataFrame,
-                      as_of: pd.Timestamp, config: RecsConfig) -> Scored:
+                      as_of: pd.Timestamp, config: RecsConfig,
+                      cache: Optional[MutableMapping] = None) -> Scored:
     """Every user of ``history`` recommended as the batch job would, in one process.
 
     The same handler the ``Recommend`` composite applies per vehicle shard, here
@@ -284,24 +286,53 @@ def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataF
     sharding). ``catalog`` is the resolved catalogue and ``fitment`` its fitment
     rows. Counters and QA partials are in the result as the job would count them
     (rule 14, checked over e-mail shards by the job, is not).
+
+    ``cache`` (a dict the caller keeps per ``history``) reuses the popularity
+    table, the loaded handler tables, the shared tables and the per-user candidates
+    between calls whose configurations agree on what each depends on, so a grid of
+    variants (``pipelines.tune``) pays for each piece once.
     """
-    pop = popularity.merge_popularity([popularity.partial_popularity(history.lines, as_of,
-                                                                     config)])
+    cache = {} if cache is None else cache
+
+    def cached(key, build):
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    pop_key = ("popularity", repr(config.scoring), config.segment_attributes,
+               config.fitment_attributes)
+    pop = cached(pop_key, lambda: popularity.merge_popularity(
+        [popularity.partial_popularity(history.lines, as_of, config)]))
     handler = handler_for(config)
     side = {"catalog": catalog, "popularity": pop}
     groups = {"users": history.profiles, "fitment": fitment}
+    tables_key = None
     if isinstance(handler, MixHandler):
-        arrays = CatalogArrays.build(catalog, config.rules)
-        tables = candidates.shared_tables(history.lines, as_of, config.candidates,
-                                          frozenset(arrays.sku[arrays.eligible]))
-        ab = config.candidates.also_bought
-        carts = (candidates.cart_affinity(history.profiles, ab.cart_weight, ab.max_carts)
-                 if "also_bought" in config.candidates.sources else None)
-        key = list(config.shard_attributes)
-        found = candidates.personal_candidates(
-            history.lines, history.profiles["user_id"].tolist(), as_of, config.candidates,
-            tables, 8 * config.rules.recs_per_user, carts)
+        cands = config.candidates
+        tables_key = ("tables", repr((cands.buy_again, cands.also_bought, cands.trending)),
+                      tuple(sorted(cands.sources)), repr(config.rules))
+
+        def tables_of():
+            arrays = CatalogArrays.build(catalog, config.rules)
+            return candidates.shared_tables(history.lines, as_of, cands,
+                                            frozenset(arrays.sku[arrays.eligible]))
+
+        tables = cached(tables_key, tables_of)
+
+        def personal():
+            ab = cands.also_bought
+            carts = (candidates.cart_affinity(history.profiles, ab.cart_weight, ab.max_carts)
+                     if "also_bought" in cands.sources else None)
+            key = list(config.shard_attributes)
+            found = candidates.personal_candidates(
+                history.lines, history.profiles["user_id"].tolist(), as_of, cands, tables,
+                8 * config.rules.recs_per_user, carts)
+            return found.merge(history.profiles[["user_id", *key]], on="user_id", how="left")
+
         side["tables"] = tables
-        groups["candidates"] = found.merge(history.profiles[["user_id", *key]], on="user_id",
-                                           how="left")
-    return handler.score(handler.load(side), groups)
+        groups["candidates"] = cached(
+            ("personal", tables_key, config.rules.recs_per_user, config.shard_attributes),
+            personal)
+    loaded = cached(("loaded", type(handler).__name__, pop_key, repr(config.rules),
+                     config.fitment_attributes, tables_key), lambda: handler.load(side))
+    return handler.score(loaded, groups)
