@@ -176,3 +176,14 @@ def test_carts_feed_also_bought_with_a_cap():
 def test_boost_sources_are_discovery_sources_only():
     with pytest.raises(ValueError, match="discovery sources only"):
         TrendingConfig(boost_sources=("buy_again",))
+
+
+def test_also_bought_with_carts_excludes_purchases_beyond_the_history_cap():
+    """u bought A, B, C, E (E oldest); the cap keeps A and B for affinity, but C (a neighbour)
+    and E (in no similarity row) are still 'seen'."""
+    lines = _lines([("u", "o1", "A", 1), ("u", "o2", "B", 2), ("u", "o3", "C", 3),
+                    ("u", "o4", "E", 4)])
+    table = pd.DataFrame({"sku": ["A", "A"], "neighbour": ["C", "D"], "similarity": [1.0, 0.5]})
+    carts = pd.DataFrame({"user_id": ["u"], "sku": ["A"], "weight": [1.0]})
+    got = candidates.also_bought_scores(lines, table, AS_OF, max_history=2, carts=carts)
+    assert got["sku"].tolist() == ["D"]
