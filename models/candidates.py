@@ -271,7 +271,7 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
                        half_life_days: float = 30.0, max_history: Optional[int] = 100,
                        exclude_seen: bool = True, max_per_user: Optional[int] = 50,
                        carts: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """Each user's also-bought scores: Σ over what they bought and carted of affinity × similarity.
+    """Each user's also-bought scores: Σ over what they bought and carted, affinity × similarity.
 
     ``affinity(u, i)`` is the buy-again frequency (Σ of decayed distinct
     orders) over the user's ``max_history`` most recent SKUs, plus

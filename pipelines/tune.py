@@ -108,10 +108,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         {"cutoff": p.cutoff.isoformat(), "buyers": len(p.users)} for p in periods],
         "best": best.name, "best_settings": best.settings,
         "table": json.loads(table.to_json(orient="records", double_precision=15))}
+    spans = ", ".join(f"{p.cutoff.date()} +{args.period_days:g} d, {len(p.users)} buyers"
+                      for p in periods)
     text = ("# pipelines.tune evidence\n\n"
             f"{len(variants)} variants scored at precision@{k} on {len(periods)} periods "
-            f"before {as_of.isoformat()} "
-            f"({', '.join(f'{p.cutoff.date()} +{args.period_days:g} d, {len(p.users)} buyers' for p in periods)}). "
+            f"before {as_of.isoformat()} ({spans}). "
             "Intervals: paired per-user difference, 95%, pooled over the periods, "
             "cluster-robust by user, in percentage points.\n\n"
             f"Best: **{best.name}** {best.settings or '(the given config)'}\n\n"
