@@ -326,8 +326,8 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
         groups.append(group.assign(_vehicle=v))
         levels.append(level)
         popular.append(ranked)
-        allowed.append(pd.DataFrame({"_vehicle": v,
-                                     "sku": catalog.sku[recommender.candidates(fits)]}))
+        allowed.append(pd.DataFrame({"_vehicle": v, "sku": pd.Series(  # object: no re-encoding
+            catalog.sku[recommender.candidates(fits)], dtype=object)}))
     columns = rec_columns(n) + slot_source_columns(n)
     if not groups:
         return pd.DataFrame(columns=columns), users.iloc[:0]
