@@ -1,8 +1,8 @@
 """``Recommend``: the one composite every job applies to turn history into checked lists (#14).
 
-The batch job, the backtest (through the batch job), ``evaluate_ranker`` and
-``pipelines.tune``'s sanity run apply it; the streaming refresh can call the
-same handler objects (``models.recommend_handler``) directly. The logic lives
+The batch job, the backtest (through the batch job) and ``evaluate_ranker`` apply
+it; ``pipelines.tune`` and the streaming refresh can call the same handler
+objects (``models.recommend_handler``) directly, without Beam. The logic lives
 in those handlers; :class:`_ScoreShardFn` only adapts one to Beam, as
 RunInference adapts a ``ModelHandler``.
 """
