@@ -17,6 +17,7 @@ JOBS = {
     "status": ["--warehouse", "--verify", "--template_spec", "--html", "--now"],
     "train_ranker": ["--ranker_model_dir", "--ranker_objective", "--as_of"],
     "evaluate_ranker": ["--ranker_artifact", "--as_of"],
+    "tune": ["--grid", "--periods", "--as_of", "--confirm_on_holdout"],
     "streaming_refresh": ["--events_subscription", "--window_seconds",
                           "--allowed_lateness_seconds", "--bigquery_endpoint",
                           "--serving_store"],
