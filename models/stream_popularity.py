@@ -19,7 +19,7 @@ Nothing here imports Beam.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -232,3 +232,20 @@ def vehicles_by_segment(vehicles: Iterable[str], config: RecsConfig
             key = popularity.KEY_SEPARATOR.join(named[a] for a in level) if level else ""
             out.setdefault((config.level_name(level), key), []).append(vehicle)
     return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
+def changed_segments(previous: pd.DataFrame, current: pd.DataFrame,
+                     levels: Sequence[str]) -> FrozenSet[Tuple[str, str]]:
+    """(level, segment) pairs whose distinct-order counts differ between two popularity frames.
+
+    Decay alone never reorders a segment (every weight shrinks by the same
+    factor); only orders entering or leaving the window can, so only these
+    segments' vehicles need re-ranking between two consecutive windows.
+    """
+    def counts(frame: pd.DataFrame) -> pd.Series:
+        rows = frame.loc[frame["level"].isin(list(levels)), ["level", "segment", "sku", "orders"]]
+        return rows.set_index(["level", "segment", "sku"])["orders"]
+    a, b = counts(previous), counts(current)
+    both = a.index.union(b.index)
+    diff = a.reindex(both, fill_value=0).to_numpy() != b.reindex(both, fill_value=0).to_numpy()
+    return frozenset((level, segment) for level, segment, _ in both[diff])

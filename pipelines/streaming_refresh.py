@@ -248,7 +248,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config)
     order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
     if opts.ranking_refresh == "on":
-        ranking = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config)
+        ranking = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config,
+                                                                              spec)
         notices, notice_counts = ranking.rows, [ranking.counts]
     else:
         notices, notice_counts = pipeline | "NoRankingNotices" >> beam.Create([]), []

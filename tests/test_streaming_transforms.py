@@ -432,7 +432,7 @@ def test_catalog_change_is_picked_up_without_restart(tmp_path):
 
 def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
     """Mustang's own segment moves to S08: its users are told. Only vehicles whose own segments
-    hold stream orders (now or in the previous window) are re-ranked, so the Civic, which only
+    gained or lost orders since the previous window are re-ranked, so the Civic, which only
     sees the global level move, is not."""
     spec = model.WindowSpec.of_seconds(10, 10, 0)
     reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
@@ -447,7 +447,7 @@ def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
     stream = finish(stream)
     with streaming_pipeline() as p:
         popularity = p | stream | WindowedPopularity(spec, reference, CONFIG)
-        notices = popularity.first_panes | RankingChanges(reference, CONFIG)
+        notices = popularity.first_panes | RankingChanges(reference, CONFIG, spec)
         assert_that(notices.rows, equal_to([(u, ("notice", model.REASON_SEGMENT))
                                             for u in ("U1", "U2")]),
                     label="Notices")
@@ -762,8 +762,8 @@ def test_funnel_refusals_are_the_batch_check_funnels_words():
 
 def test_a_vehicle_whose_stream_orders_leave_the_window_is_re_ranked(tmp_path):
     """Window [0,20): Civic buyers order S12 five times; in [10,30) those orders are gone, so the
-    Civic's picks fall back to the history-free ranking: its users are told both times (entering
-    is compared with the ranking without the stream). The Mustang's S01 orders in [20,30) leave
+    Civic's picks fall back to the history-free ranking: its users are told both times (the
+    window before the first held no stream orders: its ranking is the history's alone). The Mustang's S01 orders in [20,30) leave
     its picks as they were without them: no notice."""
     spec = model.WindowSpec.of_seconds(20, 10, 0)
     reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
@@ -777,7 +777,7 @@ def test_a_vehicle_whose_stream_orders_leave_the_window_is_re_ranked(tmp_path):
     stream = finish(stream)
     with streaming_pipeline() as p:
         popularity = p | stream | WindowedPopularity(spec, reference, CONFIG)
-        notices = popularity.first_panes | RankingChanges(reference, CONFIG)
+        notices = popularity.first_panes | RankingChanges(reference, CONFIG, spec)
         assert_that(notices.rows | "Users" >> beam.Map(lambda kv: kv[0]),
                     equal_to(["U3", "U4", "U3", "U4"]), label="Notices")
 
@@ -850,3 +850,59 @@ def test_health_counters_are_summed_per_event_time_period_and_late_ones_add_a_ro
                                                json.loads(r["counters"]))),
                     equal_to([(10, {"events.read": 3}), (20, {"events.read": 5}),
                               (10, {"events.read": 7})]))
+
+
+def test_ranking_notices_only_for_lists_that_changed_between_consecutive_windows(tmp_path):
+    """Many short periods (a 20 s window every 2 s), orders on both vehicles and at every level:
+    each notice is for a vehicle whose default picks differ between the window it is sent at and
+    the window before (both ranked here from the models, every vehicle), never for a difference
+    with some older ranking, and the windows where a list moved are noticed."""
+    from models import stream_popularity as cells
+    spec = model.WindowSpec.of_seconds(20, 2, 0)
+    reference = FileReference(small_world(tmp_path / "w"), CONFIG, 0, "")
+    rng = np.random.default_rng(7)
+    # Civic buyers all along; a Mustang order every 24 s, so the Mustang's own segments empty
+    # out and fill again while the global level keeps moving.
+    seconds = [*range(0, 60, 2), 1, 25, 49]
+    users = [*rng.choice(["U3", "U4"], 30), "U1", "U2", "U1"]
+    skus = [SKUS[int(rng.integers(4, 8))] if u in ("U1", "U2") else SKUS[int(rng.integers(4, 12))]
+            for u in users]
+    records = [order(i, int(s), user=str(u), sku=sku)
+               for i, (s, u, sku) in enumerate(zip(seconds, users, skus))]
+    ref = reference.current()
+    by_user = cells.segments_by_user(ref.users, CONFIG)
+    vehicles = sorted(ref.vehicle_users)
+
+    def picks_at(end_us):
+        inside = [r.value for r in records
+                  if end_us - 20 * US <= r.value["event_time_us"] < end_us]
+        keyed = [c for r in inside for c in cells.line_cells(
+            by_user.get(r["user_id"]), r["sku"], r["event_time_us"], 1, CONFIG)]
+        pop = cells.window_popularity(keyed, ref, end_us, CONFIG)
+        return model.default_picks(model.scorer(ref, pop, CONFIG), ref, vehicles, CONFIG)
+
+    ends = range(BASE * US, (BASE + 82) * US, 2 * US)     # from the empty window before
+    ranked = {end: picks_at(end) for end in ends}
+    moved = {(end // US - BASE, u) for end in ends[1:]
+             for v in vehicles if ranked[end][v] != ranked[end - 2 * US][v]
+             for u in ref.vehicle_users[v]}
+    assert moved    # the stream does move lists here
+
+    class _At(beam.DoFn):
+        def process(self, notice, timestamp=beam.DoFn.TimestampParam):
+            yield round(float(timestamp)) - BASE, notice[0]
+
+    stream = TestStream().advance_watermark_to(BASE)
+    for second in range(0, 60, 2):
+        stream = stream.add_elements([r for r in records if second <= r.timestamp - BASE
+                                      < second + 2]).advance_watermark_to(BASE + second + 2)
+    stream = finish(stream)
+
+    def only_moved(got):
+        assert got and set(got) <= moved and len(got) == len(set(got)), (sorted(got),
+                                                                          sorted(moved))
+
+    with streaming_pipeline() as p:
+        popularity = p | stream | WindowedPopularity(spec, reference, CONFIG)
+        notices = popularity.first_panes | RankingChanges(reference, CONFIG, spec)
+        assert_that(notices.rows | beam.ParDo(_At()), only_moved)

@@ -330,30 +330,41 @@ class WindowedPopularity(beam.PTransform):
 
 
 Picks = Tuple[str, ...]         # (source, rec_part_1, ...)
-# (vehicle, (window end us, picks, picks without the stream's orders or None))
+# (vehicle, (window end us, picks in this window, picks in the previous window))
 VehiclePicks = Tuple[str, Tuple[int, Picks, Optional[Picks]]]
 
 
 @typehints.with_input_types(Tuple[int, WindowPopularity])
 @typehints.with_output_types(VehiclePicks)
 class VehiclePicksFn(beam.DoFn):
-    """A window's popularity → default picks of the vehicles the stream can have re-ranked.
+    """Two consecutive windows → each re-ranked vehicle's default picks in both.
 
-    Those are the vehicles whose own segments (the two most specific levels)
-    hold stream orders in this window or held some in the previous one (their
-    orders may just have left). State, on the one key all windows share: the
-    previous window's end and that set of vehicles, at most the vehicle count
-    (~1,100 in the field), never a frame. A vehicle entering the set is also
-    ranked without the stream's orders (the history alone at the window's
-    end), what it had before its first stream order, so a first order that
-    moves its picks is noticed.
+    Re-ranked are the vehicles whose own segments (the two most specific
+    levels) gained or lost orders between the previous window and this one
+    (`models.stream_popularity.changed_segments`): a change at the make or
+    global level alone moves every vehicle a little and almost never reorders
+    one, and decay alone never does. Each is ranked with the previous window's
+    popularity and with this one's, so a notice means the list a user would get
+    changed between two consecutive windows, never that it differs from some
+    older ranking. When the previous window held no stream orders (none was
+    emitted), its popularity is the history's alone at its end.
+
+    State, on the one key all windows share: the previous window's end, its
+    popularity frame (one row per (level, segment, sku) cell: bounded by the
+    catalogue times the segments, never by the order volume) and the picks of
+    the vehicles ranked in it (at most the vehicle count), reused as their
+    previous picks so a vehicle re-ranked in consecutive windows is ranked once
+    per window.
     """
 
     PREVIOUS = ReadModifyWriteStateSpec("previous", PickleCoder())
 
-    def __init__(self, reference: FileReference, config: RecsConfig):
+    def __init__(self, reference: FileReference, config: RecsConfig,
+                 period: Optional[pd.Timedelta] = None):
         self._reference = reference
         self._config = config
+        self._period_us = (int(period // pd.Timedelta(microseconds=1))
+                           if period is not None else None)
 
     def process(self, element: Tuple[int, WindowPopularity],
                 previous=beam.DoFn.StateParam(PREVIOUS)) -> Iterator:
@@ -363,25 +374,30 @@ class VehiclePicksFn(beam.DoFn):
         if before is not None and before[0] >= end_us:
             return      # an older window after a newer one: nothing newer to compare with
         ref = self._reference.current()
+        previous_end = end_us - self._period_us if self._period_us else end_us
+        if before is not None and (self._period_us is None or before[0] == previous_end):
+            _, previous_frame, previous_picks = before
+        else:           # the previous window held no stream orders: the history alone
+            previous_frame = cells.window_popularity([], ref, previous_end, self._config)
+            previous_picks = {}
+        levels = [self._config.level_name(level) for level in self._config.levels[:2]]
+        changed = cells.changed_segments(previous_frame, pane.popularity, levels)
         by_segment = cached(self._reference.key + ":vehicles", ref.version,
                             lambda: cells.vehicles_by_segment(ref.vehicle_users, self._config))
-        now = frozenset(v for seg in pane.segments for v in by_segment.get(seg, ()))
-        previous.write((end_us, now))
-        earlier = before[1] if before is not None else frozenset()
-        ranked = sorted(now | earlier)
+        ranked = sorted({v for seg in changed for v in by_segment.get(seg, ())})
+        picks = (model.default_picks(model.scorer(ref, pane.popularity, self._config), ref,
+                                     ranked, self._config) if ranked else {})
+        previous.write((end_us, pane.popularity, picks))
         yield count("ranking.vehicles_ranked", len(ranked))
         if not ranked:
             return
-        picks = model.default_picks(model.scorer(ref, pane.popularity, self._config), ref,
-                                    ranked, self._config)
-        entering = sorted(now - earlier)
-        baseline = {}
-        if entering:
-            history = cells.window_popularity([], ref, end_us, self._config)
-            baseline = model.default_picks(model.scorer(ref, history, self._config), ref,
-                                           entering, self._config)
+        missing = [v for v in ranked if v not in previous_picks]
+        earlier = {v: previous_picks[v] for v in ranked if v in previous_picks}
+        if missing:
+            earlier.update(model.default_picks(model.scorer(ref, previous_frame, self._config),
+                                               ref, missing, self._config))
         for vehicle, chosen in picks.items():
-            base = baseline.get(vehicle)
+            base = earlier.get(vehicle)
             yield vehicle, (end_us, tuple(str(p) for p in chosen),
                             tuple(str(p) for p in base) if base is not None else None)
 
@@ -389,23 +405,21 @@ class VehiclePicksFn(beam.DoFn):
 @typehints.with_input_types(VehiclePicks)
 @typehints.with_output_types(Tuple[str, int])
 class PicksChangedFn(beam.DoFn):
-    """Keyed per vehicle: its last ranked picks; emits the vehicle when a newer window moves them.
+    """Keyed per vehicle: emits the vehicle when its picks differ from the previous window's.
 
-    State: one (window end, picks) per vehicle (a handful of SKU ids). A
-    vehicle ranked for the first time is compared with its picks without the
-    stream's orders. An older window arriving after a newer one is ignored.
+    State: the end of the latest window the vehicle was compared in (one
+    integer), so an older window arriving after a newer one is ignored.
     """
 
     LAST = ReadModifyWriteStateSpec("last", PickleCoder())
 
     def process(self, element: VehiclePicks, last=beam.DoFn.StateParam(LAST)) -> Iterator:
-        vehicle, (end_us, picks, baseline) = element
-        before: Optional[Tuple[int, Picks]] = last.read()
-        if before is not None and before[0] >= end_us:
+        vehicle, (end_us, picks, earlier) = element
+        latest: Optional[int] = last.read()
+        if latest is not None and latest >= end_us:
             return
-        last.write((end_us, picks))
-        compared = before[1] if before is not None else baseline
-        if compared is not None and compared != picks:
+        last.write(end_us)
+        if earlier != picks:
             yield window.TimestampedValue((vehicle, end_us), Timestamp(micros=end_us))
 
 
@@ -432,10 +446,12 @@ class NotifyUsersFn(beam.DoFn):
 class RankingChanges(beam.PTransform):
     """First panes of popularity → a notice for every user whose vehicle's default picks moved."""
 
-    def __init__(self, reference: FileReference, config: RecsConfig):
+    def __init__(self, reference: FileReference, config: RecsConfig,
+                 spec: Optional[WindowSpec] = None):
         super().__init__()
         self._reference = reference
         self._config = config
+        self._period = spec.period if spec is not None else None
 
     def expand(self, first_panes: beam.PCollection) -> RowsAndCounts:
         picks = (first_panes
@@ -443,7 +459,7 @@ class RankingChanges(beam.PTransform):
                  | "OneKey" >> beam.Map(lambda p: (0, p)).with_output_types(
                      Tuple[int, WindowPopularity])
                  | "VehiclePicks" >> beam.ParDo(
-                     VehiclePicksFn(self._reference, self._config)).with_outputs(
+                     VehiclePicksFn(self._reference, self._config, self._period)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
         out = (picks[Tag.ROWS.value]
                | "PicksChanged" >> beam.ParDo(PicksChangedFn())
