@@ -144,9 +144,6 @@ def context_from(options: PipelineOptions) -> RunContext:
         if batch.strategy == "global":
             raise UsageError("--ranker_model re-ranks segment candidates; not with "
                              "--strategy global")
-        if not config.candidates.popularity_only:
-            raise UsageError("--ranker_model re-ranks segment-popularity candidates; not with "
-                             "a candidates.mix of other sources (drop one or the other)")
         try:
             ranker_path = resolve_model_path(batch.ranker_model)
             ranker = check_model(ranker_path, config)  # loads it and checks its features
