@@ -225,3 +225,33 @@ def test_a_ranker_trained_on_other_sources_is_refused_at_start_up(trained):
             "--input_dir", trained["world"], "--warehouse", str(tmp / "x.duckdb"),
             "--as_of", trained["as_of"], "--config", str(other),
             "--ranker_model", trained["path"]])
+
+
+@pytest.mark.parametrize("k, mix", [(4, MIX),
+                                    (10, [["buy_again", 5], ["also_bought", 3],
+                                          ["segment_popularity", 2]])])
+def test_evaluate_ranker_reports_union_blend_and_sql_baselines_at_any_k(trained, k, mix):
+    from pipelines import evaluate_ranker
+    tmp = trained["tmp"]
+    config = tmp / f"eval{k}.yaml"
+    config.write_text(json.dumps({"rules": {"recs_per_user": k}, "candidates": {"mix": mix}}))
+    warehouse = str(tmp / f"eval{k}.duckdb")
+    result = evaluate_ranker.run([
+        "--input_dir", trained["world"], "--as_of", trained["as_of"], "--config", str(config),
+        "--warehouse", warehouse, "--ranker_artifact", trained["path"],
+        "--ranker_eval_dir", str(tmp / f"eval{k}"), "--run_id", f"union_eval{k}"])
+    table = pd.DataFrame(result["table"]).set_index("strategy")
+    assert result["k"] == k
+    assert set(table.index) == {"union_ranker", "blend", "sql_global_popularity",
+                                "sql_own_then_popular"}
+    for column in (f"precision@{k}", f"recall@{k}", f"ndcg@{k}", "coverage",
+                   f"ranker_minus_this_precision@{k}", "interval_low", "interval_high"):
+        assert column in table.columns, column
+    assert table.loc[["union_ranker", "blend"], "qa_violations"].tolist() == [0, 0]
+    diff = table.loc["blend", f"ranker_minus_this_precision@{k}"]
+    assert diff == pytest.approx(table.loc["union_ranker", f"precision@{k}"]
+                                 - table.loc["blend", f"precision@{k}"])
+    assert len(set(table["buyers_in_holdout"])) == 1  # the same people for every strategy
+    with duckdb.connect(warehouse, read_only=True) as con:
+        published = con.execute("SELECT * FROM union_ranker_backtest").df()
+    assert set(published["strategy"]) == set(table.index) and set(published["k"]) == {k}
