@@ -259,7 +259,8 @@ class RerankPerVehicle(beam.PTransform):
         key = list(self._config.shard_attributes)
         result = (inputs
                   | "ShardByVehicle" >> CoGroupFrames(
-                      {"users": key, "fitment": key}, self._num_shards)
+                      {"users": key, "fitment": key}, self._num_shards,
+                      salt={"users": ["user_id"]})
                   | "RerankAndCheck" >> beam.ParDo(
                       RerankShardFn(self._config, self._cache_tag, self._model_path,
                                     self._fconfig, self._drift_every),

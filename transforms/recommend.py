@@ -18,7 +18,8 @@ from apache_beam.utils import shared
 from models import candidates, contracts, popularity, profiles, recommend, rules
 from models.catalog import CatalogArrays, resolve_conflicts
 from models.config import RecsConfig
-from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames
+from transforms.frames import (DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames,
+                              owned)
 from transforms.health import Tag, count, dead_letters
 
 Shard = int
@@ -374,10 +375,11 @@ class RecommendShardFn(beam.DoFn):
         mixed = "candidates" in groups
         attrs = list(self._config.fitment_attributes)
         if len(fitment):
-            deduped = fitment.drop_duplicates(["sku"] + attrs)
-            yield count("fitment.deduplicated", len(fitment) - len(deduped))
-            yield count("fitment.processed", len(deduped))
-            fitment = deduped
+            own = owned(groups, "fitment")  # a hot vehicle's fitment is copied to each slice
+            kept = len(own.drop_duplicates(["sku"] + attrs)) if len(own) else 0
+            yield count("fitment.deduplicated", len(own) - kept)
+            yield count("fitment.processed", kept)
+            fitment = fitment.drop_duplicates(["sku"] + attrs)
         if not len(users):
             return
         models = self._models(catalog, pop)
@@ -470,7 +472,8 @@ class RecommendPerVehicle(beam.PTransform):
             side.append(beam.pvalue.AsSingleton(self._shared_tables))
         result = (inputs
                   | "ShardByVehicle" >> CoGroupFrames(
-                      {name: key for name in inputs}, self._num_shards)
+                      {name: key for name in inputs}, self._num_shards,
+                      salt={n: ["user_id"] for n in ("users", "candidates") if n in inputs})
                   | "ScoreAndCheck" >> beam.ParDo(
                       RecommendShardFn(self._config, self._cache_tag), *side).with_outputs(
                       Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value,
