@@ -46,6 +46,7 @@ WORK = batch_bench.WORK
 RESULTS = os.path.join(HERE, "results", "scale.json")
 SKEW_NO_VEHICLE_SHARE = 0.66
 GIB = 1024 ** 3
+DEFAULT_BOUND = 200_000   # transforms.frames.DEFAULT_MAX_ROWS, for the sizing arithmetic
 
 
 # ----------------------------------------------------------------------------- worlds
@@ -230,6 +231,73 @@ def codec(world: str, max_rows: int) -> dict:
     return {"world": os.path.relpath(world, ROOT), "tables": tables, "totals": totals}
 
 
+# ----------------------------------------------------------------------------- sizing
+
+# Dataflow batch list prices (us-central1, USD) used for the cost line; check before quoting.
+PRICE_VCPU_HOUR = 0.056
+PRICE_GB_HOUR = 0.003557
+PRICE_SHUFFLE_GB = 0.011
+WORKER_VCPUS, WORKER_GB, UTILISATION = 4, 15.0, 0.8
+
+
+def sizing(runs: List[dict], users: int = 50_000_000, events: int = 1_000_000_000,
+           window_hours: float = 2.0) -> Optional[dict]:
+    """A 50M-user / 1B-event estimate extrapolated from the uniform runs (labelled as such).
+
+    CPU and shuffle bytes are fitted as ``fixed + per_user * users`` over the measured
+    sizes (the fixed part is the catalogue and fitment, which do not grow with users).
+    The measured worlds have ~4 events per user; the target has 20, so the per-user
+    slope is converted to a per-input-row slope (users + events) before extrapolating.
+    """
+    import numpy as np
+    points = [r for r in runs if r.get("kind") == "uniform" and r.get("exit_code") == 0
+              and r.get("shuffles")]
+    if len(points) < 2:
+        return None
+    n = np.array([r["users"] for r in points], float)
+    cpu = np.array([r["cpu_seconds"] for r in points], float)
+    shuffled = np.array([sum(s.get("total_bytes", 0) for s in r["shuffles"]) for r in points],
+                        float)
+    cpu_slope, cpu_fixed = np.polyfit(n, cpu, 1)
+    bytes_slope, bytes_fixed = np.polyfit(n, shuffled, 1)
+    biggest = max(points, key=lambda r: r["users"])
+    counts = biggest.get("row_counts") or {}
+    rows_per_user = (biggest["users"] + counts.get("events", 0)) / biggest["users"]
+    rows = users + events
+    cpu_seconds = cpu_fixed + cpu_slope / rows_per_user * rows
+    shuffle_gb = (bytes_fixed + bytes_slope / rows_per_user * rows) / 1e9
+    vcpu_hours = cpu_seconds / 3600 / UTILISATION
+    workers = math_ceil(vcpu_hours / (WORKER_VCPUS * window_hours))
+    memory_gb_hours = vcpu_hours / WORKER_VCPUS * WORKER_GB
+    cost = (vcpu_hours * PRICE_VCPU_HOUR + memory_gb_hours * PRICE_GB_HOUR
+            + shuffle_gb * PRICE_SHUFFLE_GB)
+    return {
+        "label": "EXTRAPOLATED from the measured sizes, not measured",
+        "users": users, "events": events, "fit_over_users": [int(u) for u in n],
+        "cpu_seconds_fixed": round(float(cpu_fixed), 1),
+        "cpu_ms_per_user_measured_mix": round(float(cpu_slope) * 1000, 4),
+        "input_rows_per_user_measured": round(rows_per_user, 2),
+        "cpu_us_per_input_row": round(float(cpu_slope / rows_per_user) * 1e6, 2),
+        "shuffle_bytes_per_input_row": round(float(bytes_slope / rows_per_user), 1),
+        "cpu_hours": round(cpu_seconds / 3600, 1),
+        "vcpu_hours_at_utilisation": round(vcpu_hours, 1), "utilisation": UTILISATION,
+        "shuffle_gb": round(shuffle_gb, 1),
+        "window_hours": window_hours,
+        "workers_n1_standard_4": workers,
+        "cost_usd": round(cost, 2),
+        "prices": {"vcpu_hour": PRICE_VCPU_HOUR, "gb_hour": PRICE_GB_HOUR,
+                   "shuffle_gb": PRICE_SHUFFLE_GB},
+        "shards_at_default_bound": {
+            "JoinUsersWithEvents/ShardByUserId": math_ceil(rows / (DEFAULT_BOUND / 2)),
+            "DedupeEvents/ShardByEventId": math_ceil(events / (DEFAULT_BOUND / 2))},
+    }
+
+
+def math_ceil(x: float) -> int:
+    import math
+    return int(math.ceil(x))
+
+
 # ----------------------------------------------------------------------------- main
 
 def _load(path: str) -> dict:
@@ -327,6 +395,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{tag}: largest element {entry['largest_element']}", flush=True)
         _put(results, entry)
         _save(args.results, results)
+    results["sizing_50m_users_1b_events"] = sizing(results["runs"])
+    _save(args.results, results)
     if args.codec_at:
         results["codec"] = codec(ensure_world(args.codec_at, False, args.seed), max_rows)
         results["codec"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
