@@ -53,7 +53,9 @@ AOV_GROUPS = ("recipients", "recipients_outside_window", "non_recipients")
 
 STATE_COLUMNS = ("window_start", "window_end", "segment", "treatment_id", *COUNT_FIELDS,
                  "clicks_capped", "alpha", "beta", "mean", "ci_low", "ci_high", "p_best",
-                 "weight")
+                 "weight", "scope")
+# `bandit_state.scope`: one sliding window's rows, or the one row per arm over all the data.
+WINDOW_SCOPE, OVERALL_SCOPE = "window", "overall"
 
 
 class FunnelCounts(NamedTuple):
@@ -220,16 +222,19 @@ class WindowState(NamedTuple):
     clicks_capped: int
 
 
-def counts_frame(keyed: Iterable[Tuple[Tuple[str, str], Sequence[int]]]) -> pd.DataFrame:
+def counts_frame(keyed: Iterable[Tuple[Tuple[str, str], Sequence[int]]],
+                 summed: bool = False) -> pd.DataFrame:
     """``((treatment_id, segment), counts)`` pairs of one window as a frame, one row per key.
 
     With accumulating triggers a late pane restates its key's running totals,
     which only grow, so the largest row per key is the latest; with one pane
-    per key this changes nothing.
+    per key this changes nothing. With `summed`, the pairs are disjoint parts
+    (time buckets) and are added up instead.
     """
     rows = [(t, s, *counts) for (t, s), counts in keyed]
     frame = pd.DataFrame(rows, columns=["treatment_id", "segment", *COUNT_FIELDS])
-    return frame.groupby(["treatment_id", "segment"], as_index=False, sort=True).max()
+    grouped = frame.groupby(["treatment_id", "segment"], as_index=False, sort=True)
+    return grouped.sum() if summed else grouped.max()
 
 
 def _count_reasons(counts: pd.DataFrame) -> np.ndarray:
@@ -255,7 +260,8 @@ def _state_rows(counts: pd.DataFrame, post: bandit.Posterior, config: BanditConf
 
 
 def window_state(counts: pd.DataFrame, window_start: pd.Timestamp, window_end: pd.Timestamp,
-                 config: BanditConfig = BanditConfig()) -> WindowState:
+                 config: BanditConfig = BanditConfig(), scope: str = WINDOW_SCOPE
+                 ) -> WindowState:
     """Posteriors, P(best) and allocation weights of every treatment in one window.
 
     Rows with negative or non-integer counts are refused (dead letters). Clicks
@@ -271,6 +277,8 @@ def window_state(counts: pd.DataFrame, window_start: pd.Timestamp, window_end: p
         window_start: Start of the window (inclusive).
         window_end: End of the window (exclusive).
         config: Prior, draws, seed and exploration floor.
+        scope: ``WINDOW_SCOPE`` for a sliding window, ``OVERALL_SCOPE`` for the
+            run's overall rows (the span of all the data).
 
     >>> counts = pd.DataFrame({"treatment_id": ["A", "B"], "segment": ALL, "sent": [10, 10],
     ...     "delivered": [9, 9], "delivery_failed": [1, 1], "views": [5, 3], "clicks": [2, 4]})
@@ -301,29 +309,46 @@ def window_state(counts: pd.DataFrame, window_start: pd.Timestamp, window_end: p
                                                config.segment_strength, config.interval)
             frames.append(_state_rows(seg, post_seg, config))
     state = (pd.concat(frames, ignore_index=True) if frames
-             else pd.DataFrame(columns=[c for c in STATE_COLUMNS if not c.startswith("window")]))
-    state = state.assign(window_start=window_start, window_end=window_end)
+             else pd.DataFrame(columns=[c for c in STATE_COLUMNS
+                                        if not c.startswith("window") and c != "scope"]))
+    state = state.assign(window_start=window_start, window_end=window_end, scope=scope)
     return WindowState(state[list(STATE_COLUMNS)],
                        counts.loc[refused].assign(refusal=reason[refused]).reset_index(drop=True),
                        int(capped.sum()))
 
 
 def complete_windows(state: pd.DataFrame) -> pd.DataFrame:
-    """`bandit_state` rows of windows that do not reach past the end of the data.
+    """`bandit_state` window rows lying within the span of the data.
 
-    Over bounded input the last (size / period - 1) sliding windows start
-    inside the data and end after it: they hold only its last days, so their
-    intervals widen for no reason a marketer should see. The last complete
-    window ends at the latest end minus (size - period); the period is the
-    smallest step between window ends.
+    Sliding windows over bounded input include some that start before the
+    first send or end after the last one: they hold only the data's first or
+    last days, so their intervals widen for no reason a marketer should see.
+    The span comes from the overall rows (``scope`` ``overall``: first send's
+    bucket to the last one's end); without them, from the windows themselves
+    (the last complete window ends at the latest end minus (size - period)).
+    When the data are shorter than one window, no window lies within them:
+    the overall rows are then the headline.
 
     >>> ends = pd.to_datetime(["2026-05-08", "2026-05-09", "2026-05-10"], utc=True)
     >>> state = pd.DataFrame({"window_start": ends - pd.Timedelta(days=2), "window_end": ends})
     >>> complete_windows(state)["window_end"].dt.day.tolist()
     [8, 9]
+    >>> overall = pd.DataFrame({"window_start": [ends[0] - pd.Timedelta(days=1)],
+    ...     "window_end": [ends[2]], "scope": OVERALL_SCOPE})
+    >>> both = pd.concat([state.assign(scope=WINDOW_SCOPE), overall])
+    >>> complete_windows(both)["window_end"].dt.day.tolist()
+    [9, 10]
     """
     if not len(state):
         return state
+    if "scope" in state.columns:
+        overall = state.loc[state["scope"] == OVERALL_SCOPE]
+        windows = state.loc[state["scope"] != OVERALL_SCOPE]
+        if len(overall):
+            first, last = overall["window_start"].min(), overall["window_end"].max()
+            return windows.loc[(windows["window_start"] >= first)
+                               & (windows["window_end"] <= last)]
+        state = windows
     ends = np.sort(state["window_end"].unique())
     if len(ends) < 2:
         return state
@@ -331,6 +356,13 @@ def complete_windows(state: pd.DataFrame) -> pd.DataFrame:
     period = pd.Timedelta(np.diff(ends).min())
     last = pd.Timestamp(ends[-1]) - (size - period)
     return state.loc[state["window_end"] <= last]
+
+
+def overall_rows(state: pd.DataFrame) -> pd.DataFrame:
+    """The ``overall`` rows of `bandit_state` (one per arm over all the data)."""
+    if "scope" not in state.columns:
+        return state.iloc[0:0]
+    return state.loc[state["scope"] == OVERALL_SCOPE]
 
 
 # --- campaign report: recipients, orders, attribution ------------------------------------
@@ -464,12 +496,15 @@ class CampaignPartials(NamedTuple):
         attributed: One row per attributed order (`attribute_orders`).
         orders: One row per order: order_id, order_time, revenue, recipient (the
             buyer was sent some e-mail), attributed.
+        sends: The compact send log off-policy evaluation reads
+            (`models.sends.send_log`); empty unless the caller adds it.
     """
 
     funnel: pd.DataFrame
     failures: pd.DataFrame
     attributed: pd.DataFrame
     orders: pd.DataFrame
+    sends: pd.DataFrame = pd.DataFrame()
 
 
 def campaign_partials(treatment_events: pd.DataFrame, order_events: pd.DataFrame,
@@ -508,7 +543,7 @@ def merge_partials(parts: Iterable[CampaignPartials]) -> CampaignPartials:
     parts = list(parts)
     if not parts:
         empty = pd.DataFrame()
-        return CampaignPartials(empty, empty, empty, empty)
+        return CampaignPartials(empty, empty, empty, empty, empty)
     return CampaignPartials(*(pd.concat([getattr(p, f) for p in parts], ignore_index=True)
                               for f in CampaignPartials._fields))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Tuple
 
@@ -126,12 +127,22 @@ class InputConfig:
       max_quantity: an order line above this many units is a typo or an attack;
         a wholesaler whose real lines are larger raises it.
       max_price: a unit price above this (USD) is refused likewise.
+      treatment_ids: the registry of known e-mail treatments (issue #18): a
+        treatment event naming any other id is dead-lettered (``unknown
+        treatment_id``) and never becomes a bandit arm. Empty (the default,
+        so any retailer's data runs unconfigured) accepts every id that
+        matches ``treatment_id_pattern``.
+      treatment_id_pattern: the form every treatment id must have, registry or
+        not (a full match): letters, digits and ``_ . : -``, at most 64
+        characters, so markup such as ``<script>`` never reaches a report.
     """
 
     min_vehicle_year: int = 1900
     max_vehicle_year: int = 2100
     max_quantity: int = 10_000
     max_price: float = 1_000_000.0
+    treatment_ids: Tuple[str, ...] = ()
+    treatment_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 
     def __post_init__(self) -> None:
         _whole(self, "min_vehicle_year", "max_vehicle_year", "max_quantity")
@@ -140,6 +151,17 @@ class InputConfig:
                  "need 0 < min_vehicle_year <= max_vehicle_year")
         _require(self.max_quantity >= 1, "max_quantity must be >= 1")
         _require(self.max_price > 0, "max_price must be > 0")
+        _require(isinstance(self.treatment_ids, tuple)
+                 and all(isinstance(t, str) for t in self.treatment_ids),
+                 "treatment_ids must be a tuple of strings")
+        _require(isinstance(self.treatment_id_pattern, str) and self.treatment_id_pattern,
+                 "treatment_id_pattern must be a non-empty regular expression")
+        try:
+            pattern = re.compile(self.treatment_id_pattern)
+        except re.error as err:
+            raise ValueError(f"invalid configuration: treatment_id_pattern: {err}") from None
+        bad = [t for t in self.treatment_ids if not pattern.fullmatch(t)]
+        _require(not bad, f"treatment_ids {bad[:3]} do not match treatment_id_pattern")
 
 
 @dataclass(frozen=True)
@@ -323,6 +345,38 @@ class CandidatesConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """What ``python -m pipelines.status`` calls an alarm (#19, docs/operations.md).
+
+    Attributes:
+      max_published_age_hours: the published recommendations (their newest
+        ``generated_at``) may be at most this old; the daily batch plus two hours
+        of slack, so one late run alarms and a normal one does not.
+      max_streaming_health_age_minutes: the streaming job's newest
+        ``streaming_health`` row may be at most this old (it writes one per period).
+      runs_shown: the last runs listed and plotted.
+      max_dead_letter_share: dead-lettered records per record read above which the
+        last run is flagged (status) and the dead-letter alert policy fires.
+    """
+
+    max_published_age_hours: float = 26.0
+    max_streaming_health_age_minutes: float = 30.0
+    runs_shown: int = 10
+    max_dead_letter_share: float = 0.01
+
+    def __post_init__(self) -> None:
+        _whole(self, "runs_shown")
+        _finite(self, "max_published_age_hours", "max_streaming_health_age_minutes",
+                "max_dead_letter_share")
+        _require(self.max_published_age_hours > 0, "max_published_age_hours must be > 0")
+        _require(self.max_streaming_health_age_minutes > 0,
+                 "max_streaming_health_age_minutes must be > 0")
+        _require(self.runs_shown >= 1, "runs_shown must be >= 1")
+        _require(0 <= self.max_dead_letter_share <= 1,
+                 "max_dead_letter_share must be within [0, 1]")
+
+
+@dataclass(frozen=True)
 class RecsConfig:
     """Everything a recommendations run needs besides its inputs.
 
@@ -340,6 +394,7 @@ class RecsConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def __post_init__(self) -> None:
         # One source fills every slot whatever its count (so recs_per_user or a backtest's k

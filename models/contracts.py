@@ -29,7 +29,9 @@ object``, ``duplicate key <field>``, ``invalid unicode in <field>``; validation 
 <field>``, ``negative <field>``, ``non-integer <field>``, ``absurd price``, ``absurd
 quantity``, ``implausible year``, ``zero quantity on order``, ``malformed email``,
 ``unknown event_name``, ``order event without order_id``, ``unknown kind``, ``zero
-price``.
+price``, ``malformed treatment_id``, ``unknown treatment_id`` (not in the configured
+registry, :class:`models.config.InputConfig`), ``zero propensity`` / ``absurd propensity``
+(a SENT's propensity must lie in (0, 1]).
 """
 from __future__ import annotations
 
@@ -189,6 +191,9 @@ SCHEMAS: Dict[str, Tuple[Column, ...]] = {
         _id("event_id"), Column("event_time", "time"), _id("user_id"),
         _id("treatment_id"), _id("campaign_id"), Column("kind", "str"),
         Column("reason", "str", False),
+        # At SENT (issue #18): the probability the sender chose this treatment, 0 < p <= 1,
+        # and the allocation table's version it drew from; off-policy evaluation needs both.
+        Column("propensity", "float", False), _id("allocation_version", False),
     ),
 }
 SCHEMAS["holdout_events"] = SCHEMAS["events"]
@@ -564,6 +569,8 @@ def _number_limits(table: str, column: Column, limits: InputConfig) -> Tuple[flo
         return limits.min_vehicle_year, limits.max_vehicle_year
     if column.name == "quantity":
         return 0, limits.max_quantity
+    if column.name == "propensity":
+        return 0, 1
     return 0, limits.max_price
 
 
@@ -589,6 +596,10 @@ def validate(table: str, frame: pd.DataFrame, limits: InputConfig = DEFAULT_LIMI
             typed, wrong = _as_text(values, column, reasons)
         elif column.kind in ("float", "int"):
             typed, wrong, nonfinite = _as_number(values)
+            if column.name == "propensity" and pd.api.types.is_float_dtype(values.dtype):
+                # Only SENT rows carry one: a typed source's (Parquet's) null on the other
+                # rows reads as NaN and means absent. JSON sources arrive as objects.
+                nonfinite &= ~np.isnan(typed.to_numpy())
             reasons.add(nonfinite, f"non-finite {column.name}")
             number = typed.to_numpy()
             low, high = _number_limits(table, column, limits)
@@ -620,13 +631,40 @@ def validate(table: str, frame: pd.DataFrame, limits: InputConfig = DEFAULT_LIMI
                 typed.isna().to_numpy(bool) & ~wrong)
             reasons.add(missing, f"missing {column.name}")
         out[column.name] = typed
-    _check_table_rules(table, out, reasons)
+    _check_table_rules(table, out, reasons, limits)
     bad = reasons.bad
     positions = np.flatnonzero(bad)
     return Validated(out.loc[~bad].reset_index(drop=True), positions, reasons.reasons[positions])
 
 
-def _check_table_rules(table: str, frame: pd.DataFrame, reasons: _Reasons) -> None:
+def unknown_treatment_reasons(ids: pd.Series, limits: InputConfig = DEFAULT_LIMITS
+                              ) -> np.ndarray:
+    """Why each treatment id may not become a bandit arm (None where it may).
+
+    ``malformed treatment_id`` when it does not fully match
+    ``limits.treatment_id_pattern``; ``unknown treatment_id`` when a registry
+    (``limits.treatment_ids``) is configured and lacks it. Missing ids (None)
+    get None here: the required-field check names them.
+
+    >>> limits = InputConfig(treatment_ids=("T01",))
+    >>> unknown_treatment_reasons(pd.Series(["T01", "T02", "<script>", None]), limits).tolist()
+    [None, 'unknown treatment_id', 'malformed treatment_id', None]
+    """
+    pattern = re.compile(limits.treatment_id_pattern)
+    values = ids.to_numpy(object)
+    present = np.fromiter((isinstance(v, str) for v in values), bool, len(values))
+    well_formed = np.fromiter((isinstance(v, str) and pattern.fullmatch(v) is not None
+                               for v in values), bool, len(values))
+    out = np.full(len(values), None, dtype=object)
+    out[present & ~well_formed] = "malformed treatment_id"
+    if limits.treatment_ids:
+        known = ids.isin(limits.treatment_ids).to_numpy(bool)
+        out[present & well_formed & ~known] = "unknown treatment_id"
+    return out
+
+
+def _check_table_rules(table: str, frame: pd.DataFrame, reasons: _Reasons,
+                       limits: InputConfig = DEFAULT_LIMITS) -> None:
     """Cross-field rules of one table, after the columns are typed."""
     if table in ("events", "holdout_events"):
         names = frame["event_name"]
@@ -639,6 +677,10 @@ def _check_table_rules(table: str, frame: pd.DataFrame, reasons: _Reasons) -> No
                     "zero quantity on order")
     elif table == "treatment_events":
         reasons.add(~frame["kind"].isin(TREATMENT_KINDS).to_numpy(bool), "unknown kind")
+        treatment = unknown_treatment_reasons(frame["treatment_id"], limits)
+        for reason in ("malformed treatment_id", "unknown treatment_id"):
+            reasons.add(treatment == reason, reason)
+        reasons.add((frame["propensity"] == 0).fillna(False).to_numpy(bool), "zero propensity")
     elif table == "users":
         email = frame["email"].astype(object)
         reasons.add(email.notna().to_numpy(bool) & ~email.map(is_email).to_numpy(bool),

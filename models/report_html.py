@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from models.campaign import ALL, AOV_GROUPS, PATHS, STAGES, complete_windows
+from models.campaign import (ALL, AOV_GROUPS, OVERALL_SCOPE, PATHS, STAGES, complete_windows,
+                             overall_rows)
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
            "#db2777")
@@ -205,11 +206,87 @@ def _treatment_table(funnel: pd.DataFrame) -> str:
 
 
 def _latest_window(state: pd.DataFrame) -> pd.DataFrame:
-    """Overall rows of the last window that lies within the data."""
-    overall = complete_windows(state.loc[state["segment"] == ALL])
-    if not len(overall):
+    """The headline rows (segment ``*``): over all the data when the run has them, else the
+    last window that lies within the data (a window never cuts the data's first day off)."""
+    everything = state.loc[state["segment"] == ALL]
+    overall = overall_rows(everything)
+    if len(overall):
         return overall
-    return overall.loc[overall["window_end"] == overall["window_end"].max()]
+    windows = complete_windows(everything)
+    if not len(windows):
+        return windows
+    return windows.loc[windows["window_end"] == windows["window_end"].max()]
+
+
+def _windows_to_chart(state: pd.DataFrame) -> pd.DataFrame:
+    """Window rows (segment ``*``) for the over-time chart: those within the data, or, when
+    the data are shorter than one window, every window holding sends."""
+    everything = state.loc[state["segment"] == ALL]
+    windows = complete_windows(everything)
+    if len(windows):
+        return windows
+    if "scope" in everything.columns:
+        return everything.loc[everything["scope"] != OVERALL_SCOPE]
+    return everything
+
+
+POLICY_ROWS = (("logged", "realised", "Realised (logging policy)"),
+               ("uniform", "snips", "Uniform random · SNIPS"),
+               ("uniform", "dr", "Uniform random · DR"),
+               ("greedy", "dr", "Greedy · DR"),
+               ("thompson", "dr", "Thompson · DR"))
+
+
+def policy_chart(policy: pd.DataFrame, width: int = 760) -> str:
+    """Click-through per send of each policy: a dot at the estimate, a line over its interval.
+
+    The realised rate of the sends as made comes first; the others are
+    off-policy estimates from the same sends and their logged propensities.
+    """
+    rows = policy.set_index(["policy", "method"])
+    shown = [(label, rows.loc[(p, m)]) for p, m, label in POLICY_ROWS if (p, m) in rows.index]
+    label_w, note_w, row_h, top = 210, 200, 28, 8
+    plot_w = width - label_w - note_w
+    hi = max(float(r["ci_high"]) for _, r in shown) * 1.1 or 1.0
+    to_x = lambda v: label_w + max(0.0, float(v)) / hi * plot_w  # noqa: E731
+    height = top + row_h * len(shown) + 28
+    body = [f'<line x1="{label_w}" y1="{height - 24}" x2="{label_w + plot_w}" '
+            f'y2="{height - 24}" stroke="{MUTED}"/>']
+    for tick in nice_ticks(0.0, hi):
+        body.append(_text(to_x(tick), height - 10, fmt_pct(tick), size=11, anchor="middle",
+                          color="#64748b"))
+    if shown and shown[0][0] == POLICY_ROWS[0][2]:   # the realised rate, as a reference line
+        x = to_x(shown[0][1]["value"])
+        body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 24}" '
+                    f'stroke="{PALETTE[0]}" stroke-dasharray="3 3" stroke-opacity="0.6"/>')
+    for i, (label, r) in enumerate(shown):
+        y = top + i * row_h + 12
+        color = PALETTE[0] if i == 0 else PALETTE[1 + (i - 1) % (len(PALETTE) - 1)]
+        body.append(_text(label_w - 8, y + 4, label, anchor="end"))
+        body.append(f'<line x1="{to_x(r["ci_low"]):.1f}" y1="{y}" x2="{to_x(r["ci_high"]):.1f}" '
+                    f'y2="{y}" stroke="{color}" stroke-width="3"/>')
+        body.append(f'<circle cx="{to_x(r["value"]):.1f}" cy="{y}" r="5" fill="{color}"/>')
+        body.append(_text(label_w + plot_w + 8, y + 4,
+                          f"{r['value']:.2%} [{r['ci_low']:.2%}, {r['ci_high']:.2%}]",
+                          size=12, color="#475569"))
+    return _svg(width, height, body, "Click-through per send: realised and off-policy estimates")
+
+
+def _policy(policy: pd.DataFrame) -> str:
+    if not len(policy):
+        return ('<p class="note">No sends recorded a propensity, so no policy can be '
+                "evaluated off-policy.</p>")
+    rows = policy.set_index(["policy", "method"])
+    first = policy.iloc[0]
+    note = (f"{fmt_count(first['sends'])} sends with a logged propensity"
+            + (f" ({fmt_count(first['sends_without_propensity'])} without, left out)"
+               if first["sends_without_propensity"] else ""))
+    if ("lift_vs_uniform", "snips") in rows.index:
+        lift = rows.loc[("lift_vs_uniform", "snips")]
+        note += (f"; realised minus uniform random: {lift['value']:+.2%} per send "
+                 f"[{lift['ci_low']:+.2%}, {lift['ci_high']:+.2%}]")
+    return (f"{policy_chart(policy)}<p class=\"note\">{_e(note)}. Greedy and Thompson are "
+            "learned from these same sends, so their estimates lean optimistic.</p>")
 
 
 def posterior_chart(state: pd.DataFrame, width: int = 760, height: int = 300) -> str:
@@ -273,7 +350,7 @@ def ctr_over_time(state: pd.DataFrame, panel_w: int = 260, panel_h: int = 120) -
     percentile of the upper bounds, so the wide intervals of the first, thin
     windows do not flatten every line; bands beyond it are cut at the top.
     """
-    overall = complete_windows(state.loc[state["segment"] == ALL])
+    overall = _windows_to_chart(state)
     order = _latest_window(state).sort_values(["p_best", "mean"], ascending=False)
     treatments = order["treatment_id"].head(SMALL_MULTIPLES).tolist()
     ends = overall["window_end"]
@@ -384,7 +461,8 @@ def render(tables: Mapping[str, pd.DataFrame], meta: Mapping[str, str]) -> str:
     """The whole report page.
 
     Args:
-        tables: The five campaign tables and ``bandit_state``, as frames.
+        tables: The five campaign tables and ``bandit_state``, as frames, and
+            optionally ``campaign_policy_value``.
         meta: Strings for the header: run_id, status, message, and optionally
             generated_at, attribution_days, window_days.
     """
@@ -411,10 +489,12 @@ def render(tables: Mapping[str, pd.DataFrame], meta: Mapping[str, str]) -> str:
     latest = _latest_window(state)
     if len(latest):
         window = latest.iloc[0]
+        over = ("over all the data" if "scope" in latest.columns
+                and window["scope"] == OVERALL_SCOPE else "for the window")
         parts += [
-            f'<p class="sub">Bandit posteriors for the window {window["window_start"]:%Y-%m-%d} '
-            f'to {window["window_end"]:%Y-%m-%d} (views → clicks, Beta-Binomial; P(best) by '
-            "Monte Carlo; weight = next send allocation).</p>",
+            f'<p class="sub">Bandit posteriors {over} {window["window_start"]:%Y-%m-%d %H:%M} '
+            f'to {window["window_end"]:%Y-%m-%d %H:%M} (views → clicks of the sends made in '
+            "it, Beta-Binomial; P(best) by Monte Carlo).</p>",
             f'<div class="panel">{posterior_chart(state)}</div>',
             f'<div class="panel">{_state_table(state)}</div>',
             f"<h2>Click-through over time</h2><p class=\"sub\">Posterior mean CTR per "
@@ -423,6 +503,14 @@ def render(tables: Mapping[str, pd.DataFrame], meta: Mapping[str, str]) -> str:
         ]
     else:
         parts.append('<p class="note">No bandit state: no views in any window.</p>')
+    if "campaign_policy_value" in tables:
+        parts += [
+            "<h2>Click-through per send</h2><p class=\"sub\">Realised under the policy that "
+            "made the sends, and what uniform random, greedy and Thompson allocation would "
+            "have earned, estimated off-policy from the same sends (IPS, self-normalised IPS, "
+            "doubly robust) with 95% bootstrap intervals.</p>",
+            f'<div class="panel">{_policy(tables["campaign_policy_value"])}</div>',
+        ]
     parts += [
         "<h2>Revenue by conversion path</h2><p class=\"sub\">Each order is attributed once, "
         "to the buyer's latest send within the window.</p>",

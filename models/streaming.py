@@ -55,7 +55,7 @@ def is_pubsub_path(value: str, kind: str) -> bool:
 RECORD_FIELDS: Dict[str, Tuple[str, ...]] = {
     "events": ("event_id", "user_id", "event_name", "sku", "order_id", "quantity", "price"),
     "treatment_events": ("event_id", "user_id", "treatment_id", "campaign_id", "kind",
-                         "reason"),
+                         "reason", "propensity", "allocation_version"),
 }
 
 # Why a message's event-time attribute was not usable (the payload field decides anyway).

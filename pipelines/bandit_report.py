@@ -7,7 +7,11 @@ Reads ``treatment_events`` (and ``users`` with ``--segment_by``), drops
 duplicate event ids and events that contradict their send, counts the funnel
 kinds per treatment in sliding windows and writes, per window and treatment
 (and segment), the Beta posterior, its 95% interval, P(best) and the
-allocation weight to the ``bandit_state`` table. Exit status 0 means
+allocation weight to the ``bandit_state`` table, plus one ``overall`` row per
+treatment over all the data; views and clicks count at the time of the send
+they follow (within ``--click_window_days``). The latest window's weights per
+segment go to ``bandit_allocation``, versioned by the run id, for a sender's
+`models.allocation.choose`. Exit status 0 means
 published; 1 means the run was gated (nothing counted, or counts that do not
 reconcile).
 """
@@ -22,9 +26,9 @@ import apache_beam as beam
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import health
+from models import allocation, campaign, health
 from models.bandit import BanditConfig
-from models.campaign import ALL, complete_windows
+from models.campaign import ALL, complete_windows, overall_rows
 from models.config import DEFAULT_CONFIG, InputConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
@@ -32,8 +36,10 @@ from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_opt
 from pipelines.options import (CommonOptions, as_of_of, check_attributes, check_run_id,
                                require_input_dir, require_tables, require_writable_dir,
                                run_id_of, sharding_of)
-from transforms.bandit import AttachSegments, BanditState, BanditStateOut, TreatmentCounts
-from transforms.campaign import BANDIT_STATE, CleanTreatmentEvents, PublishReport
+from transforms.bandit import (AttachSegments, AttributeToSends, BanditState, BanditStateOut,
+                               TreatmentCounts)
+from transforms.campaign import (BANDIT_ALLOCATION, BANDIT_STATE, CleanTreatmentEvents,
+                                 PublishReport)
 from transforms.health import DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
 from transforms.recommend import Cleaned
@@ -71,6 +77,9 @@ class BanditOptions(PipelineOptions):
         parser.add_argument("--exploration_floor", type=float,
                             default=BanditConfig.exploration_floor,
                             help="Minimum allocation weight of every treatment.")
+        parser.add_argument("--click_window_days", type=int, default=7,
+                            help="A view or click counts for the send it follows when within "
+                                 "this many days of it, in the send's windows.")
 
 
 class BanditContext(NamedTuple):
@@ -85,6 +94,7 @@ class BanditContext(NamedTuple):
     period: pd.Timedelta
     segment_by: Tuple[str, ...]
     limits: InputConfig = DEFAULT_CONFIG.inputs  # --config's `inputs`: what a plausible record is
+    click_window: pd.Timedelta = pd.Timedelta(days=7)  # views/clicks count for their send within
 
 
 def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext:
@@ -95,6 +105,8 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
     require_input_dir(shared.input_dir)
     if shared.num_shards < 1:
         raise UsageError("--num_shards must be >= 1")
+    if options.click_window_days < 1:
+        raise UsageError("--click_window_days must be >= 1")
     if not 1 <= options.period_days <= options.window_days:
         raise UsageError(f"need 1 <= --period_days ({options.period_days}) <= --window_days "
                          f"({options.window_days})")
@@ -121,7 +133,8 @@ def bandit_context(pipeline_options: PipelineOptions, job: str) -> BanditContext
         raise UsageError(f"--config: {err}")
     return BanditContext(run_id, as_of, now, staging, config,
                          pd.Timedelta(days=options.window_days),
-                         pd.Timedelta(days=options.period_days), segment_by, limits)
+                         pd.Timedelta(days=options.period_days), segment_by, limits,
+                         pd.Timedelta(days=options.click_window_days))
 
 
 def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions,
@@ -137,10 +150,27 @@ def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions,
 
 
 def bandit_state(events: beam.PCollection, ctx: BanditContext) -> BanditStateOut:
-    """Checked treatment-event frames (with ``segment`` when segmenting) → windowed state."""
-    return (events
-            | "TreatmentCounts" >> TreatmentCounts(ctx.window, ctx.period, bool(ctx.segment_by))
-            | "BanditState" >> BanditState(ctx.config, ctx.window, ctx.period))
+    """Checked treatment-event frames (with ``segment`` when segmenting) → windowed state.
+
+    Views and clicks are counted at their sends' times (`AttributeToSends`),
+    so each window's rows are the outcomes of the sends made in it; one more
+    set of rows (``scope`` ``overall``) covers all the data.
+    """
+    attributed = events | "AttributeToSends" >> AttributeToSends(ctx.click_window)
+    state = (attributed.rows
+             | "TreatmentCounts" >> TreatmentCounts(ctx.window, ctx.period,
+                                                    bool(ctx.segment_by))
+             | "BanditState" >> BanditState(
+                 ctx.config, ctx.window, ctx.period,
+                 overall_bucket=campaign.common_bucket(ctx.window, ctx.period)))
+    counts = (attributed.counts, state.counts) | "FlattenStateCounts" >> beam.Flatten()
+    return BanditStateOut(state.rows, state.dead_letters, counts)
+
+
+def _allocation(frames: List[pd.DataFrame], version: str, config: BanditConfig) -> pd.DataFrame:
+    """All `bandit_state` frames of a run → its ``bandit_allocation`` rows (the latest window)."""
+    state = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return allocation.allocation_table(state, version, config)
 
 
 def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: BanditContext
@@ -164,11 +194,16 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
                 | "SumCounters" >> SumCounts())
     run_row = {"run_id": ctx.run_id, "job": JOB, "as_of": ctx.as_of,
                "started_at": ctx.started_at}
-    return ({"counters": counters, "dead_letter": dead_letters, "bandit_state": state.rows}
+    allocation_rows = (state.rows
+                       | "GatherState" >> beam.combiners.ToList()
+                       | "AllocationOfLatestWindow" >> beam.Map(_allocation, ctx.run_id,
+                                                                ctx.config))
+    return ({"counters": counters, "dead_letter": dead_letters, "bandit_state": state.rows,
+             "bandit_allocation": allocation_rows}
             | "GateAndPublish" >> PublishReport(
                 LocalWarehouse(options.warehouse), run_row, ctx.staging_dir,
-                {"bandit_state": BANDIT_STATE}, gate_counter="bandit_state.rows",
-                reconciled=("treatment_events",)))
+                {"bandit_state": BANDIT_STATE, "bandit_allocation": BANDIT_ALLOCATION},
+                gate_counter="bandit_state.rows", reconciled=("treatment_events",)))
 
 
 def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
@@ -179,19 +214,29 @@ def summarise(warehouse: LocalWarehouse, run_id: str) -> str:
     r = health.reconcile(counters, ("treatment_events",))["treatment_events"]
     lines.append(f"treatment_events read {r['read']:,} = processed {r['processed']:,} + "
                  f"dead-lettered {r['dead_lettered']:,} + deduplicated {r['deduplicated']:,} "
-                 f"(unexplained {r['unexplained']}); clicks capped at views "
-                 f"{counters.get('bandit.clicks_capped', 0):,}")
+                 f"(unexplained {r['unexplained']}); views and clicks counted at their send; "
+                 f"beyond the click window {counters.get('bandit.beyond_attribution', 0):,}, "
+                 f"opens inferred from clicks {counters.get('bandit.opens_inferred', 0):,}")
     if run["status"] == health.PUBLISHED:
-        state = complete_windows(warehouse.query(
-            "SELECT * FROM bandit_state WHERE segment = ?", [ALL]))
-        end = state["window_end"].max()
-        latest = state.loc[state["window_end"] == end].sort_values("p_best", ascending=False)
-        lines.append(f"{state['window_end'].nunique()} windows within the data; the last, "
-                     f"{latest['window_start'].iloc[0]:%Y-%m-%d} to {end:%Y-%m-%d}, ranks:")
-        for s in latest.head(5).itertuples(index=False):
+        state = warehouse.query("SELECT * FROM bandit_state WHERE segment = ?", [ALL])
+        overall = overall_rows(state).sort_values("p_best", ascending=False)
+        windows = complete_windows(state)
+        lines.append(f"{state.loc[state['scope'] == 'window', 'window_end'].nunique()} windows "
+                     f"hold sends, {windows['window_end'].nunique()} of them within the data; "
+                     f"over all the data, {overall['window_start'].min():%Y-%m-%d %H:%M} to "
+                     f"{overall['window_end'].max():%Y-%m-%d %H:%M}, the treatments rank:")
+        for s in overall.head(5).itertuples(index=False):
             lines.append(f"  {s.treatment_id:>12s}  views {s.views:>6,}  clicks {s.clicks:>5,}  "
                          f"CTR {s.mean:6.2%} [{s.ci_low:.2%}, {s.ci_high:.2%}]  "
-                         f"P(best) {s.p_best:.3f}  weight {s.weight:.3f}")
+                         f"P(best) {s.p_best:.3f}")
+        alloc = warehouse.query("SELECT * FROM bandit_allocation WHERE segment = ? "
+                                "ORDER BY weight DESC", [ALL])
+        if len(alloc):
+            lines.append(f"allocation {alloc['allocation_version'].iloc[0]} (window "
+                         f"{alloc['window_start'].iloc[0]:%Y-%m-%d} to "
+                         f"{alloc['window_end'].iloc[0]:%Y-%m-%d}): " + ", ".join(
+                             f"{a.treatment_id} {a.weight:.3f}"
+                             for a in alloc.head(5).itertuples(index=False)))
     lines.append(f"warehouse: {os.path.abspath(warehouse.path)}")
     return "\n".join(lines)
 

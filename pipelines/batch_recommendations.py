@@ -25,7 +25,7 @@ import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import health, sanity
-from models.stability import format_report
+from models.stability import format_changes, format_report
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
@@ -45,7 +45,7 @@ from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceS
                                     WINDOWED_TABLE, settings_from)
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
-from transforms.publish import GatherGateSignals, PublishRunFn, StageOutput
+from transforms.publish import CountEventNames, GatherGateSignals, PublishRunFn, StageOutput
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
@@ -276,6 +276,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                    dead | "CountDeadLetters" >> DeadLetterCounts(),
                    stamped | "CountRecommendations" >> CountRows("recommendations.written"),
                    stamped | "CountUsersServed" >> CountRows("users.processed"),
+                   unique_events.rows | "CountEventNames" >> CountEventNames(),
                    *ranker_counts]
                 | "FlattenCounters" >> beam.Flatten()
                 | "SumCounters" >> SumCounts())
@@ -355,6 +356,10 @@ def summarise(warehouse: Warehouse, run_id: str, n: int) -> str:
         lines.append("stability vs the previous output:")
         lines += ["  " + line for line in format_report(stability.iloc[0].to_dict(), n)
                   .splitlines()]
+    if warehouse.exists("stability_changes"):  # why the lists changed (#19)
+        changes = warehouse.query("SELECT * FROM stability_changes WHERE run_id = ?", [run_id])
+        if len(changes):
+            lines += ["changes explained:"] + format_changes(changes)
     lines.append(f"warehouse: {warehouse.location}")
     return "\n".join(lines)
 

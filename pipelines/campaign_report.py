@@ -99,6 +99,25 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
                 render_only={"bandit_state": BANDIT_STATE}))
 
 
+def policy_lines(policy: pd.DataFrame) -> List[str]:
+    """Click-through per send: realised, the uniform estimate, the lift, with intervals."""
+    if not len(policy):
+        return ["click-through per send: no sends with a recorded propensity, so no "
+                "off-policy estimates"]
+    row = policy.set_index(["policy", "method"])
+    first = policy.iloc[0]
+
+    def show(key):
+        r = row.loc[key]
+        return f"{r['value']:.3%} [{r['ci_low']:.3%}, {r['ci_high']:.3%}]"
+
+    return [f"click-through per send over {first['sends']:,} sends with a propensity "
+            f"({first['sends_without_propensity']:,} without): realised "
+            f"{show(('logged', 'realised'))}, uniform random (SNIPS) {show(('uniform', 'snips'))}, lift "
+            f"{show(('lift_vs_uniform', 'snips'))}; greedy (DR) {show(('greedy', 'dr'))}, "
+            f"Thompson (DR) {show(('thompson', 'dr'))}"]
+
+
 def summarise(warehouse: LocalWarehouse, run_id: str, html_path: str) -> str:
     """A short human summary of one run, read back from the warehouse."""
     run = warehouse.query("SELECT * FROM pipeline_runs WHERE run_id = ?", [run_id]).iloc[0]
@@ -122,6 +141,8 @@ def summarise(warehouse: LocalWarehouse, run_id: str, html_path: str) -> str:
         aov = warehouse.query('SELECT "group", orders, aov FROM campaign_aov')
         lines.append("AOV: " + ", ".join(f"{r.group} ${r.aov:,.0f} ({r.orders} orders)"
                                          for r in aov.itertuples(index=False)))
+        policy = warehouse.query("SELECT * FROM campaign_policy_value")
+        lines.extend(policy_lines(policy))
         lines.append(f"report: {os.path.abspath(html_path)}")
     lines.append(f"warehouse: {os.path.abspath(warehouse.path)}")
     return "\n".join(lines)

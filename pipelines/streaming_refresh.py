@@ -20,7 +20,7 @@ import argparse
 import logging
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -106,6 +106,10 @@ class StreamingOptions(PipelineOptions):
                                  "stopped). Ignored on Dataflow.")
         parser.add_argument("--insert_batch_size", type=int, default=INSERT_BATCH_ROWS,
                             help="Rows per BigQuery streaming insert request.")
+        parser.add_argument("--bandit_segment_by", default="",
+                            help="Comma-separated user attributes (e.g. make,model) to also "
+                                 "keep bandit arms per segment, as bandit_report --segment_by; "
+                                 "empty: per treatment only.")
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
@@ -193,7 +197,14 @@ def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReferen
                               opts.reference_refresh_seconds, opts.history_table)
     paths = require_tables(reference.input_dir, reference.tables)  # one line, fitment hint
     check_attributes(paths, ctx.config.segment_attributes, ctx.config.fitment_attributes)
+    check_attributes(paths, bandit_segments(options), ())   # the bandit's segments, if any
     return reference
+
+
+def bandit_segments(options: PipelineOptions) -> Tuple[str, ...]:
+    """User attributes of the bandit's per-segment arms (``--bandit_segment_by``)."""
+    flag = options.view_as(StreamingOptions).bandit_segment_by
+    return tuple(a.strip() for a in flag.split(",") if a.strip())
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingContext,
@@ -240,7 +251,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         MODEL_VERSION)
 
     treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
-    bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(ctx.bandit, spec)
+    bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(
+        ctx.bandit, spec, reference, bandit_segments(options))
     treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
         "treatment_events", spec)
 

@@ -6,6 +6,8 @@
 #   templates/deploy.sh push [JOB...]       # docker push to Artifact Registry
 #   templates/deploy.sh templates [JOB...]  # template spec per job -> gs://$BUCKET/templates/
 #   templates/deploy.sh streaming           # STREAMING_MODE=none|launch|update|drain
+#   templates/deploy.sh schedules           # Cloud Scheduler jobs (templates/schedules/*.json)
+#   templates/deploy.sh alerts              # log-based metrics + alert policies (templates/alerts/)
 #   templates/deploy.sh list                # the templates it would build
 #
 # cloudbuild.yaml runs images, smoke, push, templates and streaming in that order;
@@ -21,6 +23,9 @@
 #   LAUNCHER_TAG                          tag of the Flex Template launcher base image
 #   STREAMING_MODE STREAMING_TEMPLATE STREAMING_JOB_NAME STREAMING_PARAMETERS
 #   DRAIN_TIMEOUT (s, default 3600)  POLL_SECONDS (default 30)
+#   SOURCE_COMMIT                         the commit built (falls back to COMMIT_SHA, then git)
+#   schedules/alerts: RECS_DATASET INPUT_DIR SCHEDULER_SERVICE_ACCOUNT ALERT_CHANNELS
+#                     DEAD_LETTER_THRESHOLD (templates/ops.py, docs/operations.md)
 set -euo pipefail
 
 SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -28,6 +33,7 @@ cd "$(dirname "$SCRIPT")/.."
 TEMPLATES_DIR=${TEMPLATES_DIR:-templates}
 DOCKERFILE=${DOCKERFILE:-templates/Dockerfile}
 IMAGE_TAG=${IMAGE_TAG:-${SHORT_SHA:-}}
+SOURCE_COMMIT=${SOURCE_COMMIT:-${COMMIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}}
 
 die() { echo "deploy: $*" >&2; exit 1; }
 need() {
@@ -55,6 +61,7 @@ cmd_images() {
   for job in "$@"; do
     # The first build makes every layer; the others reuse them and add one ENV.
     docker build --file "$DOCKERFILE" --build-arg JOB="$job" \
+      --build-arg SOURCE_COMMIT="$SOURCE_COMMIT" --build-arg TEMPLATE_VERSION="$IMAGE_TAG" \
       ${LAUNCHER_TAG:+--build-arg LAUNCHER_TAG="$LAUNCHER_TAG"} \
       --tag "$(image "$job")" .
   done
@@ -100,16 +107,22 @@ cmd_templates() {
       --temp-location="gs://$BUCKET/temp" \
       ${streaming[@]+"${streaming[@]}"} \
       --print-only --format='value(.)' > "$spec"
-    python3 - "$spec" "$img" <<'EOF'
+    python3 - "$spec" "$img" "$SOURCE_COMMIT" "$IMAGE_TAG" <<'EOF'
 import json
+import re
 import sys
 
-path, image = sys.argv[1:]
+path, image, commit, version = sys.argv[1:]
 with open(path) as handle:
     spec = json.load(handle)
 if spec.get("image") != image:
     sys.exit(f"deploy: the spec names image {spec.get('image')!r}, expected {image!r}")
 spec.setdefault("defaultEnvironment", {})["sdkContainerImage"] = image
+# What `python -m pipelines.status --verify` compares with the runs (Dataflow also puts
+# these labels on every job launched from the spec); label values: [a-z0-9_-], <= 63.
+label = lambda value: re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+spec["defaultEnvironment"].setdefault("additionalUserLabels", {}).update(
+    source_commit=label(commit), template_version=label(version))
 with open(path, "w") as handle:
     json.dump(spec, handle, indent=2, sort_keys=True)
 EOF
@@ -206,8 +219,11 @@ main() {
       done
       "cmd_$cmd" "${jobs[@]}" ;;
     streaming) cmd_streaming ;;
+    schedules|alerts)
+      need PROJECT_ID REGION BUCKET
+      python3 -m templates.ops "$cmd" ;;
     list) template_jobs ;;
-    *) sed -n '2,9p' "$SCRIPT" >&2; exit 2 ;;
+    *) sed -n '2,11p' "$SCRIPT" >&2; exit 2 ;;
   esac
 }
 

@@ -87,6 +87,7 @@ EMULATOR_ONLY = {
 TEMPLATES: Tuple[Template, ...] = (
     Template("batch_recommendations", exclude=EMULATOR_ONLY),
     Template("bandit_report"),
+    Template("train_ranker"),
     Template("campaign_report", exclude={
         "segment_by": "campaign_report refuses it at start-up (per-segment state is "
                       "bandit_report's)"}),

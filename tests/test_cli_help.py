@@ -13,6 +13,7 @@ JOBS = {
     "generate_world": ["--preset", "--seed", "--format", "--bad_rows"],
     "import_dataset": ["--source", "--out"],
     "publish": ["rollback", "prune"],
+    "status": ["--warehouse", "--verify", "--template_spec", "--html", "--now"],
     "train_ranker": ["--ranker_model_dir", "--ranker_objective", "--as_of"],
     "evaluate_ranker": ["--ranker_artifact", "--as_of"],
     "streaming_refresh": ["--events_subscription", "--window_seconds",

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.campaign import complete_windows
 from pipelines import bandit_report, campaign_report
 
 START = pd.Timestamp("2026-05-01T08:00:00Z")
@@ -43,7 +44,7 @@ def make_world(seed=5, users=400, days=10):
     for u in range(users):
         user, treatment = f"u{u}", names[u % len(names)]
         sent = START + pd.Timedelta(days=int(rng.integers(days)), minutes=int(rng.integers(600)))
-        emit(user, treatment, "SENT", sent)
+        emit(user, treatment, "SENT", sent, propensity=1 / 3, allocation_version="rr")
         clicked = False
         if rng.random() < 0.75:
             emit(user, treatment, "DELIVERED", sent + pd.Timedelta(minutes=1))
@@ -66,6 +67,7 @@ def make_world(seed=5, users=400, days=10):
         treatments[0],                                               # redelivered event id
         {**treatments[0], "event_id": "x1", "kind": "BOUNCED"},      # unknown kind
         {**treatments[0], "event_id": "x2", "user_id": "ghost", "kind": "CLICKED"},  # no send
+        {**treatments[0], "event_id": "x3", "treatment_id": "<script>alert('tid')</script>"},
     ]
     return treatments + bad, orders + [orders[0]]  # and one redelivered order event
 
@@ -113,7 +115,8 @@ def test_bad_input_is_dead_lettered_with_reasons(runs):
     dead = query(runs, "SELECT run_id, reason, count(*) AS n FROM dead_letter "
                        "GROUP BY ALL ORDER BY ALL")
     bandit = dict(dead.loc[dead["run_id"] == "bandit1", ["reason", "n"]].values.tolist())
-    assert bandit == {"click without send": 1, "malformed JSON": 1, "unknown kind": 1}
+    assert bandit == {"click without send": 1, "malformed JSON": 1, "unknown kind": 1,
+                      "malformed treatment_id": 1}
     counters = json.loads(query(runs, "SELECT counters FROM pipeline_runs "
                                       "WHERE run_id = 'bandit1'")["counters"].iloc[0])
     assert counters["treatment_events.deduplicated"] == 1
@@ -124,32 +127,87 @@ def test_bad_input_is_dead_lettered_with_reasons(runs):
                     + counters["treatment_events.deduplicated"])
 
 
-def test_bandit_state_counts_match_the_events_in_each_window(runs):
+def _recipients(runs):
+    """One row per fixture recipient: treatment, send time, opened or clicked, clicked."""
+    events = pd.DataFrame(runs["treatments"][:-4])  # the refused rows excluded
+    events["event_time"] = pd.to_datetime(events["event_time"], utc=True)
+    sent = events.loc[events["kind"] == "SENT"].set_index("user_id")
+    kinds = events.groupby("user_id")["kind"].agg(set)
+    return pd.DataFrame({"treatment_id": sent["treatment_id"], "sent_at": sent["event_time"],
+                         "viewed": kinds.reindex(sent.index).map(
+                             lambda k: bool(k & {"VIEWED", "CLICKED"})),
+                         "clicked": kinds.reindex(sent.index).map(lambda k: "CLICKED" in k)})
+
+
+def test_bandit_state_counts_each_window_by_its_sends(runs):
+    """Views and clicks count in the windows of the send they follow (issue #18), so no click
+    is capped at a window's edge; every window holds sends; an overall row spans all data."""
     state = query(runs, "SELECT * FROM bandit_state WHERE segment = '*'")
     assert set(state["treatment_id"]) == set(TREATMENT_RATES)
-    assert (state["window_end"] - state["window_start"] == pd.Timedelta(days=7)).all()
-    events = pd.DataFrame(runs["treatments"][:-3])  # the refused rows excluded
-    events["event_time"] = pd.to_datetime(events["event_time"], utc=True)
-    row = state.sort_values("views", ascending=False).iloc[0]
-    start, end = (pd.Timestamp(row["window_start"]).tz_convert("UTC"),
-                  pd.Timestamp(row["window_end"]).tz_convert("UTC"))
-    inside = events.loc[(events["treatment_id"] == row["treatment_id"])
-                        & (events["event_time"] >= start) & (events["event_time"] < end)]
-    assert row["sent"] == (inside["kind"] == "SENT").sum()
-    assert row["views"] == (inside["kind"] == "VIEWED").sum()
-    assert row["clicks"] + row["clicks_capped"] == (inside["kind"] == "CLICKED").sum()
+    assert set(state["scope"]) == {"window", "overall"}
+    windows = state.loc[state["scope"] == "window"]
+    assert (windows["window_end"] - windows["window_start"] == pd.Timedelta(days=7)).all()
+    assert (windows.groupby("window_end")["sent"].sum() > 0).all()
+    assert (state["clicks_capped"] == 0).all()
+    recips = _recipients(runs)
+    for row in windows.sort_values("views", ascending=False).head(3).itertuples():
+        start, end = (pd.Timestamp(row.window_start).tz_convert("UTC"),
+                      pd.Timestamp(row.window_end).tz_convert("UTC"))
+        inside = recips.loc[(recips["treatment_id"] == row.treatment_id)
+                            & (recips["sent_at"] >= start) & (recips["sent_at"] < end)]
+        assert (row.sent, row.views, row.clicks) == (
+            len(inside), inside["viewed"].sum(), inside["clicked"].sum())
+    overall = state.loc[state["scope"] == "overall"].set_index("treatment_id")
+    per_treatment = recips.groupby("treatment_id")
+    assert overall["sent"].to_dict() == per_treatment.size().to_dict()
+    assert overall["clicks"].to_dict() == per_treatment["clicked"].sum().to_dict()
+    assert overall["window_start"].min() <= recips["sent_at"].min()
+    assert overall["window_end"].max() > recips["sent_at"].max()
     assert (state["clicks"] <= state["views"]).all()
-    per_window = state.groupby("window_end")
+    per_window = windows.groupby("window_end")
     np.testing.assert_allclose(per_window["p_best"].sum(), 1.0)
     np.testing.assert_allclose(per_window["weight"].sum(), 1.0)
     np.testing.assert_allclose(state["alpha"], 1 + state["clicks"])
+
+
+def test_the_bandit_publishes_the_allocation_a_sender_uses(runs):
+    alloc = query(runs, "SELECT * FROM bandit_allocation")
+    assert set(alloc["allocation_version"]) == {"bandit1"}
+    assert set(alloc["treatment_id"]) == set(TREATMENT_RATES)
+    np.testing.assert_allclose(alloc.groupby("segment")["weight"].sum(), 1.0)
+    # The weights of the latest window lying within the data (not one holding only its end).
+    within = complete_windows(query(runs, "SELECT * FROM bandit_state WHERE segment = '*'"))
+    latest = within.loc[within["window_end"] == within["window_end"].max()]
+    assert len(latest) == len(TREATMENT_RATES)
+    assert (alloc["window_end"] == latest["window_end"].iloc[0]).all()
+    assert (alloc.set_index("treatment_id")["weight"].to_dict()
+            == pytest.approx(latest.set_index("treatment_id")["weight"].to_dict()))
+
+
+def test_the_report_estimates_policies_off_policy_from_logged_propensities(runs):
+    policy = query(runs, "SELECT * FROM campaign_policy_value").set_index(["policy", "method"])
+    recips = _recipients(runs)
+    assert (policy["sends"] == len(recips)).all()
+    assert (policy["sends_without_propensity"] == 0).all()
+    realised = policy.loc[("logged", "realised")]
+    assert realised["value"] == pytest.approx(recips["clicked"].mean())
+    assert realised["ci_low"] < realised["value"] < realised["ci_high"]
+    # The fixture's sends are uniform (propensity 1/3), so the uniform policy's IPS is the
+    # plain mean and the lift over it is zero.
+    assert policy.loc[("uniform", "ips"), "value"] == pytest.approx(realised["value"])
+    assert policy.loc[("lift_vs_uniform", "snips"), "value"] == pytest.approx(0.0, abs=1e-12)
+    greedy = policy.loc[("greedy", "snips"), "value"]
+    best = recips.groupby("treatment_id")["clicked"].mean().max()
+    assert greedy == pytest.approx(best)
+    assert set(policy.index.get_level_values("policy")) == {
+        "logged", "uniform", "greedy", "thompson", "lift_vs_uniform"}
 
 
 def test_campaign_tables_agree_with_the_fixture(runs):
     funnel = query(runs, "SELECT stage, recipients, rate_of_sent FROM campaign_funnel "
                          "WHERE campaign_id = '*' AND treatment_id = '*' ORDER BY stage_order")
     sent, delivered, opened, clicked, ordered = funnel["recipients"].tolist()
-    kinds = pd.Series([t["kind"] for t in runs["treatments"][:-3]]).value_counts()
+    kinds = pd.Series([t["kind"] for t in runs["treatments"][:-4]]).value_counts()
     assert (sent, delivered, opened, clicked) == (kinds["SENT"], kinds["DELIVERED"],
                                                   kinds["VIEWED"], kinds["CLICKED"])
     assert 0 < ordered < sent
@@ -174,7 +232,7 @@ def test_html_report_is_self_contained_with_svg_plots(runs):
     assert page.count("<svg") >= 5 + len(TREATMENT_RATES)
     for title in ("Campaign funnel", "Posterior click-through densities", "CTR of T_hero",
                   "Attributed revenue by conversion path", "Time from e-mail to order",
-                  "Delivery failures by reason"):
+                  "Delivery failures by reason", "Click-through per send"):
         assert title in page
     for external in ("<script", "src=", "href=", "http://", "https://", "@import"):
         assert external not in page
@@ -218,3 +276,26 @@ def test_reports_take_the_input_limits_of_the_config(tmp_path):
     assert "quantity" in refused[0][1]
     assert json.loads(counters["default_cap"]).get("events.dead_lettered") == 1
     assert json.loads(counters["raised_cap"]).get("events.dead_lettered", 0) == 0
+
+
+def test_a_registry_of_treatments_refuses_the_others_and_they_never_become_arms(tmp_path):
+    """With ``inputs.treatment_ids`` configured, a treatment outside it is dead-lettered
+    (``unknown treatment_id``) and has no bandit row nor allocation weight (issue #18)."""
+    world = tmp_path / "world"
+    world.mkdir()
+    treatments, _ = write_world(world, seed=3, users=60, days=3)
+    config = tmp_path / "registry.yaml"
+    config.write_text("inputs:\n  treatment_ids: [T_hero, T_list]\n")
+    warehouse = str(tmp_path / "wh.duckdb")
+    assert bandit_report.run(["--input_dir", str(world), "--warehouse", warehouse,
+                              "--num_shards", "2", "--bandit_draws", "1000",
+                              "--run_id", "registry", "--config", str(config)]) == 0
+    with duckdb.connect(warehouse, read_only=True) as con:
+        reasons = dict(con.execute("SELECT reason, count(*) FROM dead_letter "
+                                   "GROUP BY reason").fetchall())
+        arms = {r[0] for r in con.execute("SELECT treatment_id FROM bandit_state").fetchall()}
+        weighted = {r[0] for r in con.execute(
+            "SELECT treatment_id FROM bandit_allocation").fetchall()}
+    plain = sum(t["treatment_id"] == "T_plain" for t in treatments)
+    assert reasons["unknown treatment_id"] == plain > 0
+    assert arms == weighted == {"T_hero", "T_list"}

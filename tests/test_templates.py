@@ -427,10 +427,14 @@ def test_cloudbuild_parses_and_everything_it_references_exists():
                                   env={"PATH": os.environ["PATH"]}, capture_output=True,
                                   text=True, timeout=60)
             assert proc.returncode in (0, 1), (args, proc.stderr)
-    assert ids == ["test", "images", "smoke", "push", "templates", "streaming"]
-    script = " ".join(build["steps"][0]["args"])
+    assert ids == ["test-image", "test", "images", "smoke", "push", "templates", "schedules",
+                   "alerts", "streaming"]
+    script = " ".join(build["steps"][1]["args"])
     assert "python -m templates.metadata --check" in script and "pytest" in script
-    assert build["steps"][0]["name"].startswith("python:3.11")  # the image's Python
+    # The suite runs in the image built from templates/test/Dockerfile (#19), whose
+    # Python is the templates' 3.11 (tests/test_status_deploy.py checks that file).
+    assert "templates/test/Dockerfile" in build["steps"][0]["args"]
+    assert build["steps"][1]["name"] == build["steps"][0]["args"][-2]
     # Every repository path the build, deploy.sh and smoke.sh name, and the image
     # paths (/template/...) they run, exist in the repository.
     text = _read(CLOUDBUILD) + _read(DEPLOY) + _read(os.path.join(REPO, "templates", "smoke.sh"))
@@ -506,7 +510,8 @@ def deploy(tmp_path):
         (bin_dir / name).chmod(0o755)
     log, gcs = tmp_path / "calls.jsonl", tmp_path / "gcs"
     inherited = ("STREAMING_", "CLOUDSDK", "TEMPLATES_DIR", "DOCKERFILE", "IMAGE_TAG",
-                 "SHORT_SHA", "SERVICE_ACCOUNT", "LAUNCHER_TAG", "FAKE_")
+                 "SHORT_SHA", "SERVICE_ACCOUNT", "LAUNCHER_TAG", "FAKE_", "SOURCE_COMMIT",
+                 "COMMIT_SHA")
     base = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     base.update(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_GCS=str(gcs),
@@ -542,8 +547,9 @@ def _image(job):
 
 def test_deploy_builds_smokes_and_pushes_one_image_per_template(deploy):
     run, _ = deploy
-    proc, calls = run("images")
+    proc, calls = run("images", SOURCE_COMMIT="0123abc")
     assert proc.returncode == 0, proc.stderr
+    assert all("SOURCE_COMMIT=0123abc" in c and "TEMPLATE_VERSION=abc123" in c for c in calls)
     assert [c[:2] for c in calls] == [["docker", "build"]] * len(JOBS)
     for call, job in zip(calls, JOBS):
         assert call[call.index("--file") + 1] == "templates/Dockerfile"
@@ -558,7 +564,7 @@ def test_deploy_builds_smokes_and_pushes_one_image_per_template(deploy):
 
 def test_deploy_publishes_a_template_spec_per_job_with_its_image_as_worker(deploy):
     run, gcs = deploy
-    proc, calls = run("templates")
+    proc, calls = run("templates", SOURCE_COMMIT="0123ABC")
     assert proc.returncode == 0, proc.stderr
     builds = [c for c in calls if c[1:4] == ["dataflow", "flex-template", "build"]]
     assert len(builds) == len(JOBS)
@@ -572,6 +578,9 @@ def test_deploy_publishes_a_template_spec_per_job_with_its_image_as_worker(deplo
         assert spec["defaultEnvironment"]["serviceAccountEmail"] == (
             "dataflow-worker@demo-project.iam.gserviceaccount.com")
         assert spec["sdkInfo"]["language"] == "PYTHON"
+        # What `pipelines.status --verify` compares with the runs (#19).
+        assert spec["defaultEnvironment"]["additionalUserLabels"] == {
+            "source_commit": "0123abc", "template_version": "abc123"}
         # gcloud keeps name, description and parameters of the metadata file (it drops
         # `streaming`; the job sets streaming itself and deploy.sh adds the engine flag).
         kept = {k: v for k, v in md.read_metadata(TEMPLATES[job]).items() if k != "streaming"}

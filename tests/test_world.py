@@ -92,7 +92,16 @@ def test_contract_fields_and_types(world):
         assert set(events["user_id"]) <= set(world.users["user_id"])
     assert list(world.treatment_events.columns) == ["event_id", "event_time", "user_id",
                                                     "treatment_id", "campaign_id", "kind",
-                                                    "reason"]
+                                                    "reason", "propensity",
+                                                    "allocation_version"]
+    # Each SENT records its treatment's logging probability (the world's fixed weights).
+    te = world.treatment_events
+    sent = te["kind"] == "SENT"
+    weights = te.loc[sent, "treatment_id"].map(world.truth.treatment_weights)
+    assert np.allclose(te.loc[sent, "propensity"], weights, atol=1e-6)
+    assert te.loc[~sent, "propensity"].isna().all()
+    assert te.loc[~sent, "allocation_version"].isna().all()
+    assert (te.loc[sent, "allocation_version"] == W.ALLOCATION_VERSION).all()
     assert world.users["updated_at"].str.match(RFC3339).all()
     assert world.users["user_id"].str.match(r"^U\d{7}$").all()
     assert all(isinstance(t, list) for t in world.catalog["tags"])
@@ -450,13 +459,14 @@ def test_cli_writes_world_and_prints_summary(tmp_path, capsys):
 # Recorded when models/world.py became the models/world/ package (#14): the tiny preset,
 # seed 7, JSON Lines with 5 bad rows of each kind must stay byte-for-byte the same, so
 # refactoring the generator cannot silently change the worlds tests and benches are built on.
-# A deliberate change to the automotive world updates these hashes in the same commit.
+# A deliberate change to the automotive world updates these hashes in the same commit
+# (#18: treatment_events gained each SENT's propensity and allocation_version; the rest held).
 TINY_SEED7_JSONL_SHA256 = {
     "catalog.jsonl": "4752bd070672ee71bf30b7c58c85ae1bc1141a24a9c33e181e6aa6bc8c21059d",
     "events.jsonl": "ea2d7ca56d54497ab905818f553043843857a49cdf516251366a256d3d9601cf",
     "fitment.jsonl": "add75b001500d26d08d9c31511aff6f478dd559446f3b4ef466a50642c4ed75d",
     "holdout_events.jsonl": "445d7d206167ec8ee68ac21e82bc766096d39c6002fa5ca6e5de9da661e47642",
-    "treatment_events.jsonl": "ce0fe3ab5a5f20d3f7e1ee1dfa8d6cf6c97796df734b6d2bbdadda55570cb9c1",
+    "treatment_events.jsonl": "5e541a17465278b7e9a081fda0ea7cc90c590f92a0a27d396cc53a83c655810f",
     "users.jsonl": "37b5342cd703cfe85795421cc1595cd2fdd0a53693cb4ddaca0a4404b6fa4f10",
     "world.json": "b749fc130863f83e6d96a67c20e5ab0216c6b476cd933a1aea83ab1c82991a89",
 }

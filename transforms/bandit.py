@@ -12,7 +12,7 @@ windowing, the CombineFn and the state, so they publish the same rows.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -21,7 +21,7 @@ from apache_beam import typehints
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Duration
 
-from models import campaign, contracts
+from models import campaign, contracts, sends
 from models.bandit import BanditConfig
 from models.campaign import EPOCH, FunnelCounts
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames
@@ -198,21 +198,103 @@ class WindowStateFn(beam.DoFn):
             yield out.state
 
 
+@typehints.with_input_types(pd.DataFrame)
+@typehints.with_output_types(pd.DataFrame)
+class AttributeToSendsFn(beam.DoFn):
+    """Re-times a user shard's funnel events to their sends (`models.sends.attribute_to_sends`)."""
+
+    def __init__(self, window: pd.Timedelta):
+        self._window = window
+
+    def process(self, frame: pd.DataFrame) -> Iterator:
+        out = sends.attribute_to_sends(frame, self._window)
+        yield count("bandit.beyond_attribution", out.beyond)
+        yield count("bandit.opens_inferred", out.opens_inferred)
+        if len(out.rows):
+            yield out.rows
+
+
+class AttributedOut(NamedTuple):
+    """Funnel events at their sends' times, and the attribution counters."""
+
+    rows: beam.PCollection
+    counts: beam.PCollection
+
+
+class AttributeToSends(beam.PTransform):
+    """Funnel-checked frames (whole recipients per frame) → events timed at their sends.
+
+    A view or click within ``window`` after its send then lands in the send's
+    sliding windows, whatever boundary lies between them; later ones are
+    counted (``bandit.beyond_attribution``) and left out of the bandit only.
+    """
+
+    def __init__(self, window: pd.Timedelta):
+        super().__init__()
+        self._window = window
+
+    def expand(self, frames: beam.PCollection) -> AttributedOut:
+        out = frames | "AttributeToSends" >> beam.ParDo(
+            AttributeToSendsFn(self._window)).with_outputs(Tag.COUNTS.value, main=Tag.ROWS.value)
+        return AttributedOut(out[Tag.ROWS.value], out[Tag.COUNTS.value])
+
+
+@typehints.with_input_types(KeyedCounts)
+@typehints.with_output_types(Tuple[Key, FunnelCounts, int])
+class WithTimestampFn(beam.DoFn):
+    """Keeps each count element's bucket start (its timestamp, in seconds) beside it."""
+
+    def process(self, kv: KeyedCounts, at=beam.DoFn.TimestampParam) -> Iterator:
+        yield kv[0], kv[1], int(at.micros // 1_000_000)
+
+
+@typehints.with_input_types(List[Tuple[Key, FunnelCounts, int]])
+@typehints.with_output_types(pd.DataFrame)
+class OverallStateFn(beam.DoFn):
+    """Every key's counts over the whole input → the ``overall`` `bandit_state` rows.
+
+    The span is the first bucket's start to the last bucket's end. Impossible
+    counts are dead-lettered by the windows that hold them, not again here.
+    """
+
+    def __init__(self, config: BanditConfig, bucket: pd.Timedelta):
+        self._config = config
+        self._bucket = bucket
+
+    def process(self, elements: List[Tuple[Key, FunnelCounts, int]]) -> Iterator:
+        if not elements:
+            return
+        seconds = [at for _, _, at in elements]
+        start = pd.Timestamp(min(seconds), unit="s", tz="UTC")
+        end = pd.Timestamp(max(seconds), unit="s", tz="UTC") + self._bucket
+        out = campaign.window_state(campaign.counts_frame(
+            [(key, counts) for key, counts, _ in elements], summed=True), start, end,
+            self._config, campaign.OVERALL_SCOPE)
+        yield count("bandit.overall_refused", len(out.rejected))
+        yield count("bandit_state.rows", len(out.state))
+        if len(out.state):
+            yield out.state
+
+
 class BanditState(beam.PTransform):
     """Timestamped ``((treatment, segment), counts)`` → `bandit_state` frames, one per window.
 
     The outputs are re-windowed into the global window: the window bounds
     travel as the ``window_start``/``window_end`` columns from here on, so
-    the state can meet run-wide counters and sinks.
+    the state can meet run-wide counters and sinks. With ``overall_bucket``
+    (bounded input only: the batch jobs) one more frame holds the
+    ``overall`` rows, each arm over all the data.
     """
 
     def __init__(self, config: BanditConfig, size: pd.Timedelta, period: pd.Timedelta,
-                 allowed_lateness: pd.Timedelta = pd.Timedelta(0)):
+                 allowed_lateness: pd.Timedelta = pd.Timedelta(0),
+                 overall_bucket: Optional[pd.Timedelta] = None):
         super().__init__()
         self._config = config
         self._size = size
         self._period = period
         self._lateness = allowed_lateness
+        self._overall_bucket = overall_bucket
 
     def expand(self, counts: beam.PCollection) -> BanditStateOut:
         state = (counts
@@ -223,10 +305,23 @@ class BanditState(beam.PTransform):
                  | "GatherWindow" >> beam.GroupByKey()
                  | "PosteriorPerWindow" >> beam.ParDo(WindowStateFn(self._config)).with_outputs(
                      Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
+        rows = state[Tag.ROWS.value] | "StateToGlobalWindow" >> beam.WindowInto(
+            window.GlobalWindows())
+        counters = state[Tag.COUNTS.value] | "CountsToGlobalWindow" >> beam.WindowInto(
+            window.GlobalWindows())
+        if self._overall_bucket is not None:
+            overall = (counts
+                       | "KeepBucketStart" >> beam.ParDo(WithTimestampFn())
+                       | "OverallToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                       | "GatherOverall" >> beam.combiners.ToList()
+                       | "OverallState" >> beam.ParDo(OverallStateFn(
+                           self._config, self._overall_bucket)).with_outputs(
+                           Tag.COUNTS.value, main=Tag.ROWS.value))
+            rows = (rows, overall[Tag.ROWS.value]) | "WithOverallRows" >> beam.Flatten()
+            counters = ((counters, overall[Tag.COUNTS.value])
+                        | "WithOverallCounts" >> beam.Flatten())
         return BanditStateOut(
-            state[Tag.ROWS.value] | "StateToGlobalWindow" >> beam.WindowInto(
-                window.GlobalWindows()),
+            rows,
             state[Tag.DEAD_LETTER.value] | "DeadLettersToGlobalWindow" >> beam.WindowInto(
                 window.GlobalWindows()),
-            state[Tag.COUNTS.value] | "CountsToGlobalWindow" >> beam.WindowInto(
-                window.GlobalWindows()))
+            counters)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 
-from models import campaign, contracts, health, report_html
+from models import campaign, contracts, health, report_html, sends
 from models.contracts import ORDER_EVENT_NAMES
 from transforms import schemas
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, GroupFrames
@@ -36,7 +36,13 @@ BANDIT_STATE = pa.schema(
      ("treatment_id", pa.string())]
     + [(field, pa.int64()) for field in campaign.COUNT_FIELDS + ("clicks_capped",)]
     + [(field, pa.float64()) for field in ("alpha", "beta", "mean", "ci_low", "ci_high",
-                                           "p_best", "weight")])
+                                           "p_best", "weight")]
+    + [("scope", pa.string())])
+
+BANDIT_ALLOCATION = pa.schema(
+    [("allocation_version", pa.string()), ("window_start", _TIMESTAMP),
+     ("window_end", _TIMESTAMP), ("segment", pa.string()), ("treatment_id", pa.string()),
+     ("weight", pa.float64())])
 
 REPORT_TABLES = {
     "campaign_funnel": pa.schema([
@@ -57,6 +63,12 @@ REPORT_TABLES = {
     "campaign_delivery_failures": pa.schema([
         ("campaign_id", pa.string()), ("reason", pa.string()), ("failures", pa.int64()),
         ("share_of_failures", pa.float64()), ("share_of_sent", pa.float64())]),
+    # Click-through per send: realised under the logging policy, and off-policy
+    # estimates of uniform/greedy/Thompson with bootstrap intervals (models/sends.py).
+    "campaign_policy_value": pa.schema([
+        ("policy", pa.string()), ("method", pa.string()), ("value", pa.float64()),
+        ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("sends", pa.int64()),
+        ("sends_without_propensity", pa.int64())]),
 }
 
 
@@ -144,17 +156,21 @@ class CampaignPartialsFn(beam.DoFn):
 
     def process(self, element: Tuple[Shard, Dict[str, pd.DataFrame]]) -> Iterator:
         _, groups = element
-        parts = campaign.campaign_partials(groups["treatment_events"], groups["orders"],
-                                           self._window)
+        treatments = groups["treatment_events"]
+        parts = campaign.campaign_partials(treatments, groups["orders"], self._window)
+        # The send log is per-cell counts, so shards ship little to the gathering step.
+        parts = parts._replace(sends=sends.send_log(treatments, self._window))
         yield count("events.processed", len(groups["orders"]))
         yield count("campaign.recipients", int(parts.funnel["sent"].sum()))
         yield parts
 
 
-def _build_tables(parts: List[campaign.CampaignPartials],
-                  window: pd.Timedelta) -> Dict[str, pd.DataFrame]:
-    """All shards' partials → the five report tables."""
-    return campaign.campaign_tables(campaign.merge_partials(parts), window)
+def _build_tables(parts: List[campaign.CampaignPartials], window: pd.Timedelta,
+                  resamples: int = 1000, seed: int = 2026) -> Dict[str, pd.DataFrame]:
+    """All shards' partials → the five report tables and ``campaign_policy_value``."""
+    merged = campaign.merge_partials(parts)
+    return {**campaign.campaign_tables(merged, window),
+            "campaign_policy_value": sends.policy_value_table(merged.sends, resamples, seed)}
 
 
 class CampaignReportOut(NamedTuple):

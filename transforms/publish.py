@@ -25,7 +25,10 @@ from apache_beam import typehints
 from models import health, rules, sanity
 from models.catalog import ineligibility_reasons
 from models.config import RecsConfig, RulesConfig
-from models.stability import stability_report
+from models.provenance import provenance
+from models.stability import (EVENT_COUNTER, explain_changes, format_changes,
+                              stability_report)
+from models.status import run_health_line
 from transforms import schemas
 from transforms.bigquery_io import WriteFramesToBigQuery
 from transforms.io import WriteFrames
@@ -158,6 +161,8 @@ class PublishRunFn(beam.DoFn):
         self._keep_backups = keep_backups
         self._accept_changes = accept_changes
         self._input_tables = tuple(input_tables)
+        # Fixed where the graph is built (the launcher runs the same image as the workers).
+        self._provenance = provenance(config)
 
     def process(self, counters: Dict[str, int], violations: Dict[int, int],
                 recs_staged: List[Any], popularity_staged: List[Any],
@@ -174,12 +179,11 @@ class PublishRunFn(beam.DoFn):
             logging.warning("run %s: the warehouse refused rows %s", run_id, refused)
         counters = {**counters, **{f"{name}.refused": k for name, k in refused.items()}}
         written = int(counters.get("recommendations.written", 0))
-        columns = ["email_lower"] + [f"rec_part_{i}" for i in range(1, n + 1)] + [
-            f"rec{i}_price" for i in range(1, n + 1)]
-        previous = self._warehouse.read("recommendations", columns)
-        current = self._warehouse.frame(staged["recommendations"])[columns]
-        report = stability_report(current.iloc[:0] if previous is None else previous,
-                                  current, n)
+        previous = self._warehouse.read("recommendations")  # None: the first publish
+        staged_recs = self._warehouse.frame(staged["recommendations"])
+        model_versions = sorted(set(staged_recs["model_version"].dropna().astype(str)))
+        report = stability_report(staged_recs.iloc[:0] if previous is None else previous,
+                                  staged_recs, n)
         gates = sanity.evaluate(signals, pd.Timestamp(self._run["as_of"]), counters,
                                 self._warehouse.last_published_counters(), report,
                                 self._config.gates, self._input_tables, self._accept_changes)
@@ -202,7 +206,10 @@ class PublishRunFn(beam.DoFn):
             "deduplicated": sum(v for k, v in counters.items() if k.endswith(".deduplicated")),
             "qa_violations": int(sum(violations.values())),
             "counters": json.dumps(dict(sorted(counters.items()))),
+            **self._provenance,
+            "model_version": ",".join(model_versions) or None,
         }
+        logging.info("%s", run_health_line(row))
         logs: Dict[str, Union[pa.Table, Staged]] = {
             "qa_checks": pa.Table.from_pandas(qa, schema=schemas.QA_CHECKS, preserve_index=False),
             "dead_letter": staged["dead_letter"],
@@ -213,6 +220,18 @@ class PublishRunFn(beam.DoFn):
         if swap:
             logs["stability_report"] = pa.Table.from_pylist([{"run_id": run_id, **report}],
                                                             schema=tables["stability_report"])
+        if previous is not None:  # why the lists changed (#19), gated runs included
+            changes = explain_changes(
+                previous, staged_recs, n, self._dead_letters(run_id, staged["dead_letter"]),
+                self._warehouse.read("segment_popularity"),
+                self._warehouse.frame(staged["segment_popularity"]), counters,
+                self._warehouse.last_published_counters(), made_by=row,
+                made_before=self._warehouse.last_published_run())
+            logs["stability_changes"] = pa.Table.from_pandas(
+                changes.assign(run_id=run_id), schema=schemas.STABILITY_CHANGES,
+                preserve_index=False)
+            for line in format_changes(changes, swaps=3):
+                logging.info("run %s: %s", run_id, line.strip())
         leftovers = self._warehouse.leftovers(run_id)
         if leftovers:  # e.g. a run that crashed before its swap; a rerun does not need them
             logging.warning("run %s: tables left by runs that did not finish: %s; drop them "
@@ -223,6 +242,27 @@ class PublishRunFn(beam.DoFn):
             if pruned:
                 logging.info("run %s: pruned backups %s", run_id, pruned)
         yield row
+
+    def _dead_letters(self, run_id: str, staged: Staged) -> pd.DataFrame:
+        """This run's dead-lettered user rows (the lost users' reasons)."""
+        if staged.data is not None:
+            frame = staged.data.to_pandas()
+            return frame[frame["table"] == "users"]
+        if not self._warehouse.exists("dead_letter"):  # the sink makes it with the first row
+            return pd.DataFrame(columns=["table", "reason", "record"])
+        return self._warehouse.query("SELECT `table`, reason, record FROM dead_letter "
+                                     "WHERE run_id = ? AND `table` = 'users'", [run_id])
+
+
+class CountEventNames(beam.PTransform):
+    """``(events.name.<event_name>, n)`` counters of deduplicated event frames: the input
+    volume per event name that the stability explanation compares with the last run."""
+
+    def expand(self, events: beam.PCollection) -> beam.PCollection:
+        return events | "CountPerName" >> beam.FlatMap(
+            lambda frame: [(f"{EVENT_COUNTER}{name}", int(k)) for name, k in
+                           frame["event_name"].astype(str).value_counts().items()]
+            if len(frame) and "event_name" in frame else [])
 
 
 def qa_rows(violations: Dict[int, int], gates: Sequence[sanity.GateResult],

@@ -64,6 +64,9 @@ PIPELINE_RUNS = pa.schema([
     ("message", pa.string()), ("users_read", pa.int64()), ("eligible_users", pa.int64()),
     ("recommendations_written", pa.int64()), ("dead_lettered", pa.int64()),
     ("deduplicated", pa.int64()), ("qa_violations", pa.int64()), ("counters", pa.string()),
+    # What made the run (#19, models.provenance); NULL in rows written before these existed.
+    ("source_commit", pa.string()), ("template_version", pa.string()),
+    ("config_digest", pa.string()), ("model_version", pa.string()),
 ])
 
 # Dead letters as logged: the staged rows plus the run that refused them.
@@ -84,12 +87,22 @@ def stability(n: int) -> pa.Schema:
         for name, value in figures.items()])
 
 
+# Why the lists changed (#19, ``models.stability.explain_changes``): one row per SKU swap,
+# per reason users were lost, for the score change and per event name, in reading order.
+STABILITY_CHANGES = pa.schema([
+    ("run_id", pa.string()), ("rank", pa.int64()), ("kind", pa.string()),
+    ("subject", pa.string()), ("users", pa.int64()), ("value_before", pa.float64()),
+    ("value_after", pa.float64()), ("detail", pa.string()),
+])
+
+
 def outputs(n: int, slot_sources: bool = False) -> Dict[str, pa.Schema]:
     """Every table the batch job writes, by name, for ``n`` recommendations per user."""
     return {"recommendations": recommendations(n, slot_sources),
             "segment_popularity": SEGMENT_POPULARITY,
             "qa_checks": QA_CHECKS, "pipeline_runs": PIPELINE_RUNS,
-            "dead_letter": DEAD_LETTER_LOG, "stability_report": stability(n)}
+            "dead_letter": DEAD_LETTER_LOG, "stability_report": stability(n),
+            "stability_changes": STABILITY_CHANGES}
 
 
 # --------------------------------------------------------------------------- BigQuery

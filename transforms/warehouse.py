@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from transforms import schemas
 
 PUBLISHED_TABLES = ("recommendations", "segment_popularity")
-LOG_TABLES = ("qa_checks", "dead_letter", "pipeline_runs", "stability_report")
+LOG_TABLES = ("qa_checks", "dead_letter", "pipeline_runs", "stability_report",
+              "stability_changes")
 JOB = "batch_recommendations"
 # The last published run of the batch job: the baseline of the row-count and input-size gates.
 _LAST_PUBLISHED = ("SELECT {column} FROM pipeline_runs WHERE status = 'published' AND job = ? "
@@ -303,6 +304,14 @@ class _LastPublishedRun:
         rows = self._last_published("recommendations_written")
         return None if rows is None else int(rows)
 
+    def last_published_run(self) -> Optional[Dict[str, Any]]:
+        """The whole ``pipeline_runs`` row of the last published batch run (whatever columns
+        the table has: older warehouses lack the provenance ones), or None."""
+        if not self.exists("pipeline_runs"):
+            return None
+        found = self.query(_LAST_PUBLISHED.format(column="*"), [JOB])
+        return found.iloc[0].to_dict() if len(found) else None
+
     def last_published_counters(self) -> Optional[Dict[str, Any]]:
         """The ``counters`` of the last published run, if any (the input-size gate's baseline)."""
         counters = self._last_published("counters")
@@ -339,6 +348,13 @@ class LocalWarehouse(_LastPublishedRun):
                 return None
             row = con.execute(_LAST_PUBLISHED.format(column=column), [JOB]).fetchone()
         return row[0] if row else None
+
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` exists (as :meth:`BigQueryWarehouse.exists`)."""
+        if not os.path.exists(self.path):
+            return False
+        with duckdb.connect(self.path, read_only=True) as con:
+            return _exists(con, table_name(name))
 
     def run_exists(self, run_id: str) -> bool:
         """Whether ``pipeline_runs`` already records ``run_id``."""

@@ -24,7 +24,8 @@ from models.world.behaviour import (_campaign, _event_frame, _events, _orders,  
                                     _with_duplicates)
 from models.world.catalogue import (_base_fitment, _catalog_frame, _Catalogue,  # noqa: F401
                                     _catalogue, _counts, _cover_then_draw)
-from models.world.contract import (ARROW_SCHEMAS, BAD_ID_PREFIX, BAD_KINDS, DAY,  # noqa: F401
+from models.world.contract import (ALLOCATION_VERSION, ARROW_SCHEMAS, BAD_ID_PREFIX,  # noqa: F401
+                                   BAD_KINDS, DAY,
                                    EVENT_NAMES, FAILURE_REASON_P, FAILURE_REASONS,
                                    MISSING_FIELDS, TABLES, TEXT_ONLY_KINDS, TREATMENT_KINDS,
                                    UNKNOWN_EVENT_NAMES, UNKNOWN_SKU_PREFIX)

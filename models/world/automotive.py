@@ -8,7 +8,7 @@ import pyarrow as pa
 from models.world.arrays import _arrow, _epoch, _ids, _iso, _rfc3339, _take
 from models.world.behaviour import _campaign, _event_frame, _events, _with_duplicates
 from models.world.catalogue import _catalog_frame, _catalogue
-from models.world.contract import DAY, FAILURE_REASONS, TREATMENT_KINDS
+from models.world.contract import ALLOCATION_VERSION, DAY, FAILURE_REASONS, TREATMENT_KINDS
 from models.world.propensity import _propensity, _truth_tables
 from models.world.spec import GroundTruth, World, WorldSpec
 from models.world.users import _emails, _segments, _vehicles
@@ -96,6 +96,10 @@ def generate(spec: WorldSpec, seed: int) -> World:
         "kind": _take(_arrow(TREATMENT_KINDS), camp_ev["kind"]),
         "reason": _take(_arrow(FAILURE_REASONS), np.maximum(camp_ev["reason"], 0),
                         null=camp_ev["reason"] < 0),
+        "propensity": pd.Series(camp_ev["propensity"], dtype="float64"),
+        "allocation_version": _take(_arrow([ALLOCATION_VERSION]),
+                                    np.zeros(len(camp_ev["t"]), np.int64),
+                                    null=np.isnan(camp_ev["propensity"])),
     })
 
     placed = in_history & (ev["name"] == 2)

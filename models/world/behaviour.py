@@ -53,8 +53,11 @@ def _campaign(spec: WorldSpec, user_ok: np.ndarray, t_send0: int, rng: np.random
     ev_kind = np.concatenate([np.full(int(m.sum()), kind) for m, _, kind in parts])
     ev_reason = np.concatenate([np.where(kind == 2, reason[m], -1) for m, _, kind in parts])
     order = np.lexsort((ev_kind, ev_t))
+    # The sender's logging policy is the fixed allocation `weights`: each SENT records the
+    # probability its treatment had (for off-policy evaluation, models/ope.py).
+    ev_prop = np.where(ev_kind == 0, weights[ev_treat], np.nan)
     events = dict(user=ev_user[order], treatment=ev_treat[order], t=ev_t[order],
-                  kind=ev_kind[order], reason=ev_reason[order])
+                  kind=ev_kind[order], reason=ev_reason[order], propensity=ev_prop[order])
     names = [f"T{i + 1:02d}" for i in range(spec.n_treatments)]
     truth = dict(ctr=dict(zip(names, ctr.round(6).tolist())),
                  weights=dict(zip(names, weights.round(6).tolist())),

@@ -13,6 +13,9 @@ FAILURE_REASONS = ("mailbox_full", "invalid_address", "blocked")
 FAILURE_REASON_P = (0.30, 0.45, 0.25)
 TABLES = ("catalog", "fitment", "users", "events", "holdout_events", "treatment_events")
 DAY = 86_400
+# The allocation_version a generated world's SENT events record: their logging policy is the
+# world's fixed treatment weights (GroundTruth.treatment_weights).
+ALLOCATION_VERSION = "world-fixed"
 
 # Bad-row kinds per table; the first two exist only as text, so Parquet cannot hold them.
 TEXT_ONLY_KINDS = frozenset({"malformed_json", "truncated_line"})
@@ -47,6 +50,7 @@ ARROW_SCHEMAS: Dict[str, pa.Schema] = {
     "treatment_events": pa.schema([("event_id", _STRING), ("event_time", _STRING),
                                    ("user_id", _STRING), ("treatment_id", _STRING),
                                    ("campaign_id", _STRING), ("kind", _STRING),
-                                   ("reason", _STRING)]),
+                                   ("reason", _STRING), ("propensity", pa.float64()),
+                                   ("allocation_version", _STRING)]),
 }
 ARROW_SCHEMAS["holdout_events"] = ARROW_SCHEMAS["events"]

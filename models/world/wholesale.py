@@ -320,8 +320,8 @@ def generate_wholesale(spec: WholesaleSpec, seed: int) -> World:
     fitment = pd.DataFrame({"sku": pd.Series([], dtype="str"), "make": pd.Series([], dtype="str"),
                             "model": pd.Series([], dtype="str"),
                             "year": np.array([], np.int64)})
-    treatment = pd.DataFrame({c: pd.Series([], dtype="str") for c in
-                              ARROW_SCHEMAS["treatment_events"].names})
+    treatment = pd.DataFrame({c: pd.Series([], dtype="float64" if c == "propensity" else "str")
+                              for c in ARROW_SCHEMAS["treatment_events"].names})
 
     basket = pd.DataFrame(basket_rows, columns=["user", "item", "interval_days", "start", "end",
                                                 "adopted"])

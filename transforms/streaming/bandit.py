@@ -2,15 +2,27 @@
 
 The windowed computation is the batch job's own `transforms.bandit.BanditState`;
 this module only turns treatment events into its keyed funnel counts per period.
+With segment attributes (``--bandit_segment_by``, the batch ``--segment_by``),
+each event is keyed by its user's segment, looked up in the job's reference
+``users`` (reloaded when the file changes), and `campaign.window_state` then
+publishes the overall ``*`` arms and each segment's arms shrunk toward them,
+exactly as the batch job does.
 """
 from __future__ import annotations
 
+import uuid
+from typing import Dict, Iterator, Optional, Sequence
+
 import apache_beam as beam
+import pandas as pd
+from apache_beam import typehints
 
 from models.bandit import BanditConfig
-from models.campaign import ALL, KIND_FIELDS, FunnelCounts
+from models.campaign import ALL, KIND_FIELDS, NO_SEGMENT, FunnelCounts
+from models.popularity import segment_keys
 from models.streaming import WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
+from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import period_buckets
 
@@ -18,9 +30,44 @@ _KINDS = tuple(KIND_FIELDS)
 
 
 def treatment_counts(record: Record) -> KeyedCounts:
-    """One treatment event as a one-hot ``((treatment_id, ALL), FunnelCounts)``."""
-    return (record["treatment_id"], ALL), FunnelCounts(
+    """One treatment event as a one-hot ``((treatment_id, segment), FunnelCounts)``.
+
+    The segment is the record's ``segment`` (set by `SegmentOfUserFn`), else ``ALL``.
+    """
+    return (record["treatment_id"], record.get("segment", ALL)), FunnelCounts(
         *(int(record["kind"] == kind) for kind in _KINDS))
+
+
+def segment_of_users(users: pd.DataFrame, attributes: Sequence[str]) -> Dict[str, str]:
+    """user_id → segment key (e.g. ``FORD|MUSTANG``) from each user's latest row.
+
+    Users with an incomplete vehicle are left out (they count as ``NO_SEGMENT``),
+    as `campaign.attach_segments` does in batch.
+    """
+    if not len(users):
+        return {}
+    latest = (users.sort_values("updated_at", ascending=False, kind="stable",
+                                na_position="last")
+              .drop_duplicates("user_id").set_index("user_id"))
+    keys = segment_keys(latest, list(attributes))
+    return {u: s for u, s in keys.items() if isinstance(s, str)}
+
+
+@typehints.with_input_types(Record)
+@typehints.with_output_types(Record)
+class SegmentOfUserFn(beam.DoFn):
+    """Adds ``segment`` to a treatment record from the reference users (built once per version)."""
+
+    def __init__(self, reference: FileReference, attributes: Sequence[str]):
+        self._reference = reference
+        self._attributes = tuple(attributes)
+        self._key = uuid.uuid4().hex
+
+    def process(self, record: Record) -> Iterator[Record]:
+        ref = self._reference.current()
+        segments = cached(self._key, ref.version,
+                          lambda: segment_of_users(ref.users, self._attributes))
+        yield {**record, "segment": segments.get(record["user_id"], NO_SEGMENT)}
 
 
 class StreamingBandit(beam.PTransform):
@@ -29,15 +76,25 @@ class StreamingBandit(beam.PTransform):
     The very transform the batch job uses (`transforms.bandit.BanditState`),
     fed per-period sums as the batch job feeds it per-bucket sums (here the
     sums are a streaming combine, so late messages add late deltas); late
-    panes restate a window, and its latest row wins.
+    panes restate a window, and its latest row wins. With ``segment_by`` (and
+    the ``reference`` whose users name the segments) arms are kept per
+    segment too.
     """
 
-    def __init__(self, config: BanditConfig, spec: WindowSpec):
+    def __init__(self, config: BanditConfig, spec: WindowSpec,
+                 reference: Optional[FileReference] = None, segment_by: Sequence[str] = ()):
         super().__init__()
+        if segment_by and reference is None:
+            raise ValueError("segment_by needs the reference whose users name the segments")
         self._config = config
         self._spec = spec
+        self._reference = reference
+        self._segment_by = tuple(segment_by)
 
     def expand(self, treatments: beam.PCollection):
+        if self._segment_by:
+            treatments = treatments | "SegmentOfUser" >> beam.ParDo(
+                SegmentOfUserFn(self._reference, self._segment_by))
         return (treatments
                 | "CountsPerMessage" >> beam.Map(treatment_counts).with_output_types(KeyedCounts)
                 | "PeriodBuckets" >> period_buckets(self._spec)
