@@ -14,7 +14,7 @@ model is saved as the artifact the scoring part uses.
 
 Scoring part: the full world (500,000 users, Parquet, seed 7) cleaned in process
 with the batch job's own functions, the ranker's user states at ``as_of``, then
-``recommend_all`` with the ``RerankingRecommender`` (exactly what ``RerankShardFn``
+``recommend_all`` with the ``RerankingRecommender`` (exactly what ``RerankHandler``
 runs per shard: pools of 50 candidates + intent, features, LightGBM, rules) and
 with the plain ``Recommender`` for comparison. Reports rows scored per second,
 users per second and the split between feature building and prediction.

@@ -269,18 +269,27 @@ def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: 
 
 def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd.Timestamp,
                        half_life_days: float = 30.0, max_history: Optional[int] = 100,
-                       exclude_seen: bool = True, max_per_user: Optional[int] = 50
-                       ) -> pd.DataFrame:
-    """Each user's also-bought scores: Σ over what they bought of decayed affinity × similarity.
+                       exclude_seen: bool = True, max_per_user: Optional[int] = 50,
+                       carts: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Each user's also-bought scores: Σ over what they bought and carted, affinity × similarity.
 
     ``affinity(u, i)`` is the buy-again frequency (Σ of decayed distinct
-    orders) over the user's ``max_history`` most recent SKUs, and
+    orders) over the user's ``max_history`` most recent SKUs, plus
+    ``carts.weight`` for each ``(user_id, sku)`` of ``carts`` (what is in their
+    cart now; the caller caps its rows per user), and
     ``score(u, j) = Σ_i affinity(u, i) · similarity(i → j)`` using the
     neighbour table of :func:`item_similarity` (SAR's user-affinity ×
     item-similarity product, one sparse matrix product for all users).
     ``exclude_seen`` drops every SKU the user already bought, also those
     beyond the history cap (SAR's ``remove_seen``): what they buy again is
     buy-again's job.
+
+    >>> t = pd.to_datetime(["2026-01-01"], utc=True)
+    >>> lines = pd.DataFrame({"user_id": ["u"], "sku": ["A"], "order_id": ["1"], "event_time": t})
+    >>> sim = pd.DataFrame({"sku": ["A", "B"], "neighbour": ["C", "C"], "similarity": [0.4, 0.5]})
+    >>> carts = pd.DataFrame({"user_id": ["u", "v"], "sku": ["B", "B"], "weight": [2.0, 1.0]})
+    >>> also_bought_scores(lines, sim, t[0], carts=carts).values.tolist()  # u: 1·0.4 + 2·0.5
+    [['u', 'C', 1.4], ['v', 'C', 0.5]]
 
     Returns:
       frame ``user_id, sku, score``, at most ``max_per_user`` per user, best first.
@@ -291,10 +300,18 @@ def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd
         a=("_w", "sum"), event_time=("event_time", "max")).reset_index()
     bought = affinity[["user_id", "sku"]]  # everything, for exclude_seen
     affinity = _top_per(affinity, "user_id", max_history, ["event_time", "sku"], [False, True])
-    skus = pd.Index(np.union1d(np.union1d(bought["sku"].to_numpy(str),
+    affinity = affinity[["user_id", "sku", "a"]]
+    if carts is not None and len(carts):
+        affinity = pd.concat([affinity, pd.DataFrame({
+            "user_id": carts["user_id"].to_numpy(object), "sku": carts["sku"].to_numpy(object),
+            "a": carts["weight"].to_numpy(float)})], ignore_index=True)
+    skus = pd.Index(np.union1d(np.union1d(np.union1d(bought["sku"].to_numpy(str),
+                                                     affinity["sku"].to_numpy(str)),
                                           table["sku"].to_numpy(str)),
                                table["neighbour"].to_numpy(str)))
-    users = pd.Index(pd.unique(bought["user_id"])).sort_values()
+    users = pd.Index(pd.unique(np.concatenate([bought["user_id"].to_numpy(object),
+                                               affinity["user_id"].to_numpy(object)]))
+                     ).sort_values()
     u_codes = users.get_indexer(affinity["user_id"])
     a = sparse.csr_matrix((affinity["a"].to_numpy(float),
                            (u_codes, skus.get_indexer(affinity["sku"].to_numpy(str)))),
@@ -445,12 +462,15 @@ class SharedTables:
       eligible: SKUs that pass the catalogue rules (None: not known); per-user lists are
         cut to their length after dropping the others, so ineligible favourites cannot
         crowd out eligible ones.
+      boost: ``sku, multiplier`` of the trending SKUs (multiplier 1 + boost), None
+        when ``trending.boost_sources`` is empty; :func:`apply_boost` applies it.
     """
 
     intervals: pd.DataFrame
     similarity: Optional[ItemSimilarity]
     trending: Optional[pd.DataFrame]
     eligible: Optional[frozenset] = None
+    boost: Optional[pd.DataFrame] = None
 
 
 def _lines(order_lines: pd.DataFrame) -> pd.DataFrame:
@@ -477,22 +497,47 @@ def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config,
         ab = config.also_bought
         similarity = item_similarity(lines, as_of, ab.similarity, ab.top_n, ab.max_history,
                                      "user", ab.min_cooccurrence)
-    hot = None
-    if "trending" in names:
-        tr = config.trending
-        hot = trending_candidates(trending(lines, as_of, tr.period_days, tr.min_count,
-                                           tr.growth, tr.boost))
-    return SharedTables(intervals, similarity, hot, eligible)
+    hot = boost = None
+    tr = config.trending
+    if "trending" in names or tr.boost_sources:
+        growth = trending(lines, as_of, tr.period_days, tr.min_count, tr.growth, tr.boost)
+        if "trending" in names:
+            hot = trending_candidates(growth)
+        if tr.boost_sources:
+            boost = growth.loc[growth["multiplier"] > 1.0, ["sku", "multiplier"]].reset_index(
+                drop=True)
+    return SharedTables(intervals, similarity, hot, eligible, boost)
+
+
+def cart_affinity(users: pd.DataFrame, weight: float, max_carts: int) -> pd.DataFrame:
+    """``user_id, sku, weight``: each user's carted SKUs (profile column ``carted``), at most
+    ``max_carts`` per user, each carrying ``weight`` of also-bought affinity.
+
+    >>> users = pd.DataFrame({"user_id": ["u", "v"], "carted": [("A", "B", "C"), ()]})
+    >>> cart_affinity(users, 0.5, 2).values.tolist()
+    [['u', 'A', 0.5], ['u', 'B', 0.5]]
+    """
+    if weight <= 0 or max_carts <= 0 or "carted" not in users.columns or not len(users):
+        return pd.DataFrame({"user_id": pd.Series(dtype=object),
+                             "sku": pd.Series(dtype=object), "weight": pd.Series(dtype=float)})
+    rows = users[["user_id", "carted"]].explode("carted").dropna()
+    rows = rows.loc[rows.groupby("user_id", sort=False).cumcount().to_numpy() < max_carts]
+    return pd.DataFrame({"user_id": rows["user_id"].to_numpy(object),
+                         "sku": rows["carted"].to_numpy(object), "weight": float(weight)})
 
 
 def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Timestamp,
-                        config, tables: SharedTables, max_per_user: int) -> pd.DataFrame:
+                        config, tables: SharedTables, max_per_user: int,
+                        carts: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """Per-user candidates of the mix's personal sources for ``users`` (one shard of them).
 
     ``order_lines`` must hold every line of these users (the job shards lines and
-    users by ``user_id`` together). Returns ``user_id, sku, score, source``: at
+    users by ``user_id`` together); ``carts`` (:func:`cart_affinity`) adds what is in
+    their carts to also-bought's affinity. Returns ``user_id, sku, score, source``: at
     most ``max_per_user`` rows per user and source, plus one :data:`PURCHASED` row
-    per SKU each user bought (score 0) for the QA checks.
+    per SKU each user bought (score 0) for the QA checks. With ``also_bought`` in
+    ``trending.boost_sources`` its scores are multiplied by the trending multiplier
+    (``tables.boost``) before each user's cut.
     """
     lines = _lines(order_lines)
     lines = lines.loc[lines["user_id"].isin(list(users)) & (lines["event_time"] <= as_of)]
@@ -512,10 +557,17 @@ def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Ti
         scored = buy_again(scorable, as_of, ba.half_life_days, ba.max_due,
                            max_per_user=max_per_user, due=ba.due, intervals=tables.intervals)
         parts.append(scored[["user_id", "sku", "score"]].assign(source="buy_again"))
-    if "also_bought" in names and table is not None and len(lines):
+    if carts is not None:
+        carts = carts.loc[carts["user_id"].isin(list(users))]
+    if "also_bought" in names and table is not None and (
+            len(lines) or (carts is not None and len(carts))):
         ab = config.also_bought
+        boosted = tables.boost is not None and "also_bought" in config.trending.boost_sources
         scored = also_bought_scores(lines, table, as_of, ab.half_life_days, ab.max_history,
-                                    True, max_per_user)
+                                    True, None if boosted else max_per_user, carts)
+        if boosted:
+            scored = _top_per(apply_boost(scored, tables.boost), "user_id", max_per_user,
+                              ["score", "sku"], [False, True])
         parts.append(scored[["user_id", "sku", "score"]].assign(source="also_bought"))
     out = pd.concat(parts, ignore_index=True)
     return out.astype({"user_id": object, "sku": object, "score": float, "source": object})

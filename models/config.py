@@ -212,6 +212,7 @@ class GatesConfig:
 SOURCES = ("segment_popularity", "buy_again", "also_bought", "trending")
 # Sources that re-offer what the user bought: exempt from rule 4 (SPEC exclusion) by design.
 REPURCHASE_SOURCES = ("buy_again",)
+BOOSTABLE_SOURCES = ("segment_popularity", "also_bought")
 SIMILARITY_MEASURES = ("count", "jaccard", "lift", "cosine")
 
 
@@ -248,6 +249,9 @@ class AlsoBoughtConfig:
         pairs at users × max_history²) and carry affinity.
       min_cooccurrence: pairs seen together fewer times are dropped.
       half_life_days: decay of a user's affinity to what they bought.
+      cart_weight: affinity a SKU in the user's cart (the intent window's ``carted``)
+        adds, beside the decayed purchases (0: carts are ignored).
+      max_carts: carted SKUs per user that carry affinity (bounds the cart rows).
     """
 
     similarity: str = "jaccard"
@@ -255,6 +259,8 @@ class AlsoBoughtConfig:
     max_history: int = 100
     min_cooccurrence: int = 1
     half_life_days: float = 30.0
+    cart_weight: float = 1.0
+    max_carts: int = 20
 
     def __post_init__(self) -> None:
         _whole(self, "top_n", "max_history", "min_cooccurrence")
@@ -266,6 +272,10 @@ class AlsoBoughtConfig:
         _require(self.max_history >= 2, "max_history must be >= 2")
         _require(self.min_cooccurrence >= 1, "min_cooccurrence must be >= 1")
         _require(self.half_life_days > 0, "half_life_days must be > 0")
+        _whole(self, "max_carts")
+        _finite(self, "cart_weight")
+        _require(self.cart_weight >= 0, "cart_weight must be >= 0")
+        _require(self.max_carts >= 0, "max_carts must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -277,12 +287,15 @@ class TrendingConfig:
       min_count: orders in the recent period a SKU needs to trend.
       growth: growth of decayed orders at or above which a SKU trends (0.5 = +50%).
       boost: the trending multiplier minus one (0.2 = +20%).
+      boost_sources: discovery sources whose scores are multiplied by (1 + boost)
+        for trending SKUs (segment_popularity, also_bought); empty: no boost.
     """
 
     period_days: float = 28.0
     min_count: int = 5
     growth: float = 0.5
     boost: float = 0.2
+    boost_sources: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _whole(self, "min_count")
@@ -290,6 +303,12 @@ class TrendingConfig:
         _require(self.period_days > 0, "period_days must be > 0")
         _require(self.min_count >= 1, "min_count must be >= 1")
         _require(self.boost >= 0, "boost must be >= 0")
+        _require(isinstance(self.boost_sources, (tuple, list)),
+                 "boost_sources must be a list of source names")
+        for name in self.boost_sources:
+            _require(name in BOOSTABLE_SOURCES, f"boost_sources names {name!r}; trending boosts "
+                     f"discovery sources only: {', '.join(BOOSTABLE_SOURCES)}")
+        object.__setattr__(self, "boost_sources", tuple(self.boost_sources))
 
 
 @dataclass(frozen=True)
@@ -340,8 +359,8 @@ class CandidatesConfig:
 
     @property
     def popularity_only(self) -> bool:
-        """True when the mix is segment popularity alone: the pre-mix job, unchanged."""
-        return self.sources == ("segment_popularity",)
+        """True when the mix is segment popularity alone, unboosted: the pre-mix job, unchanged."""
+        return self.sources == ("segment_popularity",) and not self.trending.boost_sources
 
 
 @dataclass(frozen=True)

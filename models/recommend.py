@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from models import mix as slot_mix
+from models.candidates import apply_boost
 from models.catalog import CatalogArrays
 from models.config import REPURCHASE_SOURCES, RecsConfig, ScoringConfig
 from models.popularity import (KEY_SEPARATOR, LevelScores, PopularityIndex, blended_levels,
@@ -101,6 +102,9 @@ class Recommender:
         self.popularity = popularity
         self.config = config
         self.universal = np.flatnonzero(catalog.eligible & catalog.is_universal)
+        # One level's ranking for one candidate set is the same for every vehicle group that
+        # shares the segment (the global level for all): computed once per recommender.
+        self._ranked: Dict[tuple, _Level] = {}
 
     def candidates(self, fitting: np.ndarray) -> np.ndarray:
         """Eligible catalogue positions that fit the vehicle or are universal (rule 8).
@@ -120,13 +124,17 @@ class Recommender:
         segments = [segment_key([first[a] for a in level]) for level in self.config.levels]
         specific = ~self.catalog.is_universal[cand]
         levels = []
+        candidates = hash(cand.tobytes())
         for scores in blended_levels(self.popularity, segments, cand):
             if scores.segment is None:
                 continue
-            base = popularity_score(scores.rate, self.config) + (
-                self.config.scoring.specific_bonus * specific)
-            order = np.argsort(-base, kind="stable")  # cand is SKU-sorted: ties go by SKU
-            levels.append(_Level(scores, base, order, int(scores.observed.sum())))
+            key = (scores.name, scores.segment, len(cand), candidates)
+            if key not in self._ranked:
+                base = popularity_score(scores.rate, self.config) + (
+                    self.config.scoring.specific_bonus * specific)
+                order = np.argsort(-base, kind="stable")  # cand is SKU-sorted: ties by SKU
+                self._ranked[key] = _Level(scores, base, order, int(scores.observed.sum()))
+            levels.append(self._ranked[key])
         return levels
 
     def recommend(self, users: pd.DataFrame, fitting: np.ndarray) -> Picks:
@@ -279,8 +287,8 @@ def recommend_all(recommender: Recommender, users: pd.DataFrame,
 
 
 def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str, Iterable[str]],
-            personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame]
-            ) -> Tuple[pd.DataFrame, pd.DataFrame]:
+            personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame],
+            boost: Optional[pd.DataFrame] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Recommendation rows filled by the configured slot mix, vehicle by vehicle (#14).
 
     Every source is restricted to the vehicle's candidates (eligible and fitting
@@ -294,6 +302,9 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
       personal: ``user_id, sku, score, source`` of the per-user sources
         (:func:`models.candidates.personal_candidates`).
       shared: source name → ``sku, score``, one list for every user (trending).
+      boost: ``sku, multiplier`` of the trending SKUs; with ``segment_popularity`` in
+        ``trending.boost_sources`` popularity's scores are multiplied by it (capped at
+        ``scoring.max_score``, the formula's range that rule 11 checks) before the fill.
 
     Returns:
       the rows (SPEC §3 columns, ``source`` = the popularity level or
@@ -315,8 +326,8 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
         groups.append(group.assign(_vehicle=v))
         levels.append(level)
         popular.append(ranked)
-        allowed.append(pd.DataFrame({"_vehicle": v,
-                                     "sku": catalog.sku[recommender.candidates(fits)]}))
+        allowed.append(pd.DataFrame({"_vehicle": v, "sku": pd.Series(  # object: no re-encoding
+            catalog.sku[recommender.candidates(fits)], dtype=object)}))
     columns = rec_columns(n) + slot_source_columns(n)
     if not groups:
         return pd.DataFrame(columns=columns), users.iloc[:0]
@@ -337,6 +348,10 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
     for name, _ in mix:
         if name == POPULARITY:
             sources[name] = pd.concat(popular, ignore_index=True)
+            if boost is not None and POPULARITY in config.candidates.trending.boost_sources:
+                boosted = apply_boost(sources[name], boost)
+                sources[name] = boosted.assign(score=np.minimum(
+                    boosted["score"].to_numpy(float), config.scoring.max_score))
         elif name in shared:  # one list for everyone, restricted per vehicle and cut to depth
             head = shared[name].sort_values(["score", "sku"], ascending=[False, True],
                                             kind="stable")

@@ -37,8 +37,9 @@ from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attr
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel, refusal
-from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
-                               RerankPerVehicle, check_model, resolve_model_path)
+from models.recommend_handler import MixHandler, PopularityHandler
+from models.serving import ServingStore
+from transforms.ranker import FeatureDrift, check_model, resolve_model_path
 from transforms.bigquery import (BigQueryOptions, apply_options,  # noqa: F401 (its flags)
                                  unreachable)
 from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceSinkOptions,
@@ -46,16 +47,18 @@ from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceS
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
 from transforms.publish import CountEventNames, GatherGateSignals, PublishRunFn, StageOutput
+from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
+                                SwitchServingFn, WriteServingVersion, store_from)
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
-                                  MarkDuplicateEmails, RecommendPerVehicle, SegmentPopularity,
-                                  SourceCandidates, sum_violations)
+                                  MarkDuplicateEmails, sum_violations)
+from transforms.recommend_composite import RankerSpec, Recommend
 from transforms.warehouse import (PUBLISHED_TABLES, BigQueryWarehouse, LocalWarehouse,
                                   backup_id, backup_table)
 
 JOB = "batch_recommendations"
-MODEL_VERSION = "segment-popularity-v1"
-MIX_MODEL_VERSION = "slot-mix-v1"
+MODEL_VERSION = PopularityHandler.model_version
+MIX_MODEL_VERSION = MixHandler.model_version
 STRATEGIES = ("segment", "global")
 
 
@@ -100,6 +103,7 @@ class RunContext(NamedTuple):
     bigquery: Optional[BigQuerySettings] = None
     ranker_path: Optional[str] = None
     ranker: Optional[RankerModel] = None
+    serving: Optional[ServingStore] = None
 
 
 def context_from(options: PipelineOptions) -> RunContext:
@@ -159,8 +163,12 @@ def context_from(options: PipelineOptions) -> RunContext:
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
+    try:
+        serving = store_from(options)
+    except ValueError as err:
+        raise UsageError(str(err))
     return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery, ranker_path,
-                      ranker)
+                      ranker, serving)
 
 
 def input_tables(config: RecsConfig) -> Tuple[str, ...]:
@@ -233,32 +241,16 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     profiles, order_lines, join_counts = (
         {"users": users, "events": unique_events.rows}
         | "JoinUsersWithEvents" >> JoinUsersWithEvents(ctx.as_of, config, n_shards))
-    popularity = order_lines | "SegmentPopularity" >> SegmentPopularity(ctx.as_of, config)
-    if ctx.ranker is None and config.candidates.popularity_only:
-        recs = ({"users": profiles, "fitment": fitment.rows}
-                | "RecommendPerVehicle" >> RecommendPerVehicle(
-                    catalog.rows, popularity, config, ctx.run_id, n_shards))
-        model_version, ranker_counts = MODEL_VERSION, []
-    elif ctx.ranker is None:  # the slot mix (#14): more sources, from the same order lines
-        personal, tables, (source_counts, build_counts) = (
-            {"users": profiles, "lines": order_lines}
-            | "SourceCandidates" >> SourceCandidates(ctx.as_of, config, n_shards,
-                                                     catalog.rows))
-        recs = ({"users": profiles, "fitment": fitment.rows, "candidates": personal}
-                | "RecommendPerVehicle" >> RecommendPerVehicle(
-                    catalog.rows, popularity, config, ctx.run_id, n_shards, tables))
-        model_version, ranker_counts = MIX_MODEL_VERSION, [source_counts, build_counts]
-    else:  # two stages: segment-popularity candidates, re-ranked by the LightGBM model
-        features = FeatureConfig.from_dict(ctx.ranker.metadata["feature_config"])
-        ranked = ({"users": profiles, "events": unique_events.rows}
-                  | "AttachRankerSignals" >> AttachRankerSignals(
-                      catalog.rows, ctx.as_of, config, features, n_shards))
-        item_counts = unique_events.rows | "RankerItemCounts" >> RankerItemCounts(
-            catalog.rows, ctx.as_of, features, n_shards)
-        recs = ({"users": ranked, "fitment": fitment.rows}
-                | "RerankPerVehicle" >> RerankPerVehicle(
-                    catalog.rows, popularity, item_counts, config, ctx.ranker_path,
-                    features, ctx.run_id, n_shards))
+    ranker = None if ctx.ranker is None else RankerSpec(
+        ctx.ranker_path, FeatureConfig.from_dict(ctx.ranker.metadata["feature_config"]))
+    recommender = Recommend(catalog.rows, ctx.as_of, config, ctx.run_id, n_shards, ranker)
+    recs = ({"users": profiles, "lines": order_lines, "fitment": fitment.rows,
+             "events": unique_events.rows}
+            | "Recommend" >> recommender)
+    popularity = recs.popularity
+    if ctx.ranker is None:
+        model_version, ranker_counts = recommender.model_version(), []
+    else:
         drift = recs.drift | "FeatureDrift" >> FeatureDrift(ctx.ranker_path)
         model_version, ranker_counts = ctx.ranker.version, [drift.counts]
     stamped = recs.rows | "AddRunMetadata" >> beam.ParDo(
@@ -301,7 +293,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                "started_at": ctx.started_at}
     gated = config if batch.strategy != "global" else config.replace(
         gates=sanity.baseline_gates(config.gates))  # the baseline's one list is not nonsense
-    return counters | "GateAndPublish" >> beam.ParDo(
+    run = counters | "GateAndPublish" >> beam.ParDo(
         PublishRunFn(ctx.warehouse, run_row, gated, batch.min_ratio_vs_last_run,
                      batch.keep_backups, batch.accept_changes, input_tables(config)),
         beam.pvalue.AsSingleton(violations),
@@ -309,6 +301,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         beam.pvalue.AsList(staged["segment_popularity"]),
         beam.pvalue.AsList(staged["dead_letter"]),
         beam.pvalue.AsSingleton(signals))
+    if ctx.serving is None:
+        return run
+    # Written beside the warehouse's staging; served only once the gate has published.
+    written = stamped | "WriteServingStore" >> WriteServingVersion(
+        ctx.serving, ctx.run_id, model_version, ctx.started_at)
+    return run | "SwitchServingStore" >> beam.ParDo(
+        SwitchServingFn(ctx.serving, ctx.warehouse), beam.pvalue.AsSingleton(written))
 
 
 def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransform:

@@ -41,21 +41,22 @@ from models import features, metrics, ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
+from models.recommend_handler import PopularityHandler, handler_for
 from pipelines.jobs import UsageError, entry_point, holder, job_options, locked_warehouse
 from pipelines.options import CommonOptions, check_run_id, require_input_dir, run_id_of
 from pipelines.train_ranker import check_inputs, parse_as_of
 from transforms import schemas
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.io import WriteFrames, read_frame
-from transforms.ranker import (AttachRankerSignals, FeatureDrift, RankerItemCounts,
-                               RerankPerVehicle, _mkdirs, load_model, resolve_model_path,
+from transforms.ranker import (FeatureDrift, load_model, mkdirs, resolve_model_path,
                                save_model)
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, JoinUsersWithEvents,
-                                  RecommendPerVehicle, SegmentPopularity, sum_violations)
+                                  sum_violations)
+from transforms.recommend_composite import RankerSpec, Recommend, RecommendOut
 from transforms.warehouse import LocalWarehouse
 
 JOB = "evaluate_ranker"
-SEGMENT_MODEL_VERSION = "segment-popularity-v1"
+SEGMENT_MODEL_VERSION = PopularityHandler.model_version
 def table_columns(k: int) -> tuple:
     """Columns of the comparison table at list length k (every metric column, at any k)."""
     return ("strategy", "model_version", "users", "buyers_in_holdout", f"precision@{k}",
@@ -149,33 +150,25 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: EvalContext) -
         common.input_dir, config, n, holdout=True)
     profiles, lines, _ = ({"users": inputs.users, "events": inputs.events}
                           | "JoinUsersWithEvents" >> JoinUsersWithEvents(ctx.as_of, config, n))
-    popularity = lines | "SegmentPopularity" >> SegmentPopularity(ctx.as_of, config)
-    global_popularity = lines | "GlobalPopularity" >> SegmentPopularity(ctx.as_of,
-                                                                         global_config)
-    ranked_profiles = ({"users": profiles, "events": inputs.events}
-                       | "AttachRankerSignals" >> AttachRankerSignals(
-                           inputs.catalog, ctx.as_of, config, ctx.fconfig, n))
-    item_counts = inputs.events | "RankerItemCounts" >> RankerItemCounts(
-        inputs.catalog, ctx.as_of, ctx.fconfig, n)
+
+    def recommend(label: str, strategy_config: RecsConfig, name: str,
+                  spec: Optional[RankerSpec] = None) -> RecommendOut:
+        return ({"users": profiles, "lines": lines, "fitment": inputs.fitment,
+                 "events": inputs.events}
+                | f"Recommend{label}" >> Recommend(inputs.catalog, ctx.as_of, strategy_config,
+                                                   f"{ctx.run_id}:{name}", n, spec))
 
     outputs = {
-        "global": ({"users": profiles, "fitment": inputs.fitment}
-                   | "RecommendGlobal" >> RecommendPerVehicle(
-                       inputs.catalog, global_popularity, global_config,
-                       f"{ctx.run_id}:global", n), "global-popularity"),
-        "segment": ({"users": profiles, "fitment": inputs.fitment}
-                    | "RecommendSegment" >> RecommendPerVehicle(
-                        inputs.catalog, popularity, config, f"{ctx.run_id}:segment", n),
-                    SEGMENT_MODEL_VERSION),
+        "global": (recommend("Global", global_config, "global"), "global-popularity"),
+        # segment popularity, or the configured slot mix when there is one
+        "segment": (recommend("Segment", config, "segment"),
+                    handler_for(config).model_version),
     }
     drift_tables = []
     for name, path, model in (("ranker", ctx.model_path, ctx.model),
                               ("challenger", ctx.challenger_path, ctx.challenger)):
         label = name.capitalize()
-        recs = ({"users": ranked_profiles, "fitment": inputs.fitment}
-                | f"Rerank{label}" >> RerankPerVehicle(
-                    inputs.catalog, popularity, item_counts, config, path, ctx.fconfig,
-                    f"{ctx.run_id}:{name}", n))
+        recs = recommend(label, config, name, RankerSpec(path, ctx.fconfig))
         outputs[name] = (recs, model.version)
         drift = recs.drift | f"Drift{label}" >> FeatureDrift(path, own.ranker_eval_psi_threshold)
         drift_tables.append(drift.table | f"Name{label}Drift" >> beam.Map(
@@ -351,7 +344,7 @@ def format_table(result: dict) -> str:
 
 
 def write_outputs(result: dict, ctx: EvalContext, warehouse: Optional[str]) -> str:
-    _mkdirs(ctx.eval_dir)
+    mkdirs(ctx.eval_dir)
     path = FileSystems.join(ctx.eval_dir, "ranker_evaluation.json")
     with FileSystems.create(path) as handle:
         handle.write(json.dumps(result, indent=2, default=str).encode())

@@ -1,7 +1,7 @@
 """End to end on the tiny world: train the ranker (Beam features), save it, score with it (Beam).
 
 The scoring side is the evaluation job's graph: the batch job's cleaning and
-joins, ``AttachRankerSignals``, ``RerankPerVehicle`` (SPEC §3 rules and QA
+joins, ``AttachRankerSignals``, ``Recommend`` with a ``RankerSpec`` (SPEC §3 rules and QA
 checks on the re-ranked rows) and ``FeatureDrift``, beside global and segment
 popularity, at the default k (4) and at k=10. How long it takes is measured by
 bench/ranker.py, not asserted here (a wall-clock limit fails on a loaded

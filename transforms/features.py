@@ -36,7 +36,7 @@ def _iso(cutoff) -> str:
     return pd.Timestamp(cutoff).tz_convert("UTC").isoformat()
 
 
-def _empty_events() -> pd.DataFrame:
+def empty_events() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in (
         "user_id", "event_name", "sku", "order_id", "event_id")}).assign(
         event_time=pd.Series(dtype="datetime64[us, UTC]"), price=pd.Series(dtype=float),
@@ -64,7 +64,7 @@ class UserStatesFn(beam.DoFn):
         _, groups = element
         users, events = groups["users"], groups["events"]
         attrs = list(self._config.segment_attributes)
-        events = events if len(events) else _empty_events()
+        events = events if len(events) else empty_events()
         if len(users) and "is_duplicate" not in users.columns:
             users = users.assign(is_duplicate=False)
         hist = features.build_history(events, catalog)

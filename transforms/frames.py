@@ -37,13 +37,14 @@ from apache_beam import typehints
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from models.shards import COPIES, owned  # noqa: F401 (owned: re-exported for consumers)
+
 Shard = int
 DEFAULT_SHARDS = 16
 # Rows (summed over the inputs of a co-group) one shuffled element may hold. Shards are
 # sized for half of it, hot keys are cut into pieces of a quarter of it.
 DEFAULT_MAX_ROWS = 200_000
 METRICS_NAMESPACE = "frames"
-COPIES = "\x00copies"   # suffix of the group holding a hot key's copied rows (see ``owned``)
 
 
 @dataclass(frozen=True)
@@ -108,21 +109,6 @@ def concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate frames; no frames gives an empty frame."""
     frames = [f for f in frames if f is not None and len(f.columns)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def owned(groups: Dict[str, pd.DataFrame], name: str) -> pd.DataFrame:
-    """The rows of ``groups[name]`` this shard owns, without hot keys' extra copies.
-
-    A salted ``CoGroupFrames`` appends, after a name's own rows, the copies of
-    the rows a hot key's other sub-keys also need (a vehicle's fitment for every
-    slice of its users). Scoring reads ``groups[name]``; anything that counts
-    rows (dead letters, ``*.processed``) reads ``owned(groups, name)``.
-    """
-    frame = groups[name]
-    copies = groups.get(name + COPIES)
-    if copies is None or not len(copies):
-        return frame
-    return frame.iloc[:len(frame) - len(copies)]
 
 
 def _record(frame_rows: int, frame_bytes: int) -> None:

@@ -5,9 +5,8 @@ The batch job wires these in beside its own composites (docs/ranker.md):
 - :class:`AttachRankerSignals` adds the ranker's user features and packed
   signals (``models.features.user_states`` at ``as_of``) to the profiles;
 - :class:`RankerItemCounts` counts orders and views per SKU (a singleton);
-- :class:`RerankPerVehicle` replaces ``RecommendPerVehicle``: the same
-  outputs (rows, dead letters, QA partials, counters) plus drift partials; its
-  DoFn is ``RecommendShardFn`` with a :class:`~models.ranker.RerankingRecommender`;
+- the re-ranking itself is ``models.recommend_handler.RerankHandler``, applied by
+  the ``Recommend`` composite (transforms/recommend_composite.py) given a ranker;
 - :class:`FeatureDrift` turns drift partials into a PSI table and counters.
 
 The model artifact is one JSON file read through Beam ``FileSystems`` (local
@@ -24,15 +23,12 @@ import pandas as pd
 from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 
-from models import features, popularity, ranker
-from models.catalog import CatalogArrays
+from models import features, ranker
 from models.config import RecsConfig
-from transforms.features import ItemCountsFn, UserStates, _empty_events
-from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, GroupFrames
-from transforms.health import NAMESPACE, Tag, count
-from transforms.recommend import RecommendShardFn, _Models
+from transforms.features import ItemCountsFn, UserStates, empty_events
+from transforms.frames import DEFAULT_SHARDS, GroupFrames
+from transforms.health import NAMESPACE
 
 LATEST = "LATEST"
 DRIFT = "drift"
@@ -43,7 +39,7 @@ DRIFT = "drift"
 def save_model(model: ranker.RankerModel, model_dir: str) -> str:
     """Writes ``<model_dir>/<version>.json`` and points ``<model_dir>/LATEST`` at it."""
     path = FileSystems.join(model_dir, f"{model.version}.json")
-    _mkdirs(model_dir)
+    mkdirs(model_dir)
     with FileSystems.create(path) as handle:
         handle.write(model.to_bytes())
     with FileSystems.create(FileSystems.join(model_dir, LATEST)) as handle:
@@ -51,7 +47,7 @@ def save_model(model: ranker.RankerModel, model_dir: str) -> str:
     return path
 
 
-def _mkdirs(path: str) -> None:
+def mkdirs(path: str) -> None:
     try:
         FileSystems.mkdirs(path)
     except IOError:
@@ -123,7 +119,7 @@ class _ItemCountsFn(beam.DoFn):
     def process(self, element: Tuple[int, pd.DataFrame], catalog: pd.DataFrame
                 ) -> Iterator[pd.DataFrame]:
         _, events = element
-        hist = features.build_history(events if len(events) else _empty_events(), catalog)
+        hist = features.build_history(events if len(events) else empty_events(), catalog)
         counts = features.item_counts(hist, [self._as_of], self._fconfig)
         if len(counts):
             yield counts
@@ -151,126 +147,6 @@ class RankerItemCounts(beam.PTransform):
                 | "CountPerShard" >> beam.ParDo(_ItemCountsFn(self._as_of, self._fconfig),
                                                 beam.pvalue.AsSingleton(self._catalog))
                 | "SumItemCounts" >> beam.CombineGlobally(ItemCountsFn()))
-
-
-# ----------------------------------------------------------------------------- scoring
-
-class _Scoring(NamedTuple):
-    catalog: CatalogArrays
-    catalog_frame: pd.DataFrame
-    popularity: popularity.PopularityIndex
-    items: features.ItemTable
-    model: ranker.RankerModel
-    eligible_skus: frozenset
-
-
-class _Holder:
-    """Weak-referenceable holder, as ``shared.Shared`` requires."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-@typehints.with_input_types(Tuple[int, Dict[str, pd.DataFrame]], pd.DataFrame, pd.DataFrame,
-                            pd.DataFrame)
-@typehints.with_output_types(pd.DataFrame)
-class RerankShardFn(RecommendShardFn):
-    """``RecommendShardFn`` whose recommender re-ranks candidates with the ranker.
-
-    The model, catalogue arrays, popularity index and item table load once
-    per worker (``shared.Shared``); each call gets a light recommender of its
-    own so drift counts never mix between threads. Besides the parent's
-    outputs it emits drift partials (tag ``drift``) and ``ranker.*`` counters.
-    """
-
-    def __init__(self, config: RecsConfig, cache_tag: str, model_path: str,
-                 fconfig: features.FeatureConfig, drift_every: int = 20):
-        super().__init__(config, cache_tag)
-        self._model_path = model_path
-        self._fconfig = fconfig
-        self._drift_every = drift_every
-        self._scoring_shared = shared.Shared()
-        self._counts: Optional[pd.DataFrame] = None
-        self._current: Optional[ranker.RerankingRecommender] = None
-
-    def _scoring(self, catalog: pd.DataFrame, pop: pd.DataFrame) -> _Scoring:
-        def build() -> _Holder:
-            arrays = CatalogArrays.build(catalog, self._config.rules)
-            index = popularity.PopularityIndex(pop, arrays.sku, self._config)
-            model = load_model(self._model_path)
-            model.check_features(self._config)
-            items = features.ItemTable.build(arrays, self._counts, index, self._fconfig)
-            return _Holder(_Scoring(arrays, catalog.set_index("sku"), index, items, model,
-                                    frozenset(arrays.sku[arrays.eligible])))
-        return self._scoring_shared.acquire(build, tag=self._cache_tag + ":ranker").value
-
-    def _models(self, catalog: pd.DataFrame, pop: pd.DataFrame) -> _Models:
-        s = self._scoring(catalog, pop)
-        self._current = ranker.RerankingRecommender(
-            s.catalog, s.popularity, self._config, s.model, s.items, self._fconfig,
-            drift=ranker.DriftCounts(s.model.metadata.get("feature_distributions", {})),
-            drift_every=self._drift_every)
-        return _Models(s.catalog, s.catalog_frame, s.popularity, self._current,
-                       s.eligible_skus)
-
-    def process(self, element, catalog: pd.DataFrame, pop: pd.DataFrame,
-                counts: pd.DataFrame) -> Iterator:
-        self._counts = counts
-        self._current = None
-        yield from super().process(element, catalog, pop)
-        current = self._current
-        if current is not None:
-            yield count("ranker.rows_scored", current.rows_scored)
-            yield beam.pvalue.TaggedOutput(DRIFT, current.drift.to_dict())
-
-
-class RerankOut(NamedTuple):
-    """``RecommendPerVehicle``'s outputs plus drift partials."""
-
-    rows: beam.PCollection
-    dead_letters: beam.PCollection
-    qa: beam.PCollection
-    counts: beam.PCollection
-    drift: beam.PCollection
-
-
-class RerankPerVehicle(beam.PTransform):
-    """Drop-in for ``RecommendPerVehicle`` with the ranker re-ranking candidate pools.
-
-    ``users`` must be profiles with :class:`AttachRankerSignals` columns.
-    """
-
-    def __init__(self, catalog: beam.PCollection, popularity_table: beam.PCollection,
-                 item_counts: beam.PCollection, config: RecsConfig, model_path: str,
-                 fconfig: features.FeatureConfig, cache_tag: str,
-                 num_shards: int = DEFAULT_SHARDS, drift_every: int = 20):
-        super().__init__()
-        self._catalog = catalog
-        self._popularity = popularity_table
-        self._item_counts = item_counts
-        self._config = config
-        self._model_path = model_path
-        self._fconfig = fconfig
-        self._cache_tag = cache_tag
-        self._num_shards = num_shards
-        self._drift_every = drift_every
-
-    def expand(self, inputs: Dict[str, beam.PCollection]) -> RerankOut:
-        key = list(self._config.shard_attributes)
-        result = (inputs
-                  | "ShardByVehicle" >> CoGroupFrames(
-                      {"users": key, "fitment": key}, self._num_shards,
-                      salt={"users": ["user_id"]})
-                  | "RerankAndCheck" >> beam.ParDo(
-                      RerankShardFn(self._config, self._cache_tag, self._model_path,
-                                    self._fconfig, self._drift_every),
-                      beam.pvalue.AsSingleton(self._catalog),
-                      beam.pvalue.AsSingleton(self._popularity),
-                      beam.pvalue.AsSingleton(self._item_counts)).with_outputs(
-                      Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value, DRIFT,
-                      main=Tag.ROWS.value))
-        return RerankOut(result[Tag.ROWS.value], result[Tag.DEAD_LETTER.value],
-                         result[Tag.QA.value], result[Tag.COUNTS.value], result[DRIFT])
 
 
 # ----------------------------------------------------------------------------- drift

@@ -2,24 +2,22 @@
 
 Reading order of the graph: clean the catalogue → drop rows with unknown SKUs →
 deduplicate events and users → join users with their events → segment
-popularity → recommend per vehicle (with QA checks on what was produced).
+popularity and the mix's other sources; the ``Recommend`` composite that
+scores and checks each vehicle shard is in transforms/recommend_composite.py.
 """
 from __future__ import annotations
 
-import json
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 import pandas as pd
 from apache_beam import typehints
-from apache_beam.utils import shared
 
-from models import candidates, contracts, popularity, profiles, recommend, rules
+from models import candidates, contracts, popularity, profiles, rules
 from models.catalog import CatalogArrays, resolve_conflicts
 from models.config import RecsConfig
-from transforms.frames import (DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames,
-                              owned)
+from transforms.frames import DEFAULT_SHARDS, CoGroupFrames, ConcatFramesFn, GroupFrames
 from transforms.health import Tag, count, dead_letters
 
 Shard = int
@@ -261,13 +259,21 @@ class PersonalCandidatesFn(beam.DoFn):
     def process(self, element, tables: candidates.SharedTables) -> Iterator[pd.DataFrame]:
         _, groups = element
         users, lines = groups["users"], groups["lines"]
-        if not len(users) or not len(lines):
+        if not len(users):
             return
         key = list(self._config.shard_attributes)
-        profile = users.drop_duplicates("user_id")[["user_id", *key]]
+        profile = users.drop_duplicates("user_id")
+        ab = self._config.candidates.also_bought
+        carts = None
+        if "also_bought" in self._config.candidates.sources:
+            carts = candidates.cart_affinity(profile, ab.cart_weight, ab.max_carts)
+            yield count("candidates.also_bought.cart_skus", len(carts))
+        if not len(lines) and (carts is None or not len(carts)):
+            return
+        profile = profile[["user_id", *key]]
         depth = 8 * self._config.rules.recs_per_user
         found = candidates.personal_candidates(lines, profile["user_id"].tolist(), self._as_of,
-                                               self._config.candidates, tables, depth)
+                                               self._config.candidates, tables, depth, carts)
         for name, n in found["source"].value_counts().items():
             yield count(f"candidates.{name}.rows", int(n))
         if len(found):
@@ -326,160 +332,6 @@ def _similarity_counts(tables: candidates.SharedTables) -> Iterator[Tuple[str, i
             yield f"candidates.similarity.{name}", int(getattr(built, name))
     if tables.trending is not None:
         yield "candidates.trending.skus", len(tables.trending)
-
-
-class _Models(NamedTuple):
-    catalog: CatalogArrays
-    catalog_frame: pd.DataFrame
-    popularity: popularity.PopularityIndex
-    recommender: recommend.Recommender
-    eligible_skus: frozenset
-
-
-class _SharedModels:
-    """Weak-referenceable holder, as ``shared.Shared`` requires."""
-
-    def __init__(self, models: _Models):
-        self.models = models
-
-
-@typehints.with_input_types(Tuple[Shard, Dict[str, pd.DataFrame]], pd.DataFrame, pd.DataFrame)
-@typehints.with_output_types(pd.DataFrame)
-class RecommendShardFn(beam.DoFn):
-    """Scores every user of a vehicle shard and checks the rows it produced.
-
-    The catalogue arrays and popularity index are built once per worker
-    process through ``shared.Shared`` (as RunInference loads a model), not
-    once per bundle.
-    """
-
-    def __init__(self, config: RecsConfig, cache_tag: str):
-        self._config = config
-        self._cache_tag = cache_tag
-        self._shared = shared.Shared()
-
-    def _models(self, catalog: pd.DataFrame, pop: pd.DataFrame) -> _Models:
-        def build() -> _SharedModels:
-            arrays = CatalogArrays.build(catalog, self._config.rules)
-            index = popularity.PopularityIndex(pop, arrays.sku, self._config)
-            return _SharedModels(_Models(
-                arrays, catalog.set_index("sku"), index,
-                recommend.Recommender(arrays, index, self._config),
-                frozenset(arrays.sku[arrays.eligible])))
-        return self._shared.acquire(build, tag=self._cache_tag).models
-
-    def process(self, element, catalog: pd.DataFrame, pop: pd.DataFrame,
-                tables: Optional[candidates.SharedTables] = None) -> Iterator:
-        _, groups = element
-        users, fitment = groups["users"], groups["fitment"]
-        mixed = "candidates" in groups
-        attrs = list(self._config.fitment_attributes)
-        if len(fitment):
-            own = owned(groups, "fitment")  # a hot vehicle's fitment is copied to each slice
-            kept = len(own.drop_duplicates(["sku"] + attrs)) if len(own) else 0
-            yield count("fitment.deduplicated", len(own) - kept)
-            yield count("fitment.processed", kept)
-            fitment = fitment.drop_duplicates(["sku"] + attrs)
-        if not len(users):
-            return
-        models = self._models(catalog, pop)
-        fitting = _fitting_by_vehicle(fitment, attrs)
-        if attrs:
-            # A vehicle no fitment row names (a typo, a model the shop has no data for) is
-            # served universal parts and global popularity: counted, so it is seen.
-            vehicles = popularity.segment_keys(users, attrs)
-            unknown = (vehicles.notna().to_numpy(bool)
-                       & ~vehicles.isin(list(fitting)).to_numpy(bool))
-            yield count("users.vehicle_unknown", int(unknown.sum()))
-        purchased = None
-        if mixed:
-            found = groups["candidates"]
-            if not len(found):
-                found = pd.DataFrame(columns=["user_id", "sku", "score", "source"])
-            kept = found["source"] != candidates.PURCHASED
-            shared_lists = {} if tables is None or tables.trending is None else {
-                "trending": tables.trending}
-            recs, unserved = recommend.mix_all(models.recommender, users, fitting,
-                                               found.loc[kept], shared_lists)
-            bought_ever = found.loc[~kept]
-            purchased = {u: tuple(g) for u, g in bought_ever["sku"].groupby(
-                bought_ever["user_id"].to_numpy(object))}
-            reason = recommend.MIX_UNSERVED_REASON
-        else:
-            recs, unserved = recommend.recommend_all(models.recommender, users, fitting)
-            reason = recommend.UNSERVED_REASON
-        if len(unserved):
-            missed = unserved[["user_id", *self._config.group_attributes]]
-            yield count("users.unserved", len(missed))
-            yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letters(
-                "users", "Recommend", [reason] * len(missed),
-                [json.dumps(r, default=str) for r in missed.to_dict("records")]))
-        if not len(recs):
-            return
-        context = rules.QAContext(
-            catalog=models.catalog_frame, fitting=fitting,
-            bought=dict(zip(users["user_id"], users["bought"])),
-            popularity=models.popularity, catalog_skus=models.catalog.sku,
-            eligible_skus=models.eligible_skus, purchased=purchased)
-        violations = rules.check(recs, context, self._config)
-        violations.pop(14)  # one row per e-mail is checked over e-mail shards
-        yield beam.pvalue.TaggedOutput(Tag.QA.value, violations)
-        yield count("candidates.users", len(recs))
-        for source, n in recs["source"].value_counts().items():
-            yield count(f"users.source.{source}", int(n))
-        if mixed:  # which source filled how many slots
-            kinds = recs[recommend.slot_source_columns(self._config.rules.recs_per_user)]
-            for source, n in pd.Series(kinds.to_numpy(object).ravel()).value_counts().items():
-                yield count(f"slots.source.{source}", int(n))
-        yield recs
-
-
-def _fitting_by_vehicle(fitment: pd.DataFrame, attrs: List[str]) -> Dict[str, frozenset]:
-    """Vehicle segment key → SKUs that fit it."""
-    if not len(fitment):
-        return {}
-    keys = popularity.segment_keys(fitment, attrs)
-    return {k: frozenset(g) for k, g in fitment["sku"].groupby(keys.to_numpy(object))}
-
-
-class RecommendationsOut(NamedTuple):
-    rows: beam.PCollection
-    dead_letters: beam.PCollection
-    qa: beam.PCollection
-    counts: beam.PCollection
-
-
-class RecommendPerVehicle(beam.PTransform):
-    """Users and fitment meet per vehicle shard; each shard is scored and checked."""
-
-    def __init__(self, catalog: beam.PCollection, popularity_table: beam.PCollection,
-                 config: RecsConfig, cache_tag: str, num_shards: int = DEFAULT_SHARDS,
-                 shared_tables: Optional[beam.PCollection] = None):
-        super().__init__()
-        self._catalog = catalog
-        self._popularity = popularity_table
-        self._config = config
-        self._cache_tag = cache_tag
-        self._num_shards = num_shards
-        self._shared_tables = shared_tables
-
-    def expand(self, inputs: Dict[str, beam.PCollection]) -> RecommendationsOut:
-        """``inputs``: users and fitment, plus ``candidates`` (the mix's per-user sources,
-        with ``shared_tables``) when the configured mix is more than segment popularity."""
-        key = list(self._config.shard_attributes)
-        side = [beam.pvalue.AsSingleton(self._catalog), beam.pvalue.AsSingleton(self._popularity)]
-        if "candidates" in inputs:
-            side.append(beam.pvalue.AsSingleton(self._shared_tables))
-        result = (inputs
-                  | "ShardByVehicle" >> CoGroupFrames(
-                      {name: key for name in inputs}, self._num_shards,
-                      salt={n: ["user_id"] for n in ("users", "candidates") if n in inputs})
-                  | "ScoreAndCheck" >> beam.ParDo(
-                      RecommendShardFn(self._config, self._cache_tag), *side).with_outputs(
-                      Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value,
-                      main=Tag.ROWS.value))
-        return RecommendationsOut(result[Tag.ROWS.value], result[Tag.DEAD_LETTER.value],
-                                  result[Tag.QA.value], result[Tag.COUNTS.value])
 
 
 @typehints.with_input_types(Tuple[Shard, pd.DataFrame])
