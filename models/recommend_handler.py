@@ -32,6 +32,7 @@ import pandas as pd
 from models import candidates, popularity, profiles, recommend, rules
 from models.catalog import CatalogArrays
 from models.config import RecsConfig
+from models.shards import owned
 
 Counter = Tuple[str, int]
 
@@ -112,10 +113,11 @@ class PopularityHandler:
         attrs = list(config.fitment_attributes)
         counters: List[Counter] = []
         if len(fitment):
-            deduped = fitment.drop_duplicates(["sku"] + attrs)
-            counters += [("fitment.deduplicated", len(fitment) - len(deduped)),
-                         ("fitment.processed", len(deduped))]
-            fitment = deduped
+            own = owned(groups, "fitment")  # a hot vehicle's fitment is copied to each slice
+            kept = len(own.drop_duplicates(["sku"] + attrs)) if len(own) else 0
+            counters += [("fitment.deduplicated", len(own) - kept),
+                         ("fitment.processed", kept)]
+            fitment = fitment.drop_duplicates(["sku"] + attrs)
         empty = pd.DataFrame(columns=recommend.rec_columns(config.rules.recs_per_user))
         if not len(users):
             return Scored(empty, users, recommend.UNSERVED_REASON, {}, counters)

@@ -31,12 +31,14 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
 from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
+                               sharding_of,
                                check_run_id, require_columns, require_input_dir,
                                require_tables, require_writable_dir, run_id_of, true_or_false)
 from transforms import schemas
 from models.features import FeatureConfig
 from models.ranker import RankerModel, refusal
 from models.recommend_handler import MixHandler, PopularityHandler
+from models.serving import ServingStore
 from transforms.ranker import FeatureDrift, check_model, resolve_model_path
 from transforms.bigquery import (BigQueryOptions, apply_options,  # noqa: F401 (its flags)
                                  unreachable)
@@ -45,6 +47,8 @@ from transforms.bigquery_io import (BigQuerySettings, ReadBigQueryTable, SourceS
 from transforms.health import CountRows, DeadLetterCounts, SumCounts
 from transforms.io import ReadTable, find_table
 from transforms.publish import CountEventNames, GatherGateSignals, PublishRunFn, StageOutput
+from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
+                                SwitchServingFn, WriteServingVersion, store_from)
 from transforms.recommend import (AddRunMetadata, CheckOneRowPerEmail, CleanCatalog,
                                   DedupeEvents, DropUnknownSkus, JoinUsersWithEvents,
                                   MarkDuplicateEmails, sum_violations)
@@ -99,6 +103,7 @@ class RunContext(NamedTuple):
     bigquery: Optional[BigQuerySettings] = None
     ranker_path: Optional[str] = None
     ranker: Optional[RankerModel] = None
+    serving: Optional[ServingStore] = None
 
 
 def context_from(options: PipelineOptions) -> RunContext:
@@ -107,8 +112,7 @@ def context_from(options: PipelineOptions) -> RunContext:
     options = options.view_as(CommonOptions)
     now = pd.Timestamp.now(tz="UTC")
     as_of = as_of_of(options.as_of, now)
-    if options.num_shards < 1:
-        raise UsageError("--num_shards must be >= 1")
+    sharding_of(options)
     if batch.keep_backups < 1:
         raise UsageError("--keep_backups must be >= 1: the previous output is kept as a backup")
     io_options = options.view_as(SourceSinkOptions)
@@ -156,8 +160,12 @@ def context_from(options: PipelineOptions) -> RunContext:
     warehouse = (BigQueryWarehouse(bigquery.project, bigquery.dataset, bigquery.endpoint)
                  if io_options.sink == "bigquery" else LocalWarehouse(options.warehouse))
     _check_connections(warehouse, bigquery, run_id, config)
+    try:
+        serving = store_from(options)
+    except ValueError as err:
+        raise UsageError(str(err))
     return RunContext(run_id, as_of, now, staging, config, warehouse, bigquery, ranker_path,
-                      ranker)
+                      ranker, serving)
 
 
 def input_tables(config: RecsConfig) -> Tuple[str, ...]:
@@ -215,7 +223,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     """The batch graph; returns the singleton run-summary row."""
     batch = options.view_as(BatchOptions)
     options = options.view_as(CommonOptions)
-    config, n_shards = ctx.config, options.num_shards
+    config, n_shards = ctx.config, sharding_of(options)
     read = {table: pipeline | f"Read{table.capitalize()}" >> _source(table, options, ctx)
             for table in input_tables(config)}
 
@@ -282,7 +290,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
                "started_at": ctx.started_at}
     gated = config if batch.strategy != "global" else config.replace(
         gates=sanity.baseline_gates(config.gates))  # the baseline's one list is not nonsense
-    return counters | "GateAndPublish" >> beam.ParDo(
+    run = counters | "GateAndPublish" >> beam.ParDo(
         PublishRunFn(ctx.warehouse, run_row, gated, batch.min_ratio_vs_last_run,
                      batch.keep_backups, batch.accept_changes, input_tables(config)),
         beam.pvalue.AsSingleton(violations),
@@ -290,6 +298,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
         beam.pvalue.AsList(staged["segment_popularity"]),
         beam.pvalue.AsList(staged["dead_letter"]),
         beam.pvalue.AsSingleton(signals))
+    if ctx.serving is None:
+        return run
+    # Written beside the warehouse's staging; served only once the gate has published.
+    written = stamped | "WriteServingStore" >> WriteServingVersion(
+        ctx.serving, ctx.run_id, model_version, ctx.started_at)
+    return run | "SwitchServingStore" >> beam.ParDo(
+        SwitchServingFn(ctx.serving, ctx.warehouse), beam.pvalue.AsSingleton(written))
 
 
 def _source(table: str, options: CommonOptions, ctx: RunContext) -> beam.PTransform:

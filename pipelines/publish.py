@@ -15,6 +15,8 @@ turn, so a rollback can be undone) and records itself in ``pipeline_runs``.
 demos and the emulator). Exit status: 0 done, 2 refused (bad name, no such
 backup, warehouse in use by a run, unreachable endpoint), 3 failure. A local
 warehouse is locked while a command works on it, like a job's run.
+With ``--serving_store``, ``rollback`` and ``prune`` keep the serving store in
+step: it serves what the warehouse now publishes (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="Use this BigQuery dataset instead of the local warehouse.")
     target.add_argument("--bigquery_endpoint", default=None,
                         help="A BigQuery emulator's URL (anonymous credentials).")
+    target.add_argument("--serving_store", default=None,
+                        help="Redis URL of the serving store: rollback and prune keep it in "
+                             "step with the warehouse (docs/serving.md).")
+    target.add_argument("--serving_namespace", default="recs",
+                        help="Key prefix of the serving store.")
+    target.add_argument("--serving_keep_versions", type=int, default=2,
+                        help="Versions the serving store keeps (the served one included).")
     parser = OneLineParser(prog="python -m pipelines.publish",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,13 +107,19 @@ def _command(args: argparse.Namespace, warehouse: Warehouse) -> int:
                 print(f"backups in {warehouse.location}, newest first:")
                 print(backups.to_string(index=False))
         elif args.command == "rollback":
+            store = _serving_store(args)
             kept = warehouse.rollback(args.to)
             print(f"restored backup {args.to} in {warehouse.location}; the output it replaced "
                   f"is backup {kept}")
+            if store is not None:
+                _follow(store, warehouse)
         elif args.command == "prune":
+            store = _serving_store(args)
             dropped = warehouse.prune_backups(args.keep)
             print(f"dropped {len(dropped)} backup(s) from {warehouse.location}"
                   + (": " + ", ".join(dropped) if dropped else ""))
+            if store is not None:
+                _follow(store, warehouse)
         else:
             if not isinstance(warehouse, BigQueryWarehouse):
                 raise ValueError("load-inputs needs --bigquery_dataset")
@@ -117,6 +132,32 @@ def _command(args: argparse.Namespace, warehouse: Warehouse) -> int:
         print(f"refused: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _serving_store(args: argparse.Namespace):
+    """The serving store named by --serving_store, checked before the warehouse changes."""
+    if not args.serving_store:
+        return None
+    from models.serving import ServingStore, StoreUnavailable
+    if args.serving_keep_versions < 1:
+        raise ValueError("--serving_keep_versions must be >= 1")
+    store = ServingStore(args.serving_store, args.serving_namespace,
+                         keep_versions=args.serving_keep_versions)
+    try:
+        store.check()
+    except StoreUnavailable as err:
+        raise ValueError(f"--serving_store {args.serving_store} does not answer ({err}); "
+                         f"nothing was changed")
+    return store
+
+
+def _follow(store, warehouse: Warehouse) -> None:
+    from transforms.serving import follow_warehouse
+    done = follow_warehouse(store, warehouse)
+    loaded = f"loaded {done['users']:,} users, " if done.get("users") is not None else ""
+    print(f"serving store {store.url}: serves run {done['run_id']} ({loaded}switch "
+          f"{done['switch_seconds'] * 1000:.1f} ms); dropped {len(done['pruned'])} old "
+          f"version(s)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from models import streaming as model
 from models.bandit import BanditConfig
 from models.config import RecsConfig
+from models.serving import ServingStore
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import LOCAL_RUNNERS, UsageError, entry_point, job_options
 from pipelines.options import (CommonOptions, check_attributes, require_input_dir,
@@ -41,6 +42,8 @@ from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are th
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS
 from transforms.health import NAMESPACE
 from transforms.warehouse import bigquery_dataset, bigquery_project, table_name
+from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
+                                WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                   CheckFunnel, CheckSkus, DropDuplicates, FileReference,
                                   LateDataAudit, ParseMessages,
@@ -126,6 +129,7 @@ class StreamingContext(NamedTuple):
     config: RecsConfig
     bandit: BanditConfig
     dedupe_ttl: pd.Timedelta
+    serving: Optional[ServingStore] = None   # with --serving_store (docs/serving.md)
 
     def table(self, name: str) -> str:
         """A table spec as Beam's BigQuery I/O takes it: project:dataset.table."""
@@ -186,8 +190,12 @@ def context_from(options: PipelineOptions) -> StreamingContext:
         raise UsageError(f"--streaming_dataset/--history_table: {err}")
     now = pd.Timestamp.now(tz="UTC")
     run_id = run_id_of(common.run_id, now, JOB)
+    try:
+        serving = store_from(options)
+    except ValueError as err:
+        raise UsageError(str(err))
     return StreamingContext(run_id, now, project, dataset, spec, config, BanditConfig(),
-                            pd.Timedelta(seconds=opts.dedupe_ttl_seconds))
+                            pd.Timedelta(seconds=opts.dedupe_ttl_seconds), serving)
 
 
 def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReference:
@@ -273,9 +281,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
                    | "StampBandit" >> beam.Map(stamp, ctx.run_id, "generated_at"))
     bandit_dead = frames_to_rows("BanditDeadLetterRows", bandit.dead_letters) | (
         "BanditDeadLetterRecords" >> beam.Map(lambda r: {**r, "attributes": None}))
+    refreshed = to_global_window("RecommendationsToGlobalWindow", recs.rows)
+    if ctx.serving is not None:  # each refreshed user, served at once (docs/serving.md)
+        refreshed | "WriteServingStore" >> WriteServingUpdates(ctx.serving)
     rows = {
-        "recommendation_updates": frames_to_rows("RecommendationRows", to_global_window(
-            "RecommendationsToGlobalWindow", recs.rows)),
+        "recommendation_updates": frames_to_rows("RecommendationRows", refreshed),
         "bandit_state": bandit_rows,
         "streaming_health": health,
     }

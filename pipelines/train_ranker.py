@@ -44,7 +44,8 @@ from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import UsageError, entry_point, job_options
 from pipelines.options import (CommonOptions, as_of_of, check_attributes, require_input_dir,
-                               require_tables, require_writable_dir, run_id_of)
+                               require_tables, require_writable_dir, run_id_of,
+                               sharding_of)
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.health import SumCounts
 from transforms.io import WriteFrames
@@ -163,11 +164,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: TrainContext) 
     common = options.view_as(CommonOptions)
     clear_staging(ctx.staging_dir)
     inputs = pipeline | "ReadCleanInputs" >> ReadCleanInputs(
-        common.input_dir, ctx.config, common.num_shards)
+        common.input_dir, ctx.config, sharding_of(options))
     examples = ({"users": inputs.users, "events": inputs.events, "fitment": inputs.fitment}
                 | "BuildExamples" >> BuildExamples(
                     inputs.catalog, ctx.cutoffs, ctx.train_cutoffs, ctx.config, ctx.fconfig,
-                    cache_tag=ctx.run_id, num_shards=common.num_shards))
+                    cache_tag=ctx.run_id, num_shards=sharding_of(options)))
     _ = examples.rows | "StageExamples" >> WriteFrames(
         FileSystems.join(ctx.staging_dir, "examples", "part"), examples_schema(ctx.config))
     _ = ((inputs.counts, examples.counts)

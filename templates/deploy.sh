@@ -9,6 +9,8 @@
 #   templates/deploy.sh schedules           # Cloud Scheduler jobs (templates/schedules/*.json)
 #   templates/deploy.sh alerts              # log-based metrics + alert policies (templates/alerts/)
 #   templates/deploy.sh list                # the templates it would build
+#   templates/deploy.sh service-image       # SERVICE_MODE=deploy: build and push the API image
+#   templates/deploy.sh service             # SERVICE_MODE=deploy: the API on Cloud Run
 #
 # cloudbuild.yaml runs images, smoke, push, templates and streaming in that order;
 # docs/deploy.md runs them by hand. The templates are the directories with a
@@ -26,6 +28,8 @@
 #   SOURCE_COMMIT                         the commit built (falls back to COMMIT_SHA, then git)
 #   schedules/alerts: RECS_DATASET INPUT_DIR SCHEDULER_SERVICE_ACCOUNT ALERT_CHANNELS
 #                     DEAD_LETTER_THRESHOLD (templates/ops.py, docs/operations.md)
+#   SERVICE_MODE (none|deploy) SERVICE_NAME SERVING_STORE SERVICE_VPC_CONNECTOR
+#                                         the API (pipelines.serve, docs/serving.md)
 set -euo pipefail
 
 SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -206,6 +210,40 @@ cmd_streaming() {
   esac
 }
 
+service_image() { echo "$(registry)/serve:$IMAGE_TAG"; }
+
+service_wanted() {
+  case "${SERVICE_MODE:-none}" in
+    none) say "SERVICE_MODE=none: the recommendations API is not built or deployed"; return 1 ;;
+    deploy) return 0 ;;
+    *) die "SERVICE_MODE must be none or deploy, not '${SERVICE_MODE}'" ;;
+  esac
+}
+
+cmd_service_image() {
+  service_wanted || return 0
+  need PROJECT_ID REGION REPOSITORY IMAGE_TAG
+  docker build --file templates/serve/Dockerfile --tag "$(service_image)" .
+  docker push "$(service_image)"
+}
+
+# Cloud Run reaches Memorystore through a Serverless VPC Access connector in its network.
+cmd_service() {
+  service_wanted || return 0
+  need PROJECT_ID REGION REPOSITORY IMAGE_TAG SERVING_STORE SERVICE_VPC_CONNECTOR
+  case "$SERVING_STORE" in
+    redis://*|rediss://*) ;;
+    *) die "SERVING_STORE must be redis://HOST:PORT/DB (the Memorystore instance)" ;;
+  esac
+  local name=${SERVICE_NAME:-segment-recs-api}
+  gcloud run deploy "$name" --project="$PROJECT_ID" --region="$REGION" \
+    --image="$(service_image)" --port=8080 \
+    --set-env-vars="SERVING_STORE=$SERVING_STORE,SERVING_WORKERS=2" \
+    --vpc-connector="$SERVICE_VPC_CONNECTOR" --vpc-egress=private-ranges-only \
+    --cpu=2 --memory=1Gi --concurrency=200 --no-allow-unauthenticated
+  say "service $name: $(service_image) serving $SERVING_STORE"
+}
+
 main() {
   local cmd=${1:-}
   [ $# -eq 0 ] || shift
@@ -222,8 +260,10 @@ main() {
     schedules|alerts)
       need PROJECT_ID REGION BUCKET
       python3 -m templates.ops "$cmd" ;;
+    service-image) cmd_service_image ;;
+    service) cmd_service ;;
     list) template_jobs ;;
-    *) sed -n '2,11p' "$SCRIPT" >&2; exit 2 ;;
+    *) sed -n '2,13p' "$SCRIPT" >&2; exit 2 ;;
   esac
 }
 

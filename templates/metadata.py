@@ -147,12 +147,17 @@ INPUT_TABLE = Format("a table name of --input_dir (letters, digits and _), or em
 INTEGER = Format("an integer", r"^[-+]?[0-9]+$", "8")
 BOOLEAN = Format("true or false", r"^([Tt]rue|[Ff]alse)$", "true")
 NUMBER = Format("a number", r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$", "0.5")
+REDIS_URL = Format("a Redis URL, redis://HOST:PORT/DB (the Memorystore instance)",
+                   r"^rediss?://[A-Za-z0-9.-]+:[0-9]{1,5}(/[0-9]{1,2})?$",
+                   "redis://10.0.0.3:6379/0")
+KEY_PREFIX = Format("letters, digits, _ and - (at most 64)", r"^[A-Za-z0-9_-]{1,64}$", "recs")
 
 # Formats by option name, then by name suffix; type and choices come first.
 FORMAT_BY_NAME: Dict[str, Format] = {
     "as_of": RFC3339, "run_id": RUN_ID, "segment_by": ATTRIBUTES, "warehouse": PATH,
     "config": PATH, "history_table": INPUT_TABLE, "ranker_model": PATH,
     "bigquery_project": BIGQUERY_PROJECT,
+    "serving_store": REDIS_URL, "serving_namespace": KEY_PREFIX,
 }
 FORMAT_BY_SUFFIX: Tuple[Tuple[str, Format], ...] = (
     ("_dir", PATH), ("_path", PATH), ("_file", PATH), ("_html", PATH), ("_location", PATH),
@@ -162,7 +167,7 @@ FORMAT_BY_SUFFIX: Tuple[Tuple[str, Format], ...] = (
 )
 FORMATS: Tuple[Format, ...] = (RFC3339, PATH, RUN_ID, ATTRIBUTES, BIGQUERY_TABLE,
                                BIGQUERY_PROJECT, BIGQUERY_DATASET, SUBSCRIPTION, TOPIC,
-                               INPUT_TABLE, INTEGER, NUMBER, BOOLEAN)
+                               INPUT_TABLE, INTEGER, NUMBER, BOOLEAN, REDIS_URL, KEY_PREFIX)
 
 LABEL_WORDS = {"dir": "directory", "id": "ID", "html": "HTML", "num": "number of",
                "min": "minimum", "max": "maximum", "vs": "vs.", "bq": "BigQuery",

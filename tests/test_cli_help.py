@@ -6,19 +6,21 @@ import pytest
 
 JOBS = {
     "batch_recommendations": ["--input_dir", "--as_of", "--config", "--strategy",
-                              "--bigquery_endpoint", "--sink"],
+                              "--bigquery_endpoint", "--sink", "--serving_store"],
     "backtest": ["--input_dir", "--as_of", "--config"],
     "bandit_report": ["--window_days", "--exploration_floor", "--warehouse"],
     "campaign_report": ["--attribution_days", "--report_html"],
     "generate_world": ["--preset", "--seed", "--format", "--bad_rows"],
     "import_dataset": ["--source", "--out"],
     "publish": ["rollback", "prune"],
+    "serve": ["run", "rebuild", "status"],
     "status": ["--warehouse", "--verify", "--template_spec", "--html", "--now"],
     "train_ranker": ["--ranker_model_dir", "--ranker_objective", "--as_of"],
     "evaluate_ranker": ["--ranker_artifact", "--as_of"],
     "tune": ["--grid", "--periods", "--as_of", "--confirm_on_holdout"],
     "streaming_refresh": ["--events_subscription", "--window_seconds",
-                          "--allowed_lateness_seconds", "--bigquery_endpoint"],
+                          "--allowed_lateness_seconds", "--bigquery_endpoint",
+                          "--serving_store"],
 }
 
 

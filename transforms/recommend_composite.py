@@ -186,8 +186,9 @@ class _PerVehicle(beam.PTransform):
         side = [beam.pvalue.AsSingleton(self._side[name])
                 for name in self._handler.side_inputs]
         return (inputs
-                | "ShardByVehicle" >> CoGroupFrames({name: key for name in inputs},
-                                                    self._num_shards)
+                | "ShardByVehicle" >> CoGroupFrames(
+                    {name: key for name in inputs}, self._num_shards,
+                    salt={n: ["user_id"] for n in ("users", "candidates") if n in inputs})
                 | "ScoreAndCheck" >> beam.ParDo(
                     _ScoreShardFn(self._handler, self._cache_tag), *side).with_outputs(
                     Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value, DRIFT,
