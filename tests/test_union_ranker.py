@@ -7,7 +7,6 @@ zero, and that a model trained on other sources is refused at start-up.
 """
 import dataclasses
 import json
-import os
 
 import duckdb
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 from models import union_ranker
 from models.config import CandidatesConfig, RecsConfig
-from models.ranker import RankerModel, TrainConfig, refusal
+from models.ranker import TrainConfig, refusal
 from models.recommend_handler import (UnionRerankHandler, prepare_history,
                                       recommend_history)
 from pipelines import batch_recommendations, train_ranker
@@ -65,7 +64,7 @@ def _rank_world(seed: int, users: int = 60):
     for u in range(users):
         user = f"s{seed}u{u}"
         skus = [f"P{j}" for j in rng.permutation(20)[:8]]
-        for j, sku in enumerate(skus):
+        for sku in skus:
             pop_rows.append((user, sku, float(rng.random())))
         ab = [f"A{j}" for j in rng.permutation(20)[:5]]
         ab_scores = np.sort(rng.random(5))[::-1]
@@ -78,7 +77,8 @@ def _rank_world(seed: int, users: int = 60):
                  "also_bought": pd.DataFrame(ab_rows, columns=["user_id", "sku", "score"])}
     frame = union_ranker.union_features(by_source, ["segment_popularity", "also_bought"])
     frame = frame.assign(y=union_ranker.label(frame, future))
-    return union_ranker.Examples(frame, pd.DataFrame(blend, columns=["user_id", "slot", "sku"])), future
+    blend = pd.DataFrame(blend, columns=["user_id", "slot", "sku"])
+    return union_ranker.Examples(frame, blend), future
 
 
 def test_the_source_rank_is_what_the_ranker_learns():
