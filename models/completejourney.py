@@ -367,7 +367,10 @@ def convert(source: Source, holdout_days: int = HOLDOUT_DAYS,
     products = source.products["product_id"]
     event_cols = [c.name for c in SCHEMAS["events"]] + ["store_id", "sales_value",
                                                         "metered_quantity"]
-    treat_cols = [c.name for c in SCHEMAS["treatment_events"] if c.name != "reason"] + [
+    # The campaigns were not sent by a logging policy: the optional propensity and
+    # allocation_version of a SENT are absent, not null.
+    treat_cols = [c.name for c in SCHEMAS["treatment_events"]
+                  if c.name != "reason" and (c.required or c.name in treatments.columns)] + [
         "coupon_upc"]
     tables = {
         "catalog": catalog,

@@ -133,7 +133,8 @@ class InputConfig:
         so any retailer's data runs unconfigured) accepts every id that
         matches ``treatment_id_pattern``.
       treatment_id_pattern: the form every treatment id must have, registry or
-        not (a full match): letters, digits and ``_ . : -``, at most 64
+        not (a full match): letters, digits, ``_ . : -`` and single spaces
+        between them (a campaign type such as ``Type A``), at most 64
         characters, so markup such as ``<script>`` never reaches a report.
     """
 
@@ -142,7 +143,7 @@ class InputConfig:
     max_quantity: int = 10_000
     max_price: float = 1_000_000.0
     treatment_ids: Tuple[str, ...] = ()
-    treatment_id_pattern: str = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+    treatment_id_pattern: str = r"[A-Za-z0-9](?:[A-Za-z0-9_.:-]| (?=[A-Za-z0-9_.:-])){0,63}"
 
     def __post_init__(self) -> None:
         _whole(self, "min_vehicle_year", "max_vehicle_year", "max_quantity")

@@ -316,6 +316,14 @@ class RankerModel:
 
     def check_features(self, config: RecsConfig) -> None:
         """Fail fast when the model was trained on other features than this config makes."""
+        from models import union_ranker
+        if union_ranker.is_union(self):  # trained over the mix's sources (#14)
+            union_ranker.check_sources(self, config)
+            return
+        if not config.candidates.popularity_only:
+            raise ValueError(f"ranker {self.version} re-ranks segment-popularity pools; this "
+                             f"configuration's candidates.mix needs a union ranker trained "
+                             f"on its sources ({', '.join(config.candidates.sources)})")
         expected = feature_names(config)
         if tuple(self.features) != expected:
             missing = sorted(set(expected) ^ set(self.features))
@@ -501,6 +509,9 @@ def refusal(model: "RankerModel") -> Optional[str]:
     best = meta.get("metrics", {}).get(meta.get("selected"), {}).get(metric)
     figures = (f" (validation {metric} {best:.4f} against {base:.4f})"
                if isinstance(best, float) and isinstance(base, float) else "")
+    if meta.get("union_sources"):
+        return (f"ranker {model.version} does not beat the blended mix order"
+                f"{figures}; serving the blend instead")
     return (f"ranker {model.version} does not beat the popularity order it re-ranks"
             f"{figures}; serving the popularity order instead")
 

@@ -288,7 +288,8 @@ def recommend_all(recommender: Recommender, users: pd.DataFrame,
 
 def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str, Iterable[str]],
             personal: pd.DataFrame, shared: Mapping[str, pd.DataFrame],
-            boost: Optional[pd.DataFrame] = None) -> Tuple[pd.DataFrame, pd.DataFrame]:
+            boost: Optional[pd.DataFrame] = None,
+            rerank=None) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Recommendation rows filled by the configured slot mix, vehicle by vehicle (#14).
 
     Every source is restricted to the vehicle's candidates (eligible and fitting
@@ -305,6 +306,10 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
       boost: ``sku, multiplier`` of the trending SKUs; with ``segment_popularity`` in
         ``trending.boost_sources`` popularity's scores are multiplied by it (capped at
         ``scoring.max_score``, the formula's range that rule 11 checks) before the fill.
+      rerank: optional ``rerank(by_source, excluded, k, fill) -> slots`` called instead
+        of the plain fill (the union ranker, :mod:`models.union_ranker`): it gets the
+        restricted per-source frames and rule 4's pairs, and ``fill(by_source, mix,
+        repurchase_sources)`` is ``fill_slots`` with this run's caps.
 
     Returns:
       the rows (SPEC §3 columns, ``source`` = the popularity level or
@@ -368,10 +373,13 @@ def mix_all(recommender: Recommender, users: pd.DataFrame, fitting: Mapping[str,
     if "bought" in ordered.columns:
         excluded = (ordered[["user_id", "bought"]].explode("bought").dropna()
                     .rename(columns={"bought": "sku"}))
-    slots = slot_mix.fill_slots(
-        sources, mix, n, config.rules.max_per_part_type,
-        dict(zip(catalog.sku, catalog.part_type)), excluded, REPURCHASE_SOURCES, list(ids),
-        dict(zip(catalog.sku, catalog.variant_key)))
+    def fill(by_source, slot_mix_, repurchase=REPURCHASE_SOURCES):
+        return slot_mix.fill_slots(
+            by_source, slot_mix_, n, config.rules.max_per_part_type,
+            dict(zip(catalog.sku, catalog.part_type)), excluded, repurchase, list(ids),
+            dict(zip(catalog.sku, catalog.variant_key)))
+
+    slots = fill(sources, mix) if rerank is None else rerank(sources, excluded, n, fill)
     full = slots.groupby("user_id", sort=False)["slot"].transform("size") == n
     slots = slots.loc[full.to_numpy(bool)]
     row = pd.Index(ids).get_indexer(slots["user_id"])

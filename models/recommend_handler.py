@@ -32,6 +32,7 @@ import pandas as pd
 from models import candidates, popularity, profiles, recommend, rules
 from models.catalog import CatalogArrays
 from models.config import RecsConfig
+from models.shards import owned
 
 Counter = Tuple[str, int]
 
@@ -112,10 +113,11 @@ class PopularityHandler:
         attrs = list(config.fitment_attributes)
         counters: List[Counter] = []
         if len(fitment):
-            deduped = fitment.drop_duplicates(["sku"] + attrs)
-            counters += [("fitment.deduplicated", len(fitment) - len(deduped)),
-                         ("fitment.processed", len(deduped))]
-            fitment = deduped
+            own = owned(groups, "fitment")  # a hot vehicle's fitment is copied to each slice
+            kept = len(own.drop_duplicates(["sku"] + attrs)) if len(own) else 0
+            counters += [("fitment.deduplicated", len(own) - kept),
+                         ("fitment.processed", kept)]
+            fitment = fitment.drop_duplicates(["sku"] + attrs)
         empty = pd.DataFrame(columns=recommend.rec_columns(config.rules.recs_per_user))
         if not len(users):
             return Scored(empty, users, recommend.UNSERVED_REASON, {}, counters)
@@ -178,12 +180,19 @@ class MixHandler(PopularityHandler):
         tables = loaded.extra.get("tables")
         shared_lists = {} if tables is None or tables.trending is None else {
             "trending": tables.trending}
+        hook = self._rerank_hook(loaded, recommender)
         recs, unserved = recommend.mix_all(recommender, users, fitting, found.loc[kept],
-                                           shared_lists, None if tables is None else tables.boost)
+                                           shared_lists, None if tables is None else tables.boost,
+                                           hook)
         bought_ever = found.loc[~kept]
         purchased = {u: tuple(g) for u, g in bought_ever["sku"].groupby(
             bought_ever["user_id"].to_numpy(object))}
-        return recs, unserved, recommend.MIX_UNSERVED_REASON, purchased, []
+        more = [] if hook is None else [("ranker.rows_scored", int(hook.rows_scored))]
+        return recs, unserved, recommend.MIX_UNSERVED_REASON, purchased, more
+
+    def _rerank_hook(self, loaded: Loaded, recommender):
+        """What ``mix_all`` calls instead of the plain fill (None: the blend)."""
+        return None
 
     def _slot_counters(self, recs: pd.DataFrame) -> List[Counter]:
         """Which source filled how many slots."""
@@ -237,6 +246,57 @@ class RerankHandler(PopularityHandler):
         return recommender.drift.to_dict()
 
 
+class UnionRerankHandler(MixHandler):
+    """The slot mix's candidates, all sources together, re-ranked by a union ranker (#14).
+
+    Same inputs as :class:`MixHandler`; ``load_model`` (zero-argument callable) returns a
+    :class:`models.ranker.RankerModel` trained by :func:`models.union_ranker.train_union`
+    on this configuration's mix sources (checked in :meth:`load`). The fill keeps the
+    mix's rules (rule 4 on discovery rows only, diversity caps) over the ranked union
+    (:func:`models.union_ranker.rerank_hook`).
+    """
+
+    model_version = "union-ranker-v1"
+
+    def __init__(self, config: RecsConfig, load_model: Callable[[], object]):
+        super().__init__(config)
+        self.load_model = load_model
+
+    def _extra(self, arrays, index, side) -> Mapping[str, object]:
+        from models import union_ranker
+        model = self.load_model()
+        union_ranker.check_sources(model, self.config)
+        return {**super()._extra(arrays, index, side), "model": model}
+
+    def recommender(self, loaded: Loaded):
+        """The mix's recommender carrying this call's hook (its drift counts never mix
+        between shards or threads)."""
+        from models import ranker, union_ranker
+        recommender = super().recommender(loaded)
+        model = loaded.extra["model"]
+        recommender.union_hook = union_ranker.rerank_hook(
+            model, self.config.candidates.sources,
+            ranker.DriftCounts(model.metadata.get("feature_distributions", {})))
+        return recommender
+
+    def _rerank_hook(self, loaded: Loaded, recommender):
+        return recommender.union_hook
+
+    def _drift(self, recommender) -> Optional[dict]:
+        return recommender.union_hook.drift.to_dict()
+
+
+class CapturingMixHandler(MixHandler):
+    """The slot mix, with a hook that sees the restricted sources (training the union ranker)."""
+
+    def __init__(self, config: RecsConfig, capture):
+        super().__init__(config)
+        self.capture = capture
+
+    def _rerank_hook(self, loaded: Loaded, recommender):
+        return self.capture
+
+
 def handler_for(config: RecsConfig) -> PopularityHandler:
     """The handler the configuration asks for without a ranker: the mix when it names more
     than segment popularity, else segment popularity."""
@@ -278,7 +338,8 @@ def prepare_history(users: pd.DataFrame, events: pd.DataFrame, as_of: pd.Timesta
 
 def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataFrame,
                       as_of: pd.Timestamp, config: RecsConfig,
-                      cache: Optional[MutableMapping] = None) -> Scored:
+                      cache: Optional[MutableMapping] = None,
+                      handler: Optional[PopularityHandler] = None) -> Scored:
     """Every user of ``history`` recommended as the batch job would, in one process.
 
     The same handler the ``Recommend`` composite applies per vehicle shard, here
@@ -291,6 +352,10 @@ def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataF
     table, the loaded handler tables, the shared tables and the per-user candidates
     between calls whose configurations agree on what each depends on, so a grid of
     variants (``pipelines.tune``) pays for each piece once.
+
+    ``handler`` replaces :func:`handler_for`'s choice (e.g. a
+    :class:`UnionRerankHandler`, or a mix handler whose hook captures the union
+    for training); it must be a :class:`MixHandler` when the config has a mix.
     """
     cache = {} if cache is None else cache
 
@@ -303,7 +368,8 @@ def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataF
                config.fitment_attributes)
     pop = cached(pop_key, lambda: popularity.merge_popularity(
         [popularity.partial_popularity(history.lines, as_of, config)]))
-    handler = handler_for(config)
+    own = handler is None
+    handler = handler_for(config) if own else handler
     side = {"catalog": catalog, "popularity": pop}
     groups = {"users": history.profiles, "fitment": fitment}
     tables_key = None
@@ -333,6 +399,7 @@ def recommend_history(history: History, catalog: pd.DataFrame, fitment: pd.DataF
         groups["candidates"] = cached(
             ("personal", tables_key, config.rules.recs_per_user, config.shard_attributes),
             personal)
-    loaded = cached(("loaded", type(handler).__name__, pop_key, repr(config.rules),
-                     config.fitment_attributes, tables_key), lambda: handler.load(side))
+    loaded = cached(("loaded", type(handler).__name__, None if own else id(handler), pop_key,
+                     repr(config.rules), config.fitment_attributes, tables_key),
+                    lambda: handler.load(side))
     return handler.score(loaded, groups)

@@ -35,7 +35,7 @@ from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_opt
                            locked_warehouse)
 from pipelines.options import (CommonOptions, as_of_of, check_attributes, check_run_id,
                                require_input_dir, require_tables, require_writable_dir,
-                               run_id_of)
+                               run_id_of, sharding_of)
 from transforms.bandit import (AttachSegments, AttributeToSends, BanditState, BanditStateOut,
                                TreatmentCounts)
 from transforms.campaign import (BANDIT_ALLOCATION, BANDIT_STATE, CleanTreatmentEvents,
@@ -142,7 +142,7 @@ def read_treatment_events(pipeline: beam.Pipeline, options: CommonOptions,
     """Treatment events read, validated, deduplicated and checked against their sends."""
     read = pipeline | "ReadTreatmentEvents" >> ReadTable(
         "treatment_events", find_table(options.input_dir, "treatment_events"), limits=ctx.limits)
-    clean = read.rows | "CleanTreatmentEvents" >> CleanTreatmentEvents(options.num_shards)
+    clean = read.rows | "CleanTreatmentEvents" >> CleanTreatmentEvents(sharding_of(options))
     return Cleaned(clean.rows,
                    (read.dead_letters, clean.dead_letters)
                    | "FlattenTreatmentDeadLetters" >> beam.Flatten(),
@@ -183,7 +183,7 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
         users = pipeline | "ReadUsers" >> ReadTable(
             "users", find_table(options.input_dir, "users"), limits=ctx.limits)
         events = events | "AttachSegments" >> AttachSegments(
-            users.rows, ctx.segment_by, options.num_shards)
+            users.rows, ctx.segment_by, sharding_of(options))
         dead.append(users.dead_letters)
         counts.append(users.counts)
     state = bandit_state(events, ctx)

@@ -31,6 +31,7 @@ from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
 from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
+                               sharding_of,
                                check_run_id, require_columns, require_input_dir,
                                require_tables, require_writable_dir, run_id_of, true_or_false)
 from transforms import schemas
@@ -111,8 +112,7 @@ def context_from(options: PipelineOptions) -> RunContext:
     options = options.view_as(CommonOptions)
     now = pd.Timestamp.now(tz="UTC")
     as_of = as_of_of(options.as_of, now)
-    if options.num_shards < 1:
-        raise UsageError("--num_shards must be >= 1")
+    sharding_of(options)
     if batch.keep_backups < 1:
         raise UsageError("--keep_backups must be >= 1: the previous output is kept as a backup")
     io_options = options.view_as(SourceSinkOptions)
@@ -148,9 +148,6 @@ def context_from(options: PipelineOptions) -> RunContext:
         if batch.strategy == "global":
             raise UsageError("--ranker_model re-ranks segment candidates; not with "
                              "--strategy global")
-        if not config.candidates.popularity_only:
-            raise UsageError("--ranker_model re-ranks segment-popularity candidates; not with "
-                             "a candidates.mix of other sources (drop one or the other)")
         try:
             ranker_path = resolve_model_path(batch.ranker_model)
             ranker = check_model(ranker_path, config)  # loads it and checks its features
@@ -226,7 +223,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: RunContext
     """The batch graph; returns the singleton run-summary row."""
     batch = options.view_as(BatchOptions)
     options = options.view_as(CommonOptions)
-    config, n_shards = ctx.config, options.num_shards
+    config, n_shards = ctx.config, sharding_of(options)
     read = {table: pipeline | f"Read{table.capitalize()}" >> _source(table, options, ctx)
             for table in input_tables(config)}
 

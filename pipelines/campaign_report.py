@@ -27,7 +27,7 @@ from pipelines.bandit_report import (BanditContext, BanditOptions, bandit_contex
                                      bandit_state, read_treatment_events)
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
-from pipelines.options import CommonOptions, check_run_id, require_writable_file
+from pipelines.options import CommonOptions, check_run_id, require_writable_file, sharding_of
 from transforms.campaign import (BANDIT_STATE, REPORT_TABLES, CampaignReport, OrderEvents,
                                  PublishReport, split_tables)
 from transforms.health import DeadLetterCounts, SumCounts
@@ -74,9 +74,9 @@ def build(pipeline: beam.Pipeline, pipeline_options: PipelineOptions, ctx: Bandi
     treatments = read_treatment_events(pipeline, options, ctx)
     read_events = pipeline | "ReadEvents" >> ReadTable(
         "events", find_table(options.input_dir, "events"), limits=ctx.limits)
-    orders = read_events.rows | "OrderEvents" >> OrderEvents(options.num_shards)
+    orders = read_events.rows | "OrderEvents" >> OrderEvents(sharding_of(options))
     tables, report_counts = ({"treatment_events": treatments.rows, "orders": orders.rows}
-                             | "CampaignReport" >> CampaignReport(window, options.num_shards))
+                             | "CampaignReport" >> CampaignReport(window, sharding_of(options)))
     state = bandit_state(treatments.rows, ctx)
 
     dead_letters = ([treatments.dead_letters, read_events.dead_letters, orders.dead_letters,

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import features, metrics, ranker
+from models import features, metrics, ranker, union_ranker
 from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from models.popularity import order_lines
@@ -111,6 +111,13 @@ def context_from(options: PipelineOptions) -> EvalContext:
         model.check_features(config)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--ranker_artifact: {err}")
+    if union_ranker.is_union(model):  # evaluated in process (evaluate_union), no Beam graph
+        now = pd.Timestamp.now(tz="UTC")
+        run_id = run_id_of(common.run_id, now, JOB)
+        base = os.path.dirname(os.path.abspath(common.warehouse))
+        eval_dir = own.ranker_eval_dir or os.path.join(base, "ranker_eval")
+        return EvalContext(run_id, as_of, "", eval_dir, config, features.FeatureConfig(),
+                           model_path, "", model, None)
     if "challenger_artifact" not in model.metadata:
         raise UsageError("--ranker_artifact has no challenger model; retrain it with "
                          "pipelines.train_ranker")
@@ -356,8 +363,10 @@ def write_outputs(result: dict, ctx: EvalContext, warehouse: Optional[str]) -> s
         k = result["k"]
         published = table.rename(columns=lambda c: c.replace(f"@{k}", "_at_k")).assign(
             k=k, as_of=ctx.as_of, run_id=ctx.run_id, model=ctx.model.version)
+        name = ("union_ranker_backtest" if union_ranker.is_union(ctx.model)
+                else "ranker_backtest")
         LocalWarehouse(warehouse).publish(
-            ctx.run_id, {}, {"ranker_backtest": pa.Table.from_pandas(
+            ctx.run_id, {}, {name: pa.Table.from_pandas(
                 published, preserve_index=False)}, swap=False)
     return path
 
@@ -380,9 +389,81 @@ def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline]
         return _run(options, ctx, test_pipeline, publish)
 
 
+UNION_STRATEGIES = ("union_ranker", "blend")
+
+
+def evaluate_union(ctx: EvalContext, input_dir: str) -> dict:
+    """The union ranker against the blend it re-ranks and the SQL baselines, at k.
+
+    In this process, as ``pipelines.tune`` scores a variant: the history up to
+    ``--as_of``, each strategy's lists through the same handler the batch job
+    applies (the blend: ``MixHandler``; the ranker: ``UnionRerankHandler``), the
+    two SQL baselines of :mod:`models.baselines` on the same files, every list
+    scored against the held-out period's buyers (the same people for every
+    strategy), and the ranker's paired 95% interval against each of the others.
+    """
+    from models.catalog import CatalogArrays
+    from models.mix import paired_interval
+    from models.recommend_handler import (UnionRerankHandler, prepare_history,
+                                          recommend_history)
+    from models.tuning import long_lists, periods_of
+    from pipelines.tune import load_data
+    config, k, model = ctx.config, ctx.config.rules.recs_per_user, ctx.model
+    data = load_data(input_dir, config, True)
+    period = periods_of(data, input_dir, ctx.as_of, 1, 0.0, k, config, holdout=True)[0]
+    times = pd.to_datetime(data.events["event_time"], utc=True)
+    history = prepare_history(data.users, data.events.loc[(times <= ctx.as_of).to_numpy(bool)],
+                              ctx.as_of, config)
+    arrays = CatalogArrays.build(data.catalog, config.rules)
+    price_of = dict(zip(arrays.sku, arrays.price))
+    cache: dict = {}
+    scored = {
+        "blend": recommend_history(history, data.catalog, data.fitment, ctx.as_of, config,
+                                   cache),
+        "union_ranker": recommend_history(history, data.catalog, data.fitment, ctx.as_of,
+                                          config, cache,
+                                          handler=UnionRerankHandler(config, lambda: model)),
+    }
+    lists = {name: long_lists(s.rows.assign(user_id=s.rows["user_id"].astype(str)), k)
+             for name, s in scored.items()}
+    lists.update(period.baselines)
+    rows, per_user = [], {}
+    for name, frame in lists.items():
+        got = metrics.evaluate_lists(frame, period.future, k, len(arrays.sku), price_of,
+                                     period.users)
+        per_user[name] = got.pop("per_user_precision")
+        got = {key.replace("_at_k", f"@{k}"): v for key, v in got.items()}
+        qa = int(sum(scored[name].violations.values())) if name in scored else None
+        rows.append({"strategy": name, "model_version": model.version
+                     if name == "union_ranker" else None, **got, "qa_violations": qa})
+    for row in rows:
+        if row["strategy"] != "union_ranker":
+            interval = paired_interval(per_user["union_ranker"], per_user[row["strategy"]])
+            row[f"ranker_minus_this_precision@{k}"] = interval["mean"]
+            row["interval_low"], row["interval_high"] = interval["low"], interval["high"]
+    return {"as_of": ctx.as_of.isoformat(), "model": model.version, "k": k,
+            "sources": model.metadata.get(union_ranker.SOURCES_KEY),
+            "selected": model.metadata.get("selected"),
+            "beats_baseline": model.metadata.get("beats_baseline"),
+            "validation": {"ranker": model.metadata.get("metrics"),
+                           "blend": model.metadata.get("baseline")},
+            "table": rows}
+
+
 def _run(options: PipelineOptions, ctx: EvalContext, test_pipeline: Optional[beam.Pipeline],
          publish: bool) -> dict:
     common = options.view_as(CommonOptions)
+    if union_ranker.is_union(ctx.model):
+        result = evaluate_union(ctx, common.input_dir)
+        path = write_outputs(result, ctx, common.warehouse if publish else None)
+        print(f"\nUnion ranker evaluation on the held-out period at k={result['k']} "
+              f"({ctx.model.version}; sources {', '.join(result['sources'])}):")
+        print(format_table(result))
+        refused = ranker.refusal(ctx.model)
+        if refused:
+            print(f"note: {refused} (the batch job refuses this artifact)")
+        print(f"written: {path}")
+        return result
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()

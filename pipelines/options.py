@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.contracts import parse_json_line, parse_rfc3339
 from pipelines.jobs import UsageError
-from transforms.frames import DEFAULT_SHARDS
+from transforms.frames import DEFAULT_MAX_ROWS, DEFAULT_SHARDS, Sharding
 from transforms.io import SOURCE_SUFFIXES
 
 # Records read from the top of a JSON Lines input to learn its columns (a few
@@ -213,7 +213,23 @@ class CommonOptions(PipelineOptions):
                                  "default now. Fix it for reproducible runs.")
         parser.add_argument("--run_id", default=None, help="Run id (default: time + random).")
         parser.add_argument("--num_shards", type=int, default=DEFAULT_SHARDS,
-                            help="Hash shards for the batched joins.")
+                            help="Hash shards for the batched joins (the minimum: more "
+                                 "when the data would put over --max_rows_per_element "
+                                 "rows in a shard).")
+        parser.add_argument("--max_rows_per_element", type=int, default=DEFAULT_MAX_ROWS,
+                            help="Bound on the rows of one shuffled frame element: shard "
+                                 "counts grow with the data and hot keys are split to "
+                                 "stay under it (docs/scaling.md).")
         parser.add_argument("--config", default=None,
                             help="Retailer config (YAML/JSON); keys it does not name keep "
                                  "the SPEC defaults (configs/default.yaml).")
+
+
+def sharding_of(options: PipelineOptions) -> Sharding:
+    """The shuffles' ``Sharding`` from --num_shards and --max_rows_per_element."""
+    common = options.view_as(CommonOptions)
+    if common.num_shards < 1:
+        raise UsageError("--num_shards must be >= 1")
+    if common.max_rows_per_element < 8:
+        raise UsageError("--max_rows_per_element must be >= 8")
+    return Sharding(common.num_shards, common.max_rows_per_element)

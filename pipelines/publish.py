@@ -26,6 +26,7 @@ import sys
 from typing import List, Optional, Union
 
 from pipelines.jobs import OneLineParser, UsageError, locked_warehouse, run_with_status
+from pipelines.warehouse_args import add_warehouse_arguments
 from transforms.bigquery import unreachable
 from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
 
@@ -34,16 +35,7 @@ Warehouse = Union[LocalWarehouse, BigQueryWarehouse]
 
 def _parser() -> argparse.ArgumentParser:
     where = OneLineParser(add_help=False)
-    target = where.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
-    target.add_argument("--warehouse", default="out/warehouse.duckdb",
-                        help="DuckDB file of the local warehouse.")
-    target.add_argument("--bigquery_project", default=None,
-                        help="Project of the BigQuery dataset (default: test-project with "
-                             "--bigquery_endpoint, else required).")
-    target.add_argument("--bigquery_dataset", default=None,
-                        help="Use this BigQuery dataset instead of the local warehouse.")
-    target.add_argument("--bigquery_endpoint", default=None,
-                        help="A BigQuery emulator's URL (anonymous credentials).")
+    target = add_warehouse_arguments(where)
     target.add_argument("--serving_store", default=None,
                         help="Redis URL of the serving store: rollback and prune keep it in "
                              "step with the warehouse (docs/serving.md).")

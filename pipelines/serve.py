@@ -40,6 +40,7 @@ import orjson
 
 from models.serving import (KEEP_VERSIONS, MAX_K, NAMESPACE, ServingStore,
                             StoreUnavailable, parse_store_url, valid_user_id)
+from pipelines.warehouse_args import add_warehouse_arguments
 
 # No Beam here (nor pipelines.jobs, which imports it): the service's image and its workers
 # need only the store client, Starlette and uvicorn. ``rebuild`` imports the warehouse lazily.
@@ -261,15 +262,7 @@ def _parser() -> argparse.ArgumentParser:
                                   help="Load the warehouse's published output and serve it.")
     rebuild.add_argument("--serving_keep_versions", type=int, default=KEEP_VERSIONS,
                          help="Versions the store keeps afterwards (the served one included).")
-    where = rebuild.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
-    where.add_argument("--warehouse", default="out/warehouse.duckdb",
-                       help="DuckDB file of the local warehouse.")
-    where.add_argument("--bigquery_project", default=None,
-                       help="Project of the BigQuery dataset.")
-    where.add_argument("--bigquery_dataset", default=None,
-                       help="Read this BigQuery dataset instead of the local warehouse.")
-    where.add_argument("--bigquery_endpoint", default=None,
-                       help="A BigQuery emulator's URL (anonymous credentials).")
+    add_warehouse_arguments(rebuild)
     commands.add_parser("status", parents=[store], help="Print the version served and "
                                                         "the versions held.")
     return parser

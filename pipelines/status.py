@@ -35,6 +35,7 @@ from models import status as model
 from models.config_file import ConfigError, load_config
 from models.contracts import parse_rfc3339
 from pipelines.jobs import OneLineParser, UsageError, run_with_status
+from pipelines.warehouse_args import add_warehouse_arguments
 from transforms.bigquery import unreachable
 from transforms.status import read_snapshot
 from transforms.warehouse import BigQueryWarehouse, LocalWarehouse
@@ -45,16 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                            description=__doc__.split("\n\n")[0],
                            epilog=__doc__.split("\n\n")[-1],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = parser.add_argument_group("warehouse (local unless --bigquery_dataset is given)")
-    where.add_argument("--warehouse", default="out/warehouse.duckdb",
-                       help="DuckDB file of the local warehouse.")
-    where.add_argument("--bigquery_project", default=None,
-                       help="Project of the BigQuery datasets (default test-project with "
-                            "--bigquery_endpoint).")
-    where.add_argument("--bigquery_dataset", default=None,
-                       help="Read this BigQuery dataset instead of the local warehouse.")
-    where.add_argument("--bigquery_endpoint", default=None,
-                       help="A BigQuery emulator's URL (anonymous credentials).")
+    where = add_warehouse_arguments(parser)
     where.add_argument("--streaming_dataset", default=None,
                        help="BigQuery dataset of the streaming job's streaming_health table "
                             "(default: the warehouse itself). Naming it makes a missing "

@@ -44,7 +44,8 @@ from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import UsageError, entry_point, job_options
 from pipelines.options import (CommonOptions, as_of_of, check_attributes, require_input_dir,
-                               require_tables, require_writable_dir, run_id_of)
+                               require_tables, require_writable_dir, run_id_of,
+                               sharding_of)
 from transforms.features import BuildExamples, ReadCleanInputs, examples_schema
 from transforms.health import SumCounts
 from transforms.io import WriteFrames
@@ -163,11 +164,11 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: TrainContext) 
     common = options.view_as(CommonOptions)
     clear_staging(ctx.staging_dir)
     inputs = pipeline | "ReadCleanInputs" >> ReadCleanInputs(
-        common.input_dir, ctx.config, common.num_shards)
+        common.input_dir, ctx.config, sharding_of(options))
     examples = ({"users": inputs.users, "events": inputs.events, "fitment": inputs.fitment}
                 | "BuildExamples" >> BuildExamples(
                     inputs.catalog, ctx.cutoffs, ctx.train_cutoffs, ctx.config, ctx.fconfig,
-                    cache_tag=ctx.run_id, num_shards=common.num_shards))
+                    cache_tag=ctx.run_id, num_shards=sharding_of(options)))
     _ = examples.rows | "StageExamples" >> WriteFrames(
         FileSystems.join(ctx.staging_dir, "examples", "part"), examples_schema(ctx.config))
     _ = ((inputs.counts, examples.counts)
@@ -289,10 +290,98 @@ def summarise(model: ranker.RankerModel, path: str) -> str:
     return "\n".join(lines)
 
 
+def train_union(input_dir: str, ctx: TrainContext,
+                trained_at: Optional[pd.Timestamp] = None) -> ranker.RankerModel:
+    """The ranker over the union of the mix's sources (#14), trained in this process.
+
+    Examples are the mix's own restricted candidates at each cutoff
+    (:func:`models.union_ranker.examples_over`), labelled by the next
+    ``label_days``; the older cutoffs train, the ``valid_cutoffs`` newest
+    validate. The model is kept for serving only if its validation precision@k
+    beats the blend's own lists on the same (cutoff, user) pairs.
+    """
+    from models import union_ranker
+    from pipelines.tune import load_data
+    data = load_data(input_dir, ctx.config, False)
+    days = ctx.fconfig.label_days
+    started = time.perf_counter()
+    train_ex, _ = union_ranker.examples_over(data.users, data.events, data.catalog,
+                                             data.fitment, ctx.train_cutoffs, days, ctx.config)
+    valid_ex, valid_future = union_ranker.examples_over(
+        data.users, data.events, data.catalog, data.fitment, ctx.valid_cutoffs, days,
+        ctx.config)
+    examples_seconds = time.perf_counter() - started
+    if not int(train_ex.frame["y"].sum()):
+        raise SystemExit("no positive training examples: no candidate of the mix was bought "
+                         "after the training cutoffs")
+    if not int(valid_ex.frame["y"].sum()):
+        raise SystemExit("no positive validation examples: widen --ranker_valid_cutoffs")
+    model, report = union_ranker.train_union(train_ex, valid_ex, valid_future, ctx.config,
+                                             ctx.tconfig, ctx.tconfig.k)
+    trained_at = trained_at or pd.Timestamp.now(tz="UTC")
+    names = list(model.features)
+    model.metadata.update({
+        "job": JOB, "run_id": ctx.run_id, "trained_at": trained_at.isoformat(),
+        "features": names,
+        "training_window": {
+            "as_of": ctx.as_of.isoformat(),
+            "train_cutoffs": [c.isoformat() for c in ctx.train_cutoffs],
+            "valid_cutoffs": [c.isoformat() for c in ctx.valid_cutoffs],
+            "label_days": days},
+        "row_counts": {
+            "train_rows": int(len(train_ex.frame)),
+            "train_positives": int(train_ex.frame["y"].sum()),
+            "valid_rows": int(len(valid_ex.frame)),
+            "valid_positives": int(valid_ex.frame["y"].sum())},
+        "examples_seconds": round(examples_seconds, 3),
+        "library_versions": ranker.library_versions(),
+        "feature_distributions": ranker.feature_distributions(
+            valid_ex.frame[names].to_numpy(float), names),
+        "psi_threshold": ranker.DEFAULT_PSI_THRESHOLD,
+        "train_config": dataclasses.asdict(ctx.tconfig),
+        "feature_config": ctx.fconfig.to_dict(),
+    })
+    model.metadata["version"] = ranker.model_version(model, trained_at)
+    return model
+
+
+def summarise_union(model: ranker.RankerModel, path: str) -> str:
+    """The union ranker's selection in a few lines (the blend is its baseline)."""
+    meta = model.metadata
+    key = meta["selection_metric"]
+    counts = meta["row_counts"]
+    interval = meta.get("paired_interval") or {}
+    lines = [f"union ranker {model.version} → {path}",
+             f"sources {', '.join(meta['union_sources'])}; selected {meta['selected']} by "
+             f"{key} on {meta['validation_users']} validation (cutoff, user) pairs",
+             f"train rows {counts['train_rows']:,} ({counts['train_positives']:,} positive), "
+             f"validation rows {counts['valid_rows']:,} ({counts['valid_positives']:,} "
+             f"positive)"]
+    for name, figures in meta["candidates"].items():
+        lines.append(f"  {name:22s} {key} {figures[key]:.4f}")
+    lines.append(f"  {'blended mix order':22s} {key} {meta['baseline'][key]:.4f}")
+    if interval:
+        lines.append(f"  ranker − blend {interval['mean']:+.4f} "
+                     f"(95% paired interval {interval['low']:+.4f} … {interval['high']:+.4f})")
+    refused = ranker.refusal(model)
+    if refused:
+        lines.append(f"NOT SERVED: {refused} (artifact beats_baseline: false)")
+    return "\n".join(lines)
+
+
 def run(argv: Optional[List[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> str:
-    """Build examples, train, save; returns the artifact path."""
+    """Build examples, train, save; returns the artifact path.
+
+    With a ``candidates.mix`` of other sources than segment popularity the ranker
+    is the union ranker (:func:`train_union`), trained without the Beam stage.
+    """
     options = job_options(argv, __name__)
     ctx = context_from(options)
+    if not ctx.config.candidates.popularity_only:
+        model = train_union(options.view_as(CommonOptions).input_dir, ctx)
+        path = save_model(model, ctx.model_dir)
+        print(summarise_union(model, path))
+        return path
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, options, ctx)
     pipeline.run().wait_until_finish()

@@ -154,7 +154,8 @@ KEY_PREFIX = Format("letters, digits, _ and - (at most 64)", r"^[A-Za-z0-9_-]{1,
 
 # Formats by option name, then by name suffix; type and choices come first.
 FORMAT_BY_NAME: Dict[str, Format] = {
-    "as_of": RFC3339, "run_id": RUN_ID, "segment_by": ATTRIBUTES, "warehouse": PATH,
+    "as_of": RFC3339, "run_id": RUN_ID, "segment_by": ATTRIBUTES, "bandit_segment_by": ATTRIBUTES,
+    "warehouse": PATH,
     "config": PATH, "history_table": INPUT_TABLE, "ranker_model": PATH,
     "bigquery_project": BIGQUERY_PROJECT,
     "serving_store": REDIS_URL, "serving_namespace": KEY_PREFIX,

@@ -220,6 +220,14 @@ def test_the_contract_refuses_unknown_and_malformed_treatment_ids():
     assert default.bad_reasons.tolist() == ["malformed treatment_id"]
 
 
+def test_a_campaign_type_with_one_space_is_an_id_but_padding_and_double_spaces_are_not():
+    """The grocer's campaign types (``Type A``) are treatment ids; odd spacing is refused."""
+    frame = _treatment_frame(["Type A", "Type  A", "Type A ", "TypeA"])
+    checked = contracts.validate("treatment_events", frame)
+    assert checked.rows["treatment_id"].tolist() == ["Type A", "TypeA"]
+    assert sorted(checked.bad_positions.tolist()) == [1, 2]
+
+
 def test_the_contract_checks_a_sends_propensity():
     frame = _treatment_frame(["T01"] * 5, [0.5, 1.0, 0.0, 1.5, None])
     checked = contracts.validate("treatment_events", frame)

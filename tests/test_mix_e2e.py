@@ -228,8 +228,17 @@ def test_ranker_with_a_mix_is_refused_at_start_up(clean_world, tmp_path):
     world_dir, manifest = clean_world
     config = tmp_path / "mix.yaml"
     config.write_text(json.dumps({"candidates": {"mix": MIX}}))
-    with pytest.raises(UsageError, match="not with a candidates.mix"):
+    # A popularity ranker's artifact with a mix: refused before any work (#14: only a union
+    # ranker trained on the mix's sources may serve a mix; tests/test_union_ranker.py).
+    from models.features import feature_names
+    from models.ranker import LogisticParams, RankerModel
+    from transforms.ranker import save_model
+    names = feature_names(DEFAULT_CONFIG)
+    params = LogisticParams(np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names)), 0.0)
+    model_path = save_model(RankerModel("logistic", "binary", names, params,
+                                        metadata={"version": "pop"}), str(tmp_path / "m"))
+    with pytest.raises(UsageError, match="needs a union ranker trained on its sources"):
         batch_recommendations.run([
             "--input_dir", world_dir, "--warehouse", str(tmp_path / "w.duckdb"),
             "--as_of", manifest["as_of"], "--config", str(config),
-            "--ranker_model", str(tmp_path / "model.json")])
+            "--ranker_model", model_path])

@@ -332,7 +332,8 @@ class BuildExamples(beam.PTransform):
         key = list(self._config.shard_attributes)
         examples = ({"users": states.states, "fitment": inputs["fitment"]}
                     | "ShardByVehicle" >> CoGroupFrames(
-                        {"users": key, "fitment": key}, self._num_shards)
+                        {"users": key, "fitment": key}, self._num_shards,
+                        salt={"users": ["user_id"]})
                     | "PoolsLabelsFeatures" >> beam.ParDo(
                         ExamplesFn(self._config, self._fconfig, self._train, self._cache_tag),
                         beam.pvalue.AsSingleton(self._catalog), beam.pvalue.AsSingleton(pop),

@@ -20,7 +20,7 @@ from apache_beam.utils import shared
 from models import features
 from models.config import RecsConfig
 from models.recommend_handler import (MixHandler, PopularityHandler, RerankHandler,
-                                      handler_for)
+                                      UnionRerankHandler, handler_for)
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames
 from transforms.health import Tag, count, dead_letters
 from transforms.ranker import DRIFT, AttachRankerSignals, RankerItemCounts, load_model
@@ -104,7 +104,10 @@ class Recommend(beam.PTransform):
     - ``candidates.mix`` of other sources: ``SourceCandidates`` (per-user candidates and
       the shared tables) joins ``RecommendPerVehicle``, which fills the slot mix;
     - ``ranker``: ``AttachRankerSignals`` and ``RankerItemCounts`` feed
-      ``RecommendPerVehicle``, which re-ranks popularity's pools.
+      ``RecommendPerVehicle``, which re-ranks popularity's pools;
+    - ``ranker`` with a mix: ``SourceCandidates`` as for the mix, and
+      ``RecommendPerVehicle`` re-ranks the union of the sources' candidates
+      (:class:`models.recommend_handler.UnionRerankHandler`).
 
     ``RecommendPerVehicle`` co-groups its inputs per vehicle shard and applies one
     handler of :mod:`models.recommend_handler` (:func:`handler_for`, or
@@ -134,7 +137,11 @@ class Recommend(beam.PTransform):
         side = {"catalog": self._catalog, "popularity": pop}
         shard_inputs = {"users": users, "fitment": fitment}
         extra_counts = []
-        if self._ranker is not None:
+        if self._ranker is not None and not config.candidates.popularity_only:
+            # The union ranker (#14): the mix's own candidates, re-ranked together.
+            handler = UnionRerankHandler(config, functools.partial(load_model,
+                                                                   self._ranker.path))
+        elif self._ranker is not None:
             spec = self._ranker
             handler = RerankHandler(config, spec.fconfig,
                                     functools.partial(load_model, spec.path), spec.drift_every)
@@ -179,8 +186,9 @@ class _PerVehicle(beam.PTransform):
         side = [beam.pvalue.AsSingleton(self._side[name])
                 for name in self._handler.side_inputs]
         return (inputs
-                | "ShardByVehicle" >> CoGroupFrames({name: key for name in inputs},
-                                                    self._num_shards)
+                | "ShardByVehicle" >> CoGroupFrames(
+                    {name: key for name in inputs}, self._num_shards,
+                    salt={n: ["user_id"] for n in ("users", "candidates") if n in inputs})
                 | "ScoreAndCheck" >> beam.ParDo(
                     _ScoreShardFn(self._handler, self._cache_tag), *side).with_outputs(
                     Tag.DEAD_LETTER.value, Tag.QA.value, Tag.COUNTS.value, DRIFT,
