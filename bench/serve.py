@@ -193,7 +193,7 @@ def freshness(orders: int, period_seconds: int) -> Dict[str, object]:
     from models.config import DEFAULT_CONFIG
     from models.world import WorldSpec, generate, write_world
     from pipelines import streaming_refresh as job
-    from tests.emulators import bigquery_emulator, free_port, pubsub_emulator
+    from tests.emulators import bigquery_emulator, create_streams, free_port, pubsub_emulator
     from tests.redis_server import RedisServer
     from transforms.streaming import FileReference
 
@@ -209,13 +209,7 @@ def freshness(orders: int, period_seconds: int) -> Dict[str, object]:
     with pubsub_emulator() as pubsub, bigquery_emulator() as bigquery, RedisServer() as redis:
         os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        paths = {}
-        for name in ("events", "treatments"):
-            topic = publisher.topic_path(pubsub.project, name)
-            subscription = subscriber.subscription_path(pubsub.project, f"{name}-sub")
-            publisher.create_topic(name=topic)
-            subscriber.create_subscription(name=subscription, topic=topic)
-            paths[name] = (topic, subscription)
+        paths = create_streams(publisher, subscriber, pubsub.project, ("events", "treatments"))
         port = free_port()
         service = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "run",
                                     "--serving_store", redis.url, "--host", "127.0.0.1",

@@ -90,7 +90,7 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int) -> D
     from google.cloud import pubsub_v1
 
     from pipelines import streaming_refresh as job
-    from tests.emulators import bigquery_emulator, pubsub_emulator
+    from tests.emulators import bigquery_emulator, create_streams, pubsub_emulator
     from transforms import bigquery
 
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
@@ -107,13 +107,8 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int) -> D
     with pubsub_emulator() as ps, bigquery_emulator() as bqe:
         os.environ["PUBSUB_EMULATOR_HOST"] = ps.host
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        paths = {}
-        for name in ("events", "treatments"):
-            topic = publisher.topic_path(ps.project, f"bench-{name}")
-            sub = subscriber.subscription_path(ps.project, f"bench-{name}-sub")
-            publisher.create_topic(name=topic)
-            subscriber.create_subscription(name=sub, topic=topic)
-            paths[name] = (topic, sub)
+        paths = create_streams(publisher, subscriber, ps.project, ("events", "treatments"),
+                               prefix="bench-")
         argv = [f"--events_subscription={paths['events'][1]}",
                 f"--treatments_subscription={paths['treatments'][1]}",
                 f"--streaming_dataset={bqe.project}.bench", f"--project={bqe.project}",

@@ -450,18 +450,26 @@ def evaluate_union(ctx: EvalContext, input_dir: str) -> dict:
             "table": rows}
 
 
+def _summarise(result: dict, ctx: EvalContext, warehouse: Optional[str], title: str) -> str:
+    """Writes the evaluation, prints its table and whether the batch job would refuse the
+    artifact; returns where it was written."""
+    path = write_outputs(result, ctx, warehouse)
+    print(f"\n{title}:")
+    print(format_table(result))
+    refused = ranker.refusal(ctx.model)
+    if refused:
+        print(f"note: {refused} (the batch job refuses this artifact)")
+    return path
+
+
 def _run(options: PipelineOptions, ctx: EvalContext, test_pipeline: Optional[beam.Pipeline],
          publish: bool) -> dict:
     common = options.view_as(CommonOptions)
     if union_ranker.is_union(ctx.model):
         result = evaluate_union(ctx, common.input_dir)
-        path = write_outputs(result, ctx, common.warehouse if publish else None)
-        print(f"\nUnion ranker evaluation on the held-out period at k={result['k']} "
-              f"({ctx.model.version}; sources {', '.join(result['sources'])}):")
-        print(format_table(result))
-        refused = ranker.refusal(ctx.model)
-        if refused:
-            print(f"note: {refused} (the batch job refuses this artifact)")
+        path = _summarise(result, ctx, common.warehouse if publish else None,
+                          f"Union ranker evaluation on the held-out period at k={result['k']} "
+                          f"({ctx.model.version}; sources {', '.join(result['sources'])})")
         print(f"written: {path}")
         return result
     pipeline = test_pipeline or beam.Pipeline(options=options)
@@ -469,13 +477,9 @@ def _run(options: PipelineOptions, ctx: EvalContext, test_pipeline: Optional[bea
     pipeline.run().wait_until_finish()
     result = evaluate(ctx, common.input_dir,
                       options.view_as(EvaluateRankerOptions).ranker_explain_users)
-    path = write_outputs(result, ctx, common.warehouse if publish else None)
-    print(f"\nRanker evaluation on the held-out period at k={result['k']} "
-          f"({ctx.model.version}):")
-    print(format_table(result))
-    refused = ranker.refusal(ctx.model)
-    if refused:
-        print(f"note: {refused} (the batch job refuses this artifact)")
+    path = _summarise(result, ctx, common.warehouse if publish else None,
+                      f"Ranker evaluation on the held-out period at k={result['k']} "
+                      f"({ctx.model.version})")
     drift = result["drift"]
     print(f"feature drift (PSI vs training, threshold {drift['threshold']}): "
           f"{'RETRAIN RECOMMENDED' if drift['retrain_recommended'] else 'stable'}; "

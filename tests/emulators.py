@@ -183,6 +183,22 @@ def bigquery_emulator() -> Iterator[Emulator]:
         yield process.emulator
 
 
+def create_streams(publisher, subscriber, project: str, names, prefix: str = "") -> dict:
+    """A topic and a ``<topic>-sub`` subscription per name on the Pub/Sub emulator.
+
+    Returns:
+      name → ``(topic path, subscription path)``; topics are ``<prefix><name>``.
+    """
+    paths = {}
+    for name in names:
+        topic = publisher.topic_path(project, f"{prefix}{name}")
+        subscription = subscriber.subscription_path(project, f"{prefix}{name}-sub")
+        publisher.create_topic(name=topic)
+        subscriber.create_subscription(name=subscription, topic=topic)
+        paths[name] = (topic, subscription)
+    return paths
+
+
 @contextlib.contextmanager
 def pubsub_emulator() -> Iterator[Emulator]:
     """The official Pub/Sub emulator (gcloud beta emulators pubsub) on a free port."""

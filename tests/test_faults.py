@@ -40,7 +40,7 @@ from apache_beam.runners.runner import PipelineState
 from models.config import DEFAULT_CONFIG
 from models.health import reconcile
 from pipelines import batch_recommendations
-from tests.emulators import (EmulatorProcess, restartable_bigquery_emulator,
+from tests.emulators import (EmulatorProcess, create_streams, restartable_bigquery_emulator,
                              restartable_pubsub_emulator, wait_for)
 from transforms import bigquery as bq_switch
 from transforms.health import NAMESPACE
@@ -72,15 +72,8 @@ def _create_streams(project: str, names=STREAMS) -> Dict[str, tuple]:
     """Topics and subscriptions (again, after a restart of the in-memory emulator)."""
     from google.cloud import pubsub_v1
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    paths = {}
     with subscriber:
-        for name in names:
-            topic = publisher.topic_path(project, name)
-            subscription = subscriber.subscription_path(project, f"{name}-sub")
-            publisher.create_topic(name=topic)
-            subscriber.create_subscription(name=subscription, topic=topic)
-            paths[name] = (topic, subscription)
-    return paths
+        return create_streams(publisher, subscriber, project, names)
 
 
 def _iso(stamp: pd.Timestamp) -> str:

@@ -18,7 +18,7 @@ from models.config import DEFAULT_CONFIG
 from models.serving import ServingStore
 from models.world import WorldSpec, generate, write_world
 from pipelines import serve
-from tests.emulators import bigquery_emulator, pubsub_emulator, wait_for
+from tests.emulators import bigquery_emulator, create_streams, pubsub_emulator, wait_for
 from tests.redis_server import RedisServer
 from transforms.streaming import FileReference
 
@@ -48,13 +48,8 @@ def test_an_order_on_pubsub_reaches_the_api(emulators, tmp_path):
     world = str(tmp_path / "world")
     write_world(generate(WorldSpec.preset("tiny"), 7), world, "jsonl", 0)
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    subscriptions = {}
-    for name in ("events", "treatments"):
-        topic = publisher.topic_path(pubsub.project, name)
-        subscription = subscriber.subscription_path(pubsub.project, f"{name}-sub")
-        publisher.create_topic(name=topic)
-        subscriber.create_subscription(name=subscription, topic=topic)
-        subscriptions[name] = (topic, subscription)
+    subscriptions = create_streams(publisher, subscriber, pubsub.project,
+                                   ("events", "treatments"))
     servable = FileReference(world, DEFAULT_CONFIG, 3600, "").current().servable
     ids = sorted(servable.dropna(subset=["make", "model", "year"])["user_id"])
     buyer, browsers = ids[0], ids[10:200]

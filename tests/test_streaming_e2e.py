@@ -19,7 +19,7 @@ import pytest
 
 from models.config import DEFAULT_CONFIG
 from models.world import WorldSpec, generate, write_world
-from tests.emulators import bigquery_emulator, pubsub_emulator, wait_for
+from tests.emulators import bigquery_emulator, create_streams, pubsub_emulator, wait_for
 from transforms.streaming import FileReference
 
 DATASET = "streaming"
@@ -49,13 +49,8 @@ def topics(emulators):
     from google.cloud import pubsub_v1
     pubsub, _ = emulators
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    paths = {}
-    for name in ("events", "treatments", "dead-letters"):
-        topic = publisher.topic_path(pubsub.project, name)
-        subscription = subscriber.subscription_path(pubsub.project, f"{name}-sub")
-        publisher.create_topic(name=topic)
-        subscriber.create_subscription(name=subscription, topic=topic)
-        paths[name] = (topic, subscription)
+    paths = create_streams(publisher, subscriber, pubsub.project,
+                           ("events", "treatments", "dead-letters"))
     return publisher, subscriber, paths
 
 
