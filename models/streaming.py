@@ -684,15 +684,86 @@ class Refreshed(NamedTuple):
     duplicate_users: List[str]   # another user id owns their e-mail (rule 14)
     unserved: pd.DataFrame       # too few eligible parts at every level
     signals: pd.DataFrame        # the served users with bought / carted / viewed (for QA)
+    violations: Optional[Dict[int, int]] = None   # the handler's QA partials (`Serving` only)
+    counters: Tuple[Tuple[str, int], ...] = ()    # the handler's counters (`Serving` only)
+    unserved_reason: str = recommend.UNSERVED_REASON
+
+
+class Serving(NamedTuple):
+    """What scores one window like the batch job: a handler of `models.recommend_handler`.
+
+    The plain-object half of Beam's ModelHandler/RunInference split, as the
+    batch ``Recommend`` composite applies it per vehicle shard: ``handler`` is
+    `recommend_handler.handler_for(config)` (segment popularity or the slot mix)
+    or a `UnionRerankHandler` serving a ranker; ``loaded`` is what its ``load``
+    built from the window's popularity and ``tables`` (the sources' shared tables
+    at the window's end, `models.stream_sources`); ``model_version`` is what the
+    rows it scores carry (the ranker artifact's version when one scored them).
+    """
+
+    handler: object
+    loaded: object
+    tables: Optional[object]
+    model_version: str
+
+
+def serving(reference: ReferenceData, pop: pd.DataFrame, handler, tables=None,
+            model_version: Optional[str] = None) -> Serving:
+    """Loads ``handler`` with the reference catalogue, one window's popularity and tables."""
+    loaded = handler.load({"catalog": reference.catalog, "popularity": pop, "tables": tables})
+    return Serving(handler, loaded, tables, model_version or handler.model_version)
+
+
+def fitment_rows(reference: ReferenceData, users: pd.DataFrame,
+                 attributes: Sequence[str]) -> pd.DataFrame:
+    """The fitment rows of the users' vehicles (``sku`` + attributes), from `fitting`.
+
+    The attribute values are the users' own, so the handler's vehicle keys of
+    these rows are exactly the users' keys.
+    """
+    attrs = list(attributes)
+    if not attrs or not len(users):
+        return pd.DataFrame({"sku": pd.Series(dtype=object),
+                             **{a: pd.Series(dtype=object) for a in attrs}})
+    vehicles = users[attrs].drop_duplicates()
+    keys = popularity.segment_keys(vehicles, attrs).to_numpy(object)
+    rows = [(sku, *values) for key, values in zip(keys, vehicles.itertuples(index=False))
+            for sku in sorted(reference.fitting.get(key, ()))]
+    return pd.DataFrame(rows, columns=["sku", *attrs]).astype({"sku": object})
+
+
+def _score_with(serving_: Serving, users: pd.DataFrame, events: pd.DataFrame,
+                reference: ReferenceData, as_of: pd.Timestamp, config: RecsConfig):
+    """The handler's ``score`` over the refreshed users, fed as the batch job feeds one shard."""
+    from models import candidates
+    from models.recommend_handler import MixHandler
+    groups = {"users": users,
+              "fitment": fitment_rows(reference, users, config.fitment_attributes)}
+    if isinstance(serving_.handler, MixHandler):
+        cands = config.candidates
+        ab = cands.also_bought
+        carts = (candidates.cart_affinity(users, ab.cart_weight, ab.max_carts)
+                 if "also_bought" in cands.sources else None)
+        lines = popularity.order_lines(events) if len(events) else events.iloc[:0]
+        found = candidates.personal_candidates(
+            lines, users["user_id"].tolist(), as_of, cands, serving_.tables,
+            8 * config.rules.recs_per_user, carts)
+        groups["candidates"] = found.merge(
+            users[["user_id", *config.shard_attributes]], on="user_id", how="left")
+    return serving_.handler.score(serving_.loaded, groups)
 
 
 def refresh_users(requests: Mapping[str, RefreshRequest], reference: ReferenceData,
-                  model: Scorer, as_of: pd.Timestamp, config: RecsConfig) -> Refreshed:
+                  model, as_of: pd.Timestamp, config: RecsConfig) -> Refreshed:
     """Recommendations of the requested users at ``as_of``, as the batch job would make them.
 
     A user's signals (bought in the exclusion window, carted and viewed in the
     intent window) come from the history's events and the stream's, each
-    event once; then `recommend_all` ranks, applies the rules and picks.
+    event once. With a `Serving` (what the job passes), its handler scores them
+    as the batch ``Recommend`` composite scores a vehicle shard: the mix's
+    personal sources read the same events' order lines, its shared tables are
+    the window's, and the handler applies the rules and the QA checks. A plain
+    `Scorer` ranks with `recommend_all` (segment popularity only).
     """
     requested = sorted(requests)
     known = [u for u in requested if u in reference.servable.index]
@@ -707,10 +778,19 @@ def refresh_users(requests: Mapping[str, RefreshRequest], reference: ReferenceDa
     events = pd.concat([reference.user_events(known), stream_frame], ignore_index=True)
     events = profiles.dedupe_events(events).rows if len(events) else empty_events()
     with_signals = profiles.attach_signals(users, events, as_of, config)
-    recs, unserved = recommend.recommend_all(model.recommender, with_signals, reference.fitting)
+    if isinstance(model, Serving):
+        scored = _score_with(model, with_signals, events, reference, as_of, config)
+        recs = scored.rows.reset_index(drop=True)
+        extra = dict(violations=scored.violations, counters=tuple(scored.counters),
+                     unserved_reason=scored.reason)
+        unserved = scored.unserved
+    else:
+        recs, unserved = recommend.recommend_all(model.recommender, with_signals,
+                                                 reference.fitting)
+        extra = {}
     recs = recs.assign(reason=recs["user_id"].map(
         lambda u: ",".join(requests[u].reasons)).astype(object))
-    return Refreshed(recs, unknown, duplicates, unserved, with_signals)
+    return Refreshed(recs, unknown, duplicates, unserved, with_signals, **extra)
 
 
 # --- default picks of a vehicle (ranking changes) ---------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -46,9 +47,10 @@ from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are thi
                                 WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                   CheckFunnel, CheckSkus, DropDuplicates, FileReference,
-                                  LateDataAudit, ParseMessages,
+                                  LateDataAudit, ModelReference, ParseMessages,
                                   PeriodCounters, RankingChanges, RefreshRecommendations,
-                                  StreamingBandit, TouchedUsers, WindowedPopularity, WriteRows,
+                                  StreamingBandit, TouchedUsers, WindowedPopularity,
+                                  WindowOrderLines, WriteRows,
                                   frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
                                   to_global_window, treatment_counts)
 
@@ -116,6 +118,14 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
+        parser.add_argument("--ranker_model", default=None,
+                            help="Union ranker artifact (.json, or a model directory with "
+                                 "LATEST; local or gs://) re-ranking the candidates.mix as "
+                                 "the batch job does; a new artifact is swapped in without a "
+                                 "restart (see --ranker_refresh_seconds).")
+        parser.add_argument("--ranker_refresh_seconds", type=int, default=300,
+                            help="Check the ranker artifact for a new version at most this "
+                                 "often per worker process.")
 
 
 class StreamingContext(NamedTuple):
@@ -209,6 +219,33 @@ def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReferen
     return reference
 
 
+def ranker_of(options: PipelineOptions, config: RecsConfig) -> Optional[ModelReference]:
+    """The watched ranker artifact of a run (None without ``--ranker_model``), checked now.
+
+    As in the batch job, a missing or unreadable artifact, or one trained on other
+    sources than this configuration's mix, fails the launch in one line; one that
+    did not beat the blend is reported and not served (the plain mix serves until
+    a better artifact appears).
+    """
+    opts = options.view_as(StreamingOptions)
+    if not opts.ranker_model:
+        return None
+    if opts.ranker_refresh_seconds < 0:
+        raise UsageError("--ranker_refresh_seconds must be >= 0")
+    if config.candidates.popularity_only:
+        raise UsageError("--ranker_model: the stream serves union rankers over a "
+                         "candidates.mix; this configuration's mix is segment_popularity "
+                         "alone (re-ranking popularity's pools is the batch job's)")
+    ranker = ModelReference(opts.ranker_model, config, opts.ranker_refresh_seconds)
+    try:
+        _, refused = ranker.check()
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--ranker_model: {err}")
+    if refused:
+        print(f"--ranker_model: {refused}", file=sys.stderr)
+    return ranker
+
+
 def bandit_segments(options: PipelineOptions) -> Tuple[str, ...]:
     """User attributes of the bandit's per-segment arms (``--bandit_segment_by``)."""
     flag = options.view_as(StreamingOptions).bandit_segment_by
@@ -216,7 +253,8 @@ def bandit_segments(options: PipelineOptions) -> Tuple[str, ...]:
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingContext,
-          reference: FileReference) -> Dict[str, beam.PCollection]:
+          reference: FileReference, ranker: Optional[ModelReference] = None
+          ) -> Dict[str, beam.PCollection]:
     """The streaming graph; returns the rows written per table (before BigQuery).
 
     The Pub/Sub reads carry attributes but no ``timestamp_attribute``: event
@@ -255,9 +293,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         notices, notice_counts = pipeline | "NoRankingNotices" >> beam.Create([]), []
     requests = ((unique_events.rows, notices)
                 | "TouchedUsers" >> TouchedUsers(config))
+    # The slot mix's shared tables: the history's plus each window's order lines.
+    lines = (None if config.candidates.popularity_only
+             else orders | "WindowOrderLines" >> WindowOrderLines(spec))
     recs = requests | "RefreshRecommendations" >> RefreshRecommendations(
         reference, popularity.first_panes, config, spec, common.num_shards, ctx.run_id,
-        MODEL_VERSION)
+        MODEL_VERSION, lines=lines, ranker=ranker)
 
     treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
     bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(
@@ -389,10 +430,11 @@ def launch(argv: Optional[List[str]] = None) -> Launched:
         standard.runner = "BundleBasedDirectRunner"
     ctx = context_from(options)
     reference = reference_of(options, ctx)
+    ranker = ranker_of(options, ctx.config)
     bigquery.apply_options(options)
     prepare_bigquery(ctx, ctx.config)
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, options, ctx, reference)
+    build(pipeline, options, ctx, reference, ranker)
     return Launched(pipeline.run(), ctx)
 
 

@@ -37,6 +37,7 @@ One module per concern; this package re-exports every public name, so
     popularity  `WindowedPopularity`, `RankingChanges`
     audit       `LateDataAudit`
     refresh     `TouchedUsers`, `RefreshRecommendations`
+    sources     `WindowOrderLines` (the mix's window lines), `ModelReference` (watched ranker)
     bandit      `StreamingBandit`
     health      `PeriodCounters`
     tables      BigQuery fields of the output tables, row stamping, `WriteRows`
@@ -66,6 +67,8 @@ from transforms.streaming.refresh import (GatherPeriodFn, RefreshRecommendations
 from transforms.streaming.refusals import (Checked, DeadLetter, KeyOrRefuseFn, Record,
                                            RowsAndCounts, dead_letter, record_text,
                                            refusal_counts)
+from transforms.streaming.sources import (EarliestLinesFn, ModelReference, WindowLines,
+                                          WindowOrderLines)
 from transforms.streaming.tables import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                          WriteRows, frames_to_rows, recommendation_fields,
                                          stamp, to_bigquery_row)
@@ -88,3 +91,4 @@ __all__ = [
     "refusal_counts", "shard_of_user", "sliding_windows", "stamp", "to_bigquery_row",
     "to_global_window", "treatment_counts", "windowed",
 ]
+__all__ += ["EarliestLinesFn", "ModelReference", "WindowLines", "WindowOrderLines"]

@@ -23,14 +23,16 @@ from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteState
                                                TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
-from models import rules, stream_popularity
+from models import stream_popularity, stream_sources
 from models import streaming as model
+from models.recommend_handler import UnionRerankHandler, handler_for
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.health import Tag, count
 from transforms.streaming.popularity import WindowPopularity
 from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, dead_letter
+from transforms.streaming.sources import ModelReference, WindowLines
 from transforms.streaming.windows import MICROS, seconds_of, utc_of
 
 # (user_id, ("event", event tuple) | ("notice", reason))
@@ -114,59 +116,98 @@ def shard_of_user(user_id: str, num_shards: int) -> int:
                             typehints.Optional[WindowPopularity])
 @typehints.with_output_types(pd.DataFrame)
 class RefreshShardFn(beam.DoFn):
-    """Scores one refresh period's touched users of one shard against that period's popularity.
+    """Scores one refresh period's touched users of one shard as the batch job scores them.
 
-    The popularity is the side input of the sliding window that closes with
-    this refresh period; a window without orders has none, and then the
-    history alone is scored at the window's end. The scorer is built once per
-    window and worker process and reused by every shard.
+    The private adapter of a `models.recommend_handler` handler (Beam's
+    ModelHandler/RunInference split): `handler_for(config)` (segment popularity
+    or the slot mix), or a `UnionRerankHandler` serving the model the
+    `ModelReference` has in force. The popularity is the side input of the
+    sliding window that closes with this refresh period (a window without
+    orders has none, and then the history alone is scored at the window's
+    end); with a mix, the sources' shared tables are the history's plus that
+    window's order lines (`WindowOrderLines`, `models.stream_sources`). What a
+    window needs is built once per window, reference version and model, per
+    worker process, and reused by every shard.
     """
 
     def __init__(self, reference: FileReference, config: RecsConfig, run_id: str,
-                 model_version: str, clock: Callable[[], float] = time.time):
+                 model_version: str, clock: Callable[[], float] = time.time,
+                 ranker: Optional[ModelReference] = None):
         self._reference = reference
         self._config = config
         self._run_id = run_id
         self._model_version = model_version
         self._clock = clock
+        self._ranker = ranker
         self._key = uuid.uuid4().hex
 
-    def _scorer(self, ref: model.ReferenceData, pop: Optional[WindowPopularity],
-                end: pd.Timestamp) -> model.Scorer:
-        def build() -> model.Scorer:
+    def _history(self, ref: model.ReferenceData) -> stream_sources.HistorySources:
+        return cached(self._key + ":history", ref.version, lambda: (
+            stream_sources.HistorySources.build(ref.history_lines, ref.arrays.sku,
+                                                self._config.candidates)))
+
+    def _serving(self, ref: model.ReferenceData, pop: Optional[WindowPopularity],
+                 lines: Optional[WindowLines], end: pd.Timestamp, ranker
+                 ) -> Tuple[model.Serving, Optional[stream_sources.WindowSources]]:
+        config = self._config
+        mix = not config.candidates.popularity_only
+
+        def build():
             frame = pop.popularity if pop is not None else stream_popularity.window_popularity(
-                [], ref, end.value // 1_000, self._config)
-            return model.scorer(ref, frame, self._config)
-        return cached(self._key, f"{end.value}|{ref.version}|{pop is not None}", build)
+                [], ref, end.value // 1_000, config)
+            sources = None
+            if mix:
+                fresh = stream_sources.fresh_lines(lines.cells if lines is not None else {},
+                                                   ref.arrays.sku, ref.history_keys)
+                sources = stream_sources.tables_at(
+                    self._history(ref), ref.history_lines, ref.history_as_of, fresh, end,
+                    config.candidates, frozenset(ref.arrays.sku[ref.arrays.eligible]))
+            if ranker is not None:
+                handler = UnionRerankHandler(config, lambda: ranker)
+                version = ranker.version
+            else:
+                handler = handler_for(config)
+                version = self._model_version if not mix else f"{handler.model_version}+stream"
+            return model.serving(ref, frame, handler, sources and sources.tables,
+                                 version), sources
+        tag = (f"{end.value}|{ref.version}|{pop is not None}|{lines is not None}|"
+               f"{ranker.version if ranker is not None else ''}|{id(ranker)}")
+        return cached(self._key, tag, build)
 
     def process(self, element, pop: Optional[WindowPopularity],
                 win=beam.DoFn.WindowParam) -> Iterator:
+        return self._refresh(element, pop, None, win)
+
+    def _refresh(self, element, pop: Optional[WindowPopularity], lines: Optional[WindowLines],
+                 win) -> Iterator:
         _, batches = element
         requests = model.merge_requests(r for batch in batches for r in batch)
         end = utc_of(win.end)
         ref = self._reference.current()
-        scorer = self._scorer(ref, pop, end)
-        out = model.refresh_users(requests, ref, scorer, end, self._config)
+        ranker = self._ranker.current() if self._ranker is not None else None
+        serving, sources = self._serving(ref, pop, lines, end, ranker)
+        out = model.refresh_users(requests, ref, serving, end, self._config)
         yield count("refresh.requests", len(requests))
         yield count("refresh.unknown_users", len(out.unknown_users))
         yield count("refresh.duplicate_users", len(out.duplicate_users))
         if pop is None:
             yield count("refresh.without_window_popularity", 1)
+        if sources is not None:
+            yield count("sources.window_lines", sources.window_lines)
+            yield count("sources.buyers", sources.buyers)
+        for name, n in out.counters:
+            if n and name.startswith(("slots.", "ranker.", "users.vehicle_unknown")):
+                yield count(name, n)
         if len(out.unserved):
+            reason = out.unserved_reason
             yield count("users.unserved", len(out.unserved))
-            yield count(f"dead_letter.{model.recommend.UNSERVED_REASON}", len(out.unserved))
+            yield count(f"dead_letter.{reason}", len(out.unserved))
             for user in out.unserved["user_id"]:
                 yield beam.pvalue.TaggedOutput(Tag.DEAD_LETTER.value, dead_letter(
-                    "users", "RefreshRecommendations", model.recommend.UNSERVED_REASON,
-                    json.dumps({"user_id": user})))
+                    "users", "RefreshRecommendations", reason, json.dumps({"user_id": user})))
         if not len(out.rows):
             return
-        context = rules.QAContext(
-            catalog=ref.catalog.set_index("sku"), fitting=ref.fitting,
-            bought=dict(zip(out.signals["user_id"], out.signals["bought"])),
-            popularity=scorer.index, catalog_skus=ref.arrays.sku,
-            eligible_skus=frozenset(ref.arrays.sku[ref.arrays.eligible]))
-        for rule, n in rules.check(out.rows, context, self._config).items():
+        for rule, n in (out.violations or {}).items():
             if n:
                 yield count(f"qa.rule_{rule}", n)
         for source, n in out.rows["source"].value_counts().items():
@@ -176,7 +217,19 @@ class RefreshShardFn(beam.DoFn):
         columns = model.recommend.rec_columns(n)
         yield out.rows[columns + ["reason"]].assign(
             generated_at=pd.Timestamp(int(self._clock() * MICROS), unit="us", tz="UTC"),
-            run_id=self._run_id, model_version=self._model_version, popularity_as_of=end)
+            run_id=self._run_id, model_version=serving.model_version, popularity_as_of=end)
+
+
+@typehints.with_input_types(Tuple[PeriodKey, Iterable[List[Tuple[str, RefreshRequest]]]],
+                            typehints.Optional[WindowPopularity],
+                            typehints.Optional[WindowLines])
+@typehints.with_output_types(pd.DataFrame)
+class RefreshMixShardFn(RefreshShardFn):
+    """`RefreshShardFn` with the window's order lines as a second side input (the slot mix)."""
+
+    def process(self, element, pop: Optional[WindowPopularity], lines: Optional[WindowLines],
+                win=beam.DoFn.WindowParam) -> Iterator:
+        return self._refresh(element, pop, lines, win)
 
 
 class Refreshed(NamedTuple):
@@ -280,10 +333,14 @@ class RefreshRecommendations(beam.PTransform):
 
     def __init__(self, reference: FileReference, popularity: beam.PCollection,
                  config: RecsConfig, spec: WindowSpec, num_shards: int, run_id: str,
-                 model_version: str, clock: Callable[[], float] = time.time):
+                 model_version: str, clock: Callable[[], float] = time.time,
+                 lines: Optional[beam.PCollection] = None,
+                 ranker: Optional[ModelReference] = None):
         super().__init__()
         self._reference = reference
         self._popularity = popularity
+        self._lines = lines
+        self._ranker = ranker
         self._config = config
         self._spec = spec
         self._num_shards = num_shards
@@ -307,10 +364,14 @@ class RefreshRecommendations(beam.PTransform):
                    | "AtPeriodEnd" >> beam.Map(at_period_end)
                    | "RefreshPeriods" >> beam.WindowInto(
                        window.FixedWindows(seconds_of(self._spec.period))))
+        side = [beam.pvalue.AsSingleton(self._popularity, default_value=None)]
+        fn = RefreshShardFn
+        if self._lines is not None:   # the mix's shared tables need the window's order lines
+            side.append(beam.pvalue.AsSingleton(self._lines, default_value=None))
+            fn = RefreshMixShardFn
         scored = periods | "RefreshShard" >> beam.ParDo(
-            RefreshShardFn(self._reference, self._config, self._run_id, self._model_version,
-                           self._clock),
-            beam.pvalue.AsSingleton(self._popularity, default_value=None)).with_outputs(
+            fn(self._reference, self._config, self._run_id, self._model_version,
+               self._clock, self._ranker), *side).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
         counts = ((out[Tag.COUNTS.value] | "HeldCountsToGlobalWindow" >> beam.WindowInto(
                       window.GlobalWindows()),

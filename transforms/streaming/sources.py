@@ -1,0 +1,205 @@
+"""Candidate sources and the ranker in the stream: a window's order lines, the watched model.
+
+`WindowOrderLines` gathers the distinct order lines of each sliding window (the
+side input the refresh builds the sources' shared tables from, with
+`models.stream_sources`); `ModelReference` watches the ranker artifact and
+swaps a new one in without a restart, as Beam's RunInference does with
+``WatchFilePattern`` (here by polling its fingerprint on use, the way
+`FileReference` polls the reference data; docs/streaming.md says why).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam import typehints
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+
+from models.config import RecsConfig
+from models.ranker import RankerModel, refusal
+from models.streaming import WindowSpec
+from transforms.health import NAMESPACE
+from transforms.ranker import load_model, resolve_model_path
+from transforms.streaming.reference import cached
+from transforms.streaming.refusals import Record
+from transforms.streaming.windows import seconds_of
+
+_LOG = logging.getLogger(__name__)
+
+LineKey = Tuple[str, str]        # (order_id, sku)
+LineCell = Tuple[int, str]       # (event time in microseconds, user_id): the earliest event
+
+
+class WindowLines(NamedTuple):
+    """The distinct order lines of one sliding window, ``{(order_id, sku): (time_us, user)}``."""
+
+    window_end_us: int
+    cells: Dict[LineKey, LineCell]
+
+
+def line_of(record: Record) -> Tuple[LineKey, LineCell]:
+    """An order event as its line's key and cell."""
+    return (record["order_id"], record["sku"]), (record["event_time_us"], record["user_id"])
+
+
+@typehints.with_input_types(Tuple[LineKey, LineCell])
+@typehints.with_output_types(Dict[LineKey, LineCell])
+class EarliestLinesFn(beam.CombineFn):
+    """Each order line once, at its earliest event (what `popularity.order_lines` keeps).
+
+    Accumulator: ``{(order_id, sku): (event_time_us, user_id)}``, one entry per
+    distinct order line of the window; merging keeps the earlier cell, so the
+    result does not depend on arrival order. Bounded by the distinct order lines
+    of one window (size × order rate), not by the stream's total.
+    """
+
+    def create_accumulator(self) -> Dict[LineKey, LineCell]:
+        return {}
+
+    def add_input(self, acc: Dict[LineKey, LineCell], element) -> Dict[LineKey, LineCell]:
+        key, cell = element
+        held = acc.get(key)
+        if held is None or cell < held:
+            acc[key] = cell
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[Dict[LineKey, LineCell]]
+                           ) -> Dict[LineKey, LineCell]:
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            for key, cell in acc.items():
+                self.add_input(out, (key, cell))
+        return out
+
+    def extract_output(self, acc: Dict[LineKey, LineCell]) -> Dict[LineKey, LineCell]:
+        return acc
+
+    def default_label(self) -> str:
+        return "EarliestLines"
+
+
+class _AtWindowEnd(beam.DoFn):
+    def process(self, cells: Dict[LineKey, LineCell], win=beam.DoFn.WindowParam):
+        yield WindowLines(win.end.micros, cells)
+
+
+class WindowOrderLines(beam.PTransform):
+    """Order records → one `WindowLines` per sliding window (the refresh's side input).
+
+    The windows are popularity's (size, period), with no allowed lateness: the
+    refresh reads each window once, when it closes with its refresh period, as
+    it reads popularity's first pane; a line arriving later is counted by
+    ``AuditOrderLateness`` and enters the tables of the windows still open.
+    """
+
+    def __init__(self, spec: WindowSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, orders: beam.PCollection) -> beam.PCollection:
+        return (orders
+                | "LineOfOrder" >> beam.Map(line_of).with_output_types(Tuple[LineKey, LineCell])
+                | "SourceWindows" >> beam.WindowInto(window.SlidingWindows(
+                    seconds_of(self._spec.size), seconds_of(self._spec.period)))
+                | "LinesPerWindow" >> beam.CombineGlobally(EarliestLinesFn()).without_defaults()
+                | "AtWindowEnd" >> beam.ParDo(_AtWindowEnd()))
+
+
+# --- the watched ranker artifact ------------------------------------------------------------
+
+_POLLED: Dict[str, Tuple[str, float]] = {}     # key → (fingerprint, when polled)
+_SERVED: Dict[str, Optional[RankerModel]] = {}  # key → the model last accepted
+_LOCK = threading.Lock()
+
+
+class ModelReference:
+    """The ranker artifact a stream serves, swapped in when a new one appears.
+
+    ``path`` is what ``--ranker_model`` takes in the batch job: a ``.json``
+    artifact, or a model directory whose ``LATEST`` names the artifact (write
+    the new artifact first, then ``LATEST``: the swap is the pointer's change).
+    `current` fingerprints the resolved artifact (path, size, modification time)
+    at most every ``refresh_seconds`` per worker process and loads it once per
+    process when the fingerprint changed. A new artifact that does not fit this
+    configuration (trained on other sources, unreadable, half written) is
+    refused with one logged line and counted (``ranker.artifacts_refused``); the
+    model in force stays. An artifact that did not beat the blend on validation
+    (`models.ranker.refusal`) is not served: the plain mix serves until a better
+    one appears, as the batch job does.
+    """
+
+    def __init__(self, path: str, config: RecsConfig, refresh_seconds: float):
+        self.path = path
+        self.config = config
+        self.refresh_seconds = float(refresh_seconds)
+        self.key = uuid.uuid4().hex
+
+    def check(self) -> Tuple[RankerModel, Optional[str]]:
+        """At start-up: the model and why it is not served (None: served); one-line errors.
+
+        Raises:
+          ValueError or FileNotFoundError: the artifact is missing, unreadable, or
+            trained on other features or sources than this configuration's mix.
+        """
+        model = load_model(self.path)
+        model.check_features(self.config)
+        with _LOCK:
+            _SERVED.setdefault(self.key, None if refusal(model) else model)
+        return model, refusal(model)
+
+    def fingerprint(self) -> str:
+        """The resolved artifact's path, size and modification time."""
+        resolved = resolve_model_path(self.path)
+        meta = FileSystems.match([resolved])[0].metadata_list[0]
+        return f"{resolved}:{meta.size_in_bytes}:{meta.last_updated_in_seconds}"
+
+    def version(self) -> str:
+        """The fingerprint, re-checked at most every ``refresh_seconds`` per process."""
+        now = time.monotonic()
+        with _LOCK:
+            known = _POLLED.get(self.key)
+        if known is None or now - known[1] >= self.refresh_seconds:
+            try:
+                known = (self.fingerprint(), now)
+            except (OSError, ValueError, IndexError) as err:   # a pointer mid-swap
+                _LOG.warning("ranker artifact %s not readable now (%s); keeping the model in "
+                             "force", self.path, err)
+                known = (known[0] if known else "", now)
+            with _LOCK:
+                _POLLED[self.key] = known
+        return known[0]
+
+    def current(self) -> Optional[RankerModel]:
+        """The model in force now (None: the plain mix serves)."""
+        fingerprint = self.version()
+        return cached(self.key, fingerprint, lambda: self._load(fingerprint))
+
+    def _load(self, fingerprint: str) -> Optional[RankerModel]:
+        with _LOCK:
+            previous = _SERVED.get(self.key)
+        try:
+            model = load_model(self.path)
+            model.check_features(self.config)
+        except (OSError, ValueError) as err:
+            Metrics.counter(NAMESPACE, "ranker.artifacts_refused").inc()
+            _LOG.warning("ranker artifact %s refused, keeping %s: %s", fingerprint,
+                         previous.version if previous is not None else "the plain mix", err)
+            return previous
+        why = refusal(model)
+        if why:
+            Metrics.counter(NAMESPACE, "ranker.artifacts_refused").inc()
+            _LOG.warning("ranker artifact %s not served: %s", fingerprint, why)
+            model = None
+        else:
+            Metrics.counter(NAMESPACE, "ranker.loads").inc()
+            _LOG.info("ranker %s in force (%s)", model.version, fingerprint)
+        with _LOCK:
+            _SERVED[self.key] = model
+        return model
