@@ -151,6 +151,8 @@ class RefreshShardFn(beam.DoFn):
                  ) -> Tuple[model.Serving, Optional[stream_sources.WindowSources]]:
         config = self._config
         mix = not config.candidates.popularity_only
+        # Built before, not inside, the window's build: `cached` builds one thing at a time.
+        history = self._history(ref) if mix else None
 
         def build():
             frame = pop.popularity if pop is not None else stream_popularity.window_popularity(
@@ -160,7 +162,7 @@ class RefreshShardFn(beam.DoFn):
                 fresh = stream_sources.fresh_lines(lines.cells if lines is not None else {},
                                                    ref.arrays.sku, ref.history_keys)
                 sources = stream_sources.tables_at(
-                    self._history(ref), ref.history_lines, ref.history_as_of, fresh, end,
+                    history, ref.history_lines, ref.history_as_of, fresh, end,
                     config.candidates, frozenset(ref.arrays.sku[ref.arrays.eligible]))
             if ranker is not None:
                 handler = UnionRerankHandler(config, lambda: ranker)
