@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 
 from models import streaming as model  # noqa: E402
 from models.bandit import BanditConfig  # noqa: E402
-from models.config import DEFAULT_CONFIG  # noqa: E402
+from models.config import DEFAULT_CONFIG, CandidatesConfig  # noqa: E402
 from pipelines import streaming_refresh as job  # noqa: E402
 from transforms import schemas  # noqa: E402
 from transforms.campaign import BANDIT_STATE  # noqa: E402
@@ -42,10 +42,15 @@ SUBSCRIPTIONS = ("projects/test-project/subscriptions/events",
 # Every branch of build(): the ranking refresh on (with a dead-letter topic) and off.
 VARIANTS = {"ranking_on_with_topic": ["--dead_letter_topic",
                                       "projects/test-project/topics/dead-letters"],
-            "ranking_off": ["--ranking_refresh", "off"]}
+            "ranking_off": ["--ranking_refresh", "off"],
+            "tuned_mix": []}
+# A configuration whose candidates.mix is more than segment popularity adds the window's
+# order lines (WindowOrderLines) and the mix's refresh DoFn (docs/streaming.md).
+VARIANT_CONFIGS = {"tuned_mix": DEFAULT_CONFIG.replace(candidates=CandidatesConfig(mix=(
+    ("buy_again", 2), ("also_bought", 1), ("segment_popularity", 1))))}
 
 
-def graph_labels(extra: List[str]) -> List[str]:
+def graph_labels(extra: List[str], config=DEFAULT_CONFIG) -> List[str]:
     """Full labels of every step (composite or primitive) of the streaming graph."""
     options = PipelineOptions(["--events_subscription", SUBSCRIPTIONS[0],
                                "--treatments_subscription", SUBSCRIPTIONS[1],
@@ -54,9 +59,9 @@ def graph_labels(extra: List[str]) -> List[str]:
     options.view_as(StandardOptions).streaming = True
     ctx = job.StreamingContext("run", pd.Timestamp("2026-01-01", tz="UTC"), "test-project",
                                "test-project.recs", model.WindowSpec.of_seconds(3600, 60, 600),
-                               DEFAULT_CONFIG, BanditConfig(), pd.Timedelta(seconds=600))
+                               config, BanditConfig(), pd.Timedelta(seconds=600))
     pipeline = beam.Pipeline(options=options)   # built, never run: nothing is read
-    job.build(pipeline, options, ctx, FileReference("unused", DEFAULT_CONFIG, 60))
+    job.build(pipeline, options, ctx, FileReference("unused", config, 60))
     labels = set()
 
     class Labels(beam.pipeline.PipelineVisitor):
@@ -72,7 +77,8 @@ def graph_labels(extra: List[str]) -> List[str]:
 
 def current() -> Dict[str, object]:
     """Labels per variant and the BigQuery field lists, as the golden file holds them."""
-    return {"labels": {name: graph_labels(extra) for name, extra in VARIANTS.items()},
+    return {"labels": {name: graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG))
+                       for name, extra in VARIANTS.items()},
             "fields": {"recommendation_updates_4": recommendation_fields(4),
                        "recommendation_updates_2": recommendation_fields(2),
                        "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS,
@@ -87,7 +93,7 @@ def _golden() -> Dict[str, object]:
 def test_every_step_label_of_the_streaming_graph_is_unchanged():
     golden = _golden()["labels"]
     for name, extra in VARIANTS.items():
-        now = set(graph_labels(extra))
+        now = set(graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG)))
         pinned = set(golden[name])
         assert now == pinned, (f"{name}: steps added {sorted(now - pinned)}, "
                                f"steps gone {sorted(pinned - now)}")

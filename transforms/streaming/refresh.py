@@ -233,6 +233,10 @@ class RefreshMixShardFn(RefreshShardFn):
                 win=beam.DoFn.WindowParam) -> Iterator:
         return self._refresh(element, pop, lines, win)
 
+    def default_label(self) -> str:
+        # The step keeps its label whatever the configuration (update in place matches it).
+        return "RefreshShardFn"
+
 
 class Refreshed(NamedTuple):
     rows: beam.PCollection          # recommendation frames (SPEC §3 + reason, stamps)
