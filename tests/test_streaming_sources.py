@@ -214,6 +214,12 @@ def test_a_window_adds_only_its_buyers_rows_and_bounds_the_cells(world):
     n = len(ref.arrays.sku)
     assert base.cells <= n * n and got.cells <= n * n
     assert 0 < got.pair_updates <= 2 * got.buyers * config.candidates.also_bought.max_history ** 2
+    # a window without orders: the history's tables at its end
+    quiet = stream_sources.window_tables(base, stream_sources.empty_lines(), world.as_of,
+                                         config.candidates)
+    assert (quiet.window_lines, quiet.buyers, quiet.pair_updates) == (0, 0, 0)
+    _shared_equal(quiet.tables, candidates.shared_tables(ref.history_lines, world.as_of,
+                                                         config.candidates))
 
 
 # --- a refreshed user's row equals the batch job's row, per source -------------------------------
