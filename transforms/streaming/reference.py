@@ -115,6 +115,8 @@ class _Held:
     """The reference data one process holds for one source: the newest checked version.
 
     Weak-referenceable (``shared.Shared`` keeps it per process on Dataflow).
+    A load holds the lock, so concurrent callers wait for it and reuse it; a
+    failed load leaves nothing held and the next caller tries again.
     """
 
     def __init__(self):
@@ -131,6 +133,9 @@ class _Held:
                 if version.checked_at > held.checked_at:   # same data, checked later
                     self.version = version
                 return self.data
+            # The old copy goes before the new one is built: every caller waits on the lock
+            # anyway, and a process never holds two (docs/streaming.md "Reference data").
+            self.data = self.version = None
             self.data = load(version.fingerprint)
             self.version = version
             return self.data
