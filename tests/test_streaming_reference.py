@@ -235,3 +235,16 @@ def test_the_job_reads_its_reference_tables_from_bigquery_and_refuses_a_missing_
         job.reference_of(PipelineOptions(_job_argv(
             bigquery, "ref_job", "--reference_delivery", "side_input",
             "--reference_refresh_seconds", "0")), ctx)
+
+
+def test_parquet_reference_tables_are_validated_as_the_batch_source_validates_them(tmp_path):
+    """A null year in Parquet is an absent year (as in JSON, BigQuery and the batch job's
+    ValidateArrowFn), not a non-finite one: the user stays in the reference data."""
+    import pandas as pd
+    directory = small_world(tmp_path / "w")
+    users = pd.read_json(os.path.join(directory, "users.jsonl"), lines=True, dtype=False)
+    users["year"] = pd.array([2015, None, 2018, 2018], dtype="Int64")
+    users.to_parquet(os.path.join(directory, "users.parquet"), index=False)
+    os.remove(os.path.join(directory, "users.jsonl"))
+    data = FileReference(directory, CONFIG, 0, "").current()
+    assert sorted(data.users["user_id"]) == ["U1", "U2", "U3", "U4"]
