@@ -54,7 +54,8 @@ from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIEL
                                   StreamingBandit, TouchedUsers, WindowedPopularity, WriteRows,
                                   frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
                                   to_global_window, treatment_counts)
-from transforms.streaming.reference import DELIVERIES, SIDE_INPUT, delivery_for
+from transforms.streaming.reference import (DELIVERIES, POLLING_RUNNERS, SIDE_INPUT,
+                                            delivery_for)
 
 JOB = "streaming_refresh"
 MODEL_VERSION = "segment-popularity-v1+stream"
@@ -225,8 +226,12 @@ def reference_of(options: PipelineOptions, ctx: StreamingContext) -> Reference:
         paths = require_tables(reference.input_dir, reference.tables)  # one line, fitment hint
         check_attributes(paths, ctx.config.segment_attributes, ctx.config.fitment_attributes)
         check_attributes(paths, bandit_segments(options), ())   # the bandit's segments, if any
-    reference.delivery = delivery_for(options.view_as(StandardOptions).runner,
-                                      opts.reference_delivery)
+    runner = options.view_as(StandardOptions).runner
+    reference.delivery = delivery_for(runner, opts.reference_delivery)
+    if reference.delivery == SIDE_INPUT and runner in POLLING_RUNNERS:
+        raise UsageError("--reference_delivery side_input does not run on the local "
+                         "DirectRunner (its PeriodicImpulse fails in streaming); use poll "
+                         "or auto there")
     if reference.delivery == SIDE_INPUT and opts.reference_refresh_seconds < 1:
         raise UsageError("--reference_refresh_seconds must be >= 1 when reference versions "
                          "are a side input (--reference_delivery side_input, or auto on "

@@ -226,14 +226,17 @@ def test_the_job_reads_its_reference_tables_from_bigquery_and_refuses_a_missing_
     assert reference.refs["events"].id == "test-project.ref_job.events"   # the history
     assert list(reference.current().history_lines["order_id"]) == ["OH1"]
     side = job.reference_of(PipelineOptions(_job_argv(
-        bigquery, "ref_job", "--reference_delivery", "side_input")), ctx)
-    assert side.delivery == SIDE_INPUT
+        bigquery, "ref_job", "--runner", "DataflowRunner")), ctx)
+    assert side.delivery == SIDE_INPUT                          # auto, on Dataflow
+    with pytest.raises(SystemExit, match="does not run on the local DirectRunner"):
+        job.reference_of(PipelineOptions(_job_argv(
+            bigquery, "ref_job", "--reference_delivery", "side_input")), ctx)
     with pytest.raises(SystemExit, match="--events_since is not used"):
         job.reference_of(PipelineOptions(_job_argv(
             bigquery, "ref_job", "--events_since", "2026-01-01T00:00:00Z")), ctx)
     with pytest.raises(SystemExit, match="must be >= 1"):
         job.reference_of(PipelineOptions(_job_argv(
-            bigquery, "ref_job", "--reference_delivery", "side_input",
+            bigquery, "ref_job", "--runner", "DataflowRunner",
             "--reference_refresh_seconds", "0")), ctx)
 
 

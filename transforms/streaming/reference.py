@@ -104,7 +104,8 @@ class ReferenceVersion(NamedTuple):
     """A version of the reference data: its sources' fingerprint and when it was checked.
 
     ``checked_at`` (seconds since the epoch) orders versions, so a process
-    never goes back to an older one.
+    never goes back to an older one. It is the checking worker's clock: a skew
+    between workers can at most delay a switch to the next check.
     """
 
     checked_at: float
