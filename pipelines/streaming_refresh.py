@@ -36,23 +36,28 @@ from models.config import RecsConfig
 from models.serving import ServingStore
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import LOCAL_RUNNERS, UsageError, entry_point, job_options
-from pipelines.options import (CommonOptions, check_attributes, require_input_dir,
-                               require_tables, run_id_of)
+from pipelines.options import (FITMENT_HINT, CommonOptions, check_attributes,
+                               require_columns, require_input_dir, require_tables, run_id_of)
 from transforms import bigquery
 from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are this job's too)
-from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS
+from transforms.bigquery_io import (INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS,
+                                    SourceSinkOptions,  # noqa: F401 (--source bigquery, tables)
+                                    settings_from)
 from transforms.health import NAMESPACE
-from transforms.warehouse import bigquery_dataset, bigquery_project, table_name
+from transforms.warehouse import bigquery_dataset, bigquery_project, parse_table, table_name
 from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
                                 WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
-                                  CheckFunnel, CheckSkus, DropDuplicates, FileReference,
-                                  LateDataAudit, ModelReference, ParseMessages,
+                                  BigQueryReference, CheckFunnel, CheckSkus, DropDuplicates,
+                                  FileReference, LateDataAudit, ModelReference, ParseMessages,
+                                  Reference, ReferenceVersions,
                                   PeriodCounters, RankingChanges, RefreshRecommendations,
                                   StreamingBandit, TouchedUsers, WindowedPopularity,
                                   WindowOrderLines, WriteRows,
                                   frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
                                   to_global_window, treatment_counts)
+from transforms.streaming.reference import (DELIVERIES, POLLING_RUNNERS, SIDE_INPUT,
+                                            delivery_for)
 
 JOB = "streaming_refresh"
 MODEL_VERSION = "segment-popularity-v1+stream"
@@ -97,8 +102,9 @@ class StreamingOptions(PipelineOptions):
                             help="How long an event id is remembered to drop redeliveries "
                                  "(at least the allowed lateness).")
         parser.add_argument("--reference_refresh_seconds", type=int, default=600,
-                            help="How often catalogue, fitment, users and history files are "
-                                 "checked for a new version.")
+                            help="How often catalogue, fitment, users and history (files of "
+                                 "--input_dir, or with --source bigquery tables) are checked "
+                                 "for a new version.")
         parser.add_argument("--history_table", default="events",
                             help="Table of --input_dir whose orders and intent are the "
                                  "history under the stream; empty: the stream only.")
@@ -115,6 +121,11 @@ class StreamingOptions(PipelineOptions):
                             help="Comma-separated user attributes (e.g. make,model) to also "
                                  "keep bandit arms per segment, as bandit_report --segment_by; "
                                  "empty: per treatment only.")
+        parser.add_argument("--reference_delivery", default="auto", choices=DELIVERIES,
+                            help="How reference versions reach the steps that use them: "
+                                 "side_input (a PeriodicImpulse every --reference_refresh_seconds, "
+                                 "read as a windowed side input), poll (each worker checks), auto: "
+                                 "poll on the local DirectRunner, side_input elsewhere.")
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
@@ -174,7 +185,8 @@ def context_from(options: PipelineOptions) -> StreamingContext:
                          "--insert_retry_seconds must be >= 0")
     if common.num_shards < 1:
         raise UsageError("--num_shards must be >= 1")
-    require_input_dir(common.input_dir)
+    if options.view_as(SourceSinkOptions).source != "bigquery":
+        require_input_dir(common.input_dir)
     endpoint = options.view_as(BigQueryOptions).bigquery_endpoint
     if endpoint:  # fail in seconds, not after ten minutes of client retries
         why = bigquery.unreachable(endpoint)
@@ -208,14 +220,71 @@ def context_from(options: PipelineOptions) -> StreamingContext:
                             pd.Timedelta(seconds=opts.dedupe_ttl_seconds), serving)
 
 
-def reference_of(options: PipelineOptions, ctx: StreamingContext) -> FileReference:
-    """The reference-data source of a run, checked now so a missing file fails at start-up."""
+def reference_of(options: PipelineOptions, ctx: StreamingContext) -> Reference:
+    """The reference-data source of a run, checked now so a missing table fails at start-up.
+
+    Files of ``--input_dir``, or with ``--source bigquery`` the batch job's
+    input tables (``--bigquery_dataset``, ``--<table>_table``); how their
+    versions reach the steps is `delivery_for`'s choice.
+    """
     opts = options.view_as(StreamingOptions)
-    reference = FileReference(options.view_as(CommonOptions).input_dir, ctx.config,
-                              opts.reference_refresh_seconds, opts.history_table)
-    paths = require_tables(reference.input_dir, reference.tables)  # one line, fitment hint
-    check_attributes(paths, ctx.config.segment_attributes, ctx.config.fitment_attributes)
-    check_attributes(paths, bandit_segments(options), ())   # the bandit's segments, if any
+    if options.view_as(SourceSinkOptions).source == "bigquery":
+        reference = _bigquery_reference(options, ctx)
+    else:
+        reference = FileReference(options.view_as(CommonOptions).input_dir, ctx.config,
+                                  opts.reference_refresh_seconds, opts.history_table)
+        paths = require_tables(reference.input_dir, reference.tables)  # one line, fitment hint
+        check_attributes(paths, ctx.config.segment_attributes, ctx.config.fitment_attributes)
+        check_attributes(paths, bandit_segments(options), ())   # the bandit's segments, if any
+    runner = options.view_as(StandardOptions).runner
+    reference.delivery = delivery_for(runner, opts.reference_delivery)
+    if reference.delivery == SIDE_INPUT and runner in POLLING_RUNNERS:
+        raise UsageError("--reference_delivery side_input does not run on the local "
+                         "DirectRunner (its PeriodicImpulse fails in streaming); use poll "
+                         "or auto there")
+    if reference.delivery == SIDE_INPUT and opts.reference_refresh_seconds < 1:
+        raise UsageError("--reference_refresh_seconds must be >= 1 when reference versions "
+                         "are a side input (--reference_delivery side_input, or auto on "
+                         "Dataflow)")
+    return reference
+
+
+def _bigquery_reference(options: PipelineOptions, ctx: StreamingContext) -> BigQueryReference:
+    """The reference tables in BigQuery, each checked to exist (one line naming the first not)."""
+    opts = options.view_as(StreamingOptions)
+    io_options = options.view_as(SourceSinkOptions)
+    unused = [flag for flag, value in (("--sink bigquery", io_options.sink == "bigquery"),
+                                        ("--events_since", io_options.events_since),
+                                        ("--events_until", io_options.events_until),
+                                        ("--treatment_events_table",
+                                         io_options.treatment_events_table)) if value]
+    if unused:
+        raise UsageError(f"{unused[0]} is not used by the streaming job (it writes to "
+                         f"--streaming_dataset and reads treatment events from Pub/Sub)")
+    try:
+        settings = settings_from(options)
+        tables = {t: settings.inputs[t] for t in ("catalog", "users", "fitment")}
+        if opts.history_table:
+            tables[opts.history_table] = (
+                settings.inputs["events"] if opts.history_table == "events"
+                else parse_table(opts.history_table, settings.project, settings.dataset))
+    except ValueError as err:
+        raise UsageError(str(err))
+    reference = BigQueryReference(tables, settings.project, ctx.config,
+                                  opts.reference_refresh_seconds, opts.history_table,
+                                  settings.endpoint)
+    try:
+        columns = reference.columns()
+    except FileNotFoundError as err:
+        hint = f"; {FITMENT_HINT}" if "(fitment)" in str(err) else ""
+        raise UsageError(f"{err}{hint}") from None
+    for table, wanted, setting in (
+            ("users", ctx.config.segment_attributes, "segment attribute"),
+            ("users", ctx.config.fitment_attributes, "fitment attribute"),
+            ("fitment", ctx.config.fitment_attributes, "fitment attribute"),
+            ("users", bandit_segments(options), "--bandit_segment_by attribute")):
+        if table in columns:
+            require_columns(table, reference.refs[table].id, columns[table], wanted, setting)
     return reference
 
 
@@ -253,7 +322,7 @@ def bandit_segments(options: PipelineOptions) -> Tuple[str, ...]:
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingContext,
-          reference: FileReference, ranker: Optional[ModelReference] = None
+          reference: Reference, ranker: Optional[ModelReference] = None
           ) -> Dict[str, beam.PCollection]:
     """The streaming graph; returns the rows written per table (before BigQuery).
 
@@ -271,8 +340,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
                   | "ReadTreatmentEvents" >> ReadFromPubSub(
                       subscription=opts.treatments_subscription, with_attributes=True)
                   | "ParseTreatmentEvents" >> ParseMessages("treatment_events", config.inputs))
+    # The reference's versions, once per refresh interval for the whole job (docs/streaming.md
+    # "Reference data"); None where each worker polls (the local DirectRunner).
+    versions = (pipeline | "ReferenceVersions" >> ReferenceVersions(reference)
+                if reference.delivery == SIDE_INPUT else None)
     # As in the batch job: unknown SKUs refused before deduplication, the funnel after it.
-    known_events = events.rows | "CheckEventSkus" >> CheckSkus("events", reference)
+    known_events = events.rows | "CheckEventSkus" >> CheckSkus("events", reference, versions)
     unique_events = known_events.rows | "DedupeEvents" >> DropDuplicates("events",
                                                                          ctx.dedupe_ttl)
     unique_treatments = treatments.rows | "DedupeTreatmentEvents" >> DropDuplicates(

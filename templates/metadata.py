@@ -96,7 +96,11 @@ TEMPLATES: Tuple[Template, ...] = (
         "max_runtime_seconds": "bounds local runs only; a Dataflow job runs until drained",
         "warehouse": "the streaming job writes BigQuery only (--streaming_dataset)",
         "staging_dir": "the streaming job stages nothing",
-        "as_of": "the streaming job's reference time is each window's end"},
+        "as_of": "the streaming job's reference time is each window's end",
+        "sink": "the streaming job writes BigQuery only (--streaming_dataset); refused",
+        "events_since": "the stream is the events after the history; refused",
+        "events_until": "the stream is the events after the history; refused",
+        "treatment_events_table": "treatment events come from Pub/Sub; refused"},
         required=frozenset({"events_subscription", "treatments_subscription",
                             "streaming_dataset"})),
 )

@@ -257,3 +257,81 @@ def test_streaming_refresh_end_to_end(emulators, world, topics):
     finally:
         stop.set()
         launched.result.cancel()
+
+
+def test_reference_tables_in_bigquery_replaced_mid_run(emulators, world, tmp_path):
+    """The job reads catalogue, users, fitment and history from BigQuery (--source bigquery);
+    the catalogue table is replaced by a load job while it runs, and the next events are
+    checked against the new version without a restart: a SKU the new table adds is accepted,
+    one it drops is refused (dead letter ``unknown sku``) where it was accepted before."""
+    from google.cloud import pubsub_v1
+
+    from pipelines import streaming_refresh as job
+    from transforms import bigquery
+    from transforms.bigquery_io import load_inputs
+
+    pubsub, emulator = emulators
+    project, endpoint = emulator.project, f"http://{emulator.host}"
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    paths = create_streams(publisher, subscriber, pubsub.project, ("events", "treatments"),
+                           prefix="bqref-")
+    load_inputs(world, project, "reference", endpoint,
+                tables=("catalog", "users", "fitment", "events"))
+    rows = [json.loads(line) for line in open(os.path.join(world, "catalog.jsonl"))]
+    dropped = next(r for r in rows if r["price"] >= 50)
+    added = {**dropped, "sku": "BQREF-NEW"}
+    os.makedirs(tmp_path / "replaced")
+    with open(tmp_path / "replaced" / "catalog.jsonl", "w") as handle:
+        for record in [r for r in rows if r["sku"] != dropped["sku"]] + [added]:
+            handle.write(json.dumps(record) + "\n")
+    other_skus = [r["sku"] for r in rows if r["sku"] != dropped["sku"]][:50]
+    users = sorted(FileReference(world, DEFAULT_CONFIG, 3600, "").current().servable["user_id"])
+    argv = [f"--events_subscription={paths['events'][1]}",
+            f"--treatments_subscription={paths['treatments'][1]}",
+            f"--streaming_dataset={project}.streaming_bqref", f"--project={project}",
+            f"--bigquery_endpoint={endpoint}", "--source=bigquery",
+            "--bigquery_dataset=reference", "--window_seconds=4", "--period_seconds=2",
+            "--allowed_lateness_seconds=2", "--dedupe_ttl_seconds=60",
+            "--reference_refresh_seconds=1", "--ranking_refresh=off", "--num_shards=1"]
+    launched = job.launch(argv)
+    client = bigquery.client(project)
+    stop = threading.Event()
+
+    def publish(topic, record):
+        return publisher.publish(paths[topic][0], json.dumps(record).encode(),
+                                 event_time=record["event_time"])
+
+    def background():   # keeps both subscriptions busy (an idle pull waits 30 s locally)
+        k = 0
+        while not stop.is_set():
+            k += 1
+            publish("events", _event(f"BQ-BG-V{k}", users[k % len(users)], "Viewed Product",
+                                     other_skus[k % len(other_skus)]))
+            publish("treatments", {"event_id": f"BQ-BG-T{k}", "event_time": _iso(_now()),
+                                   "user_id": users[k % len(users)], "treatment_id": "T01",
+                                   "campaign_id": "C", "kind": "SENT"})
+            time.sleep(0.3)
+
+    def refused():
+        found = client.query(f"SELECT record FROM `{project}.streaming_bqref."
+                             f"streaming_dead_letter` WHERE step = 'CheckSkus'").result()
+        return {json.loads(r["record"])["event_id"] for r in found}
+
+    traffic = threading.Thread(target=background, daemon=True)
+    traffic.start()
+    try:
+        publish("events", _event("BQ-1", users[0], "Viewed Product", dropped["sku"])).result()
+        publish("events", _event("BQ-2", users[0], "Viewed Product", added["sku"])).result()
+        wait_for("the SKU the first catalogue lacks refused", refused,
+                 lambda ids: "BQ-2" in ids, timeout=120)
+        load_inputs(str(tmp_path / "replaced"), project, "reference", endpoint,
+                    tables=("catalog",))
+        time.sleep(2.5)   # one --reference_refresh_seconds, and a margin
+        publish("events", _event("BQ-3", users[1], "Viewed Product", added["sku"])).result()
+        publish("events", _event("BQ-4", users[1], "Viewed Product", dropped["sku"])).result()
+        ids = wait_for("the SKU the replaced catalogue drops refused", refused,
+                       lambda ids: "BQ-4" in ids, timeout=120)
+        assert "BQ-1" not in ids and "BQ-3" not in ids   # each was known to its version
+    finally:
+        stop.set()
+        launched.result.cancel()

@@ -34,7 +34,8 @@ from pipelines import streaming_refresh as job  # noqa: E402
 from transforms import schemas  # noqa: E402
 from transforms.campaign import BANDIT_STATE  # noqa: E402
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,  # noqa: E402
-                                  FileReference, dead_letter, recommendation_fields, stamp)
+                                  FileReference, dead_letter, delivery_for,
+                                  recommendation_fields, stamp)
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "streaming_step_labels.json")
 SUBSCRIPTIONS = ("projects/test-project/subscriptions/events",
@@ -43,6 +44,8 @@ SUBSCRIPTIONS = ("projects/test-project/subscriptions/events",
 VARIANTS = {"ranking_on_with_topic": ["--dead_letter_topic",
                                       "projects/test-project/topics/dead-letters"],
             "ranking_off": ["--ranking_refresh", "off"],
+            # Dataflow's graph: reference versions as a side input (docs/streaming.md).
+            "reference_side_input": ["--reference_delivery", "side_input"],
             "tuned_mix": []}
 # A configuration whose candidates.mix is more than segment popularity adds the window's
 # order lines (WindowOrderLines) and the mix's refresh DoFn (docs/streaming.md).
@@ -61,7 +64,9 @@ def graph_labels(extra: List[str], config=DEFAULT_CONFIG) -> List[str]:
                                "test-project.recs", model.WindowSpec.of_seconds(3600, 60, 600),
                                config, BanditConfig(), pd.Timedelta(seconds=600))
     pipeline = beam.Pipeline(options=options)   # built, never run: nothing is read
-    job.build(pipeline, options, ctx, FileReference("unused", config, 60))
+    reference = FileReference("unused", config, 60)
+    reference.delivery = delivery_for(None, options.view_as(job.StreamingOptions).reference_delivery)
+    job.build(pipeline, options, ctx, reference)
     labels = set()
 
     class Labels(beam.pipeline.PipelineVisitor):

@@ -487,3 +487,20 @@ def load_inputs(input_dir: str, project: str, dataset: str, endpoint: Optional[s
         client.load_table_from_file(data, ref.id, job_config=config).result()
         loaded[table] = client.get_table(ref.id).num_rows
     return loaded
+
+
+def read_table_frame(client, ref: TableRef, table: str,
+                     limits: InputConfig = contracts.DEFAULT_LIMITS,
+                     page_rows: int = BATCH_ROWS) -> Tuple[pd.DataFrame, Dict[str, int]]:
+    """A whole BigQuery table validated in memory, with rejects by reason (``io.read_frame``'s
+    BigQuery twin, for reference data a streaming worker holds).
+
+    Read with ``tabledata.list`` (no query, no cost), converted and validated
+    exactly as `ValidateRowsFn` converts and validates the batch source's rows.
+    """
+    rows = [dict(row.items()) for row in client.list_rows(ref.id, page_size=page_rows)]
+    checked = contracts.validate(table, rows_to_frame(table, rows), limits)
+    rejected: Dict[str, int] = {}
+    for reason in checked.bad_reasons:
+        rejected[reason] = rejected.get(reason, 0) + 1
+    return checked.rows, rejected

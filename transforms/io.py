@@ -85,15 +85,22 @@ class ValidateArrowFn(beam.DoFn):
         self._limits = limits
 
     def process(self, table: pa.Table) -> Iterator:
-        frame = table.to_pandas()
-        for name in table.column_names:  # Arrow nulls → None, so a NaN stays a bad value
-            nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
-            if nulls.any():
-                frame[name] = frame[name].astype(object).where(~nulls, None)
+        frame = arrow_frame(table)
         yield count(f"{self._table}.read", len(frame))
         checked = contracts.validate(self._table, frame, self._limits)
         yield from _emit(self._table, checked,
                          contracts.to_record_json(frame, checked.bad_positions))
+
+
+def arrow_frame(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table as the frame the validator takes: Arrow nulls → None, so a NaN stays
+    a bad value (a null year is absent, as in JSON; a NaN year is refused)."""
+    frame = table.to_pandas()
+    for name in table.column_names:
+        nulls = table.column(name).is_null().to_numpy(zero_copy_only=False)
+        if nulls.any():
+            frame[name] = frame[name].astype(object).where(~nulls, None)
+    return frame
 
 
 def _text(line: bytes, limit: int = 10_000) -> str:
@@ -116,8 +123,10 @@ def read_frame(directory: str, table: str, limits: InputConfig = contracts.DEFAU
     """A whole local table validated in memory (for small reports), with rejects by reason."""
     path = find_table(directory, table)
     rejected: Dict[str, int] = {}
-    if path.endswith(".parquet"):
-        frame = pd.read_parquet(path)
+    if path.endswith(".parquet"):   # read as the batch source reads it (ValidateArrowFn)
+        import pyarrow.parquet as pq
+        with FileSystems.open(path) as handle:
+            frame = arrow_frame(pq.read_table(handle))
     else:
         records = []
         with FileSystems.open(path) as handle:

@@ -30,7 +30,7 @@ One module per concern; this package re-exports every public name, so
 
     windows     event-time windows, triggers, time conversions
     refusals    the dead-letter row and its counters, safe keying, the `Checked` shape
-    reference   `FileReference` and the per-process cache of what is built from it
+    reference   `Reference` (files, BigQuery), its versions side input, the per-process cache
     parse       `ParseMessages`: Pub/Sub messages → timestamped records
     dedupe      `DropDuplicates`: keyed state per event id
     checks      `CheckSkus`, `CheckFunnel`: the batch job's checks, event by event
@@ -59,7 +59,9 @@ from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, M
                                              PopularityAtWindowEndFn, PopularityOut,
                                              RankingChanges, SegmentWeightsFn, VehiclePicksFn,
                                              WindowedPopularity, WindowPopularity)
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (BigQueryReference, FileReference, Reference,
+                                            ReferenceVersion, ReferenceVersions, cached,
+                                            delivery_for, version_side_input)
 from transforms.streaming.refresh import (GatherPeriodFn, RefreshRecommendations, Refreshed,
                                           RefreshShardFn,
                                           Touch, TouchedUsers, UserSignalsFn, event_touch,
@@ -76,19 +78,21 @@ from transforms.streaming.windows import (period_buckets, sliding_windows, to_gl
                                           windowed)
 
 __all__ = [
-    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "CheckFunnel", "CheckSkus",
+    "AuditKey", "AuditOut", "AuditUpdate", "BANDIT_FIELDS", "BigQueryReference",
+    "CheckFunnel", "CheckSkus",
     "CheckSkusFn", "Checked", "Count", "DEAD_LETTER_FIELDS", "DeadLetter", "DecayedCountFn",
     "DropDuplicateIdsFn", "DropDuplicates", "FileReference", "FirstOrderLineFn",
     "FunnelStateFn", "GatherPeriodFn", "HEALTH_FIELDS", "KeyOrRefuseFn", "LateDataAudit",
     "MergeCellsFn", "Notice", "NotifyUsersFn", "PaneCountFn", "ParseMessages",
     "ParseMessagesFn", "Parsed", "PeriodCounters", "PeriodSumsFn", "PicksChangedFn",
     "PopularityAtWindowEndFn", "PopularityOut", "PreSumPerBundleFn", "RankingChanges",
-    "ReconcileWindowFn", "Record", "RefreshRecommendations", "RefreshShardFn", "Refreshed",
+    "ReconcileWindowFn", "Record", "Reference", "ReferenceVersion", "ReferenceVersions",
+    "RefreshRecommendations", "RefreshShardFn", "Refreshed",
     "RowsAndCounts", "SeenPerWindowFn", "SegmentWeightsFn", "StreamingBandit", "Touch",
     "TouchedUsers", "UserSignalsFn", "VehiclePicksFn", "WindowPopularity",
-    "WindowedPopularity", "WriteRows", "cached", "dead_letter", "event_touch",
+    "WindowedPopularity", "WriteRows", "cached", "dead_letter", "delivery_for", "event_touch",
     "frames_to_rows", "period_buckets", "recommendation_fields", "record_text",
     "refusal_counts", "shard_of_user", "sliding_windows", "stamp", "to_bigquery_row",
-    "to_global_window", "treatment_counts", "windowed",
+    "to_global_window", "treatment_counts", "version_side_input", "windowed",
 ]
 __all__ += ["EarliestLinesFn", "ModelReference", "WindowLines", "WindowOrderLines"]

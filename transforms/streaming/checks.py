@@ -7,7 +7,7 @@ them (the batch `campaign.check_funnel`, one event at a time in keyed state).
 from __future__ import annotations
 
 import uuid
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -19,7 +19,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from models import streaming as model
 from transforms.health import Tag, count
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (Reference, cached,
+                                            into_version_windows, version_side_input)
 from transforms.streaming.refusals import (Checked, KeyOrRefuseFn, Record, dead_letter,
                                            record_text, refusal_counts)
 from transforms.streaming.windows import duration_of
@@ -31,15 +32,19 @@ class CheckSkusFn(beam.DoFn):
     """Dead-letters events whose SKU the current reference catalogue lacks (the batch CheckSkus).
 
     The SKU set is built once per reference version and worker process.
+    ``reference_version`` is the version side input where the job has one
+    (`transforms.streaming.reference.version_side_input`); None polls.
     """
 
-    def __init__(self, table: str, reference: FileReference):
+    def __init__(self, table: str, reference: Reference):
         self._table = table
         self._reference = reference
         self._key = uuid.uuid4().hex
 
-    def process(self, record: Record) -> Iterator:
-        ref = self._reference.current()
+    def process(self, record: Record, reference_version=None) -> Iterator:
+        # reference_version: Optional[ReferenceVersion]; unannotated, as Beam's type check
+        # takes the side input's NamedTuple for a mismatch with Optional of it.
+        ref = self._reference.current(reference_version)
         skus = cached(self._key, ref.version, lambda: frozenset(ref.catalog["sku"]))
         if record.get("sku") in skus:
             yield record
@@ -56,18 +61,34 @@ class CheckSkus(beam.PTransform):
     Applied before deduplication, where the batch job applies it, so a
     redelivered copy of a refused event is refused too and the counts of both
     jobs reconcile the same way (read = processed + dead-lettered + deduplicated).
+
+    With ``versions`` (`ReferenceVersions`, the job's side input on Dataflow)
+    records are checked in the versions' fixed windows, each against the
+    catalogue of the version checked for its interval (or a newer one), and
+    put back in the global window; without, each worker polls.
     """
 
-    def __init__(self, table: str, reference: FileReference):
+    def __init__(self, table: str, reference: Reference,
+                 versions: Optional[beam.PCollection] = None):
         super().__init__()
         self._table = table
         self._reference = reference
+        self._versions = versions
 
     def expand(self, records: beam.PCollection) -> Checked:
+        if self._versions is not None:
+            records = into_version_windows(self._reference, "IntoReferenceWindows", records)
         out = records | "KnownSkusOnly" >> beam.ParDo(
-            CheckSkusFn(self._table, self._reference)).with_outputs(
+            CheckSkusFn(self._table, self._reference),
+            **version_side_input(self._versions)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
-        return Checked(out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value], out[Tag.COUNTS.value])
+        rows, dead, counts = (out[Tag.ROWS.value], out[Tag.DEAD_LETTER.value],
+                              out[Tag.COUNTS.value])
+        if self._versions is not None:   # the job's keyed steps after this are global-window
+            rows, dead, counts = (
+                pcoll | f"{name}ToGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+                for name, pcoll in (("Rows", rows), ("DeadLetters", dead), ("Counts", counts)))
+        return Checked(rows, dead, counts)
 
 
 @typehints.with_input_types(Tuple[Tuple[str, str, str], Record])

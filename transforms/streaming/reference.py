@@ -1,9 +1,32 @@
 """Slowly changing reference data of the streaming job (catalogue, fitment, users, history).
 
-A `FileReference` re-reads its input files when their fingerprint changes,
-at most every refresh interval, and `cached` keeps one built copy per worker
-process and key. docs/streaming.md explains why this is not a PeriodicImpulse
-side input on the DirectRunner.
+A `Reference` says where the tables are and what version they are at: a
+`FileReference` reads files of an input directory (local or ``gs://``) and
+versions them by size and modification time; a `BigQueryReference` reads
+tables of a BigQuery dataset and versions them by each table's last
+modification time and row count. Every DoFn that needs the data asks
+``reference.current()``; the data is built once per worker process and
+version.
+
+How a consumer learns the version is chosen in one place,
+`delivery_for(runner)` (docs/streaming.md "Reference data"):
+
+* ``side_input`` (Dataflow, portable runners): `ReferenceVersions` checks the
+  version once per ``--reference_refresh_seconds`` for the whole job
+  (``PeriodicImpulse(apply_windowing=True)``: one version per fixed window of
+  the interval) and consumers read it with ``AsSingleton`` in windowed form
+  (`version_side_input`), passing it to ``current(version)``. Only the
+  fingerprint travels as a side input, never the data (Streaming Engine caps
+  side inputs at 80 MB; the full preset's users alone are larger). The data
+  is held per process through ``apache_beam.utils.shared.Shared``.
+* ``poll`` (the local bundle-based DirectRunner, where PeriodicImpulse does
+  not run in streaming and a DoFn is rebuilt every bundle): each process
+  fingerprints the sources itself at most every interval, and the data is held
+  in a module-level cache: the documented local seam.
+
+Either way a process only ever moves forward: it holds the data of the most
+recently checked version, and a request carrying an older check (an element
+of an earlier window) is served the newer data rather than a reload.
 """
 from __future__ import annotations
 
@@ -11,25 +34,36 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
+import apache_beam as beam
+import pandas as pd
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.utils import shared
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from models import streaming as model
 from models.config import RecsConfig
 from transforms.health import NAMESPACE
 from transforms.io import find_table, read_frame
+from transforms.warehouse import TableRef
 
 
 _LOG = logging.getLogger(__name__)
 
-# Per worker process: what each source (by key) last fingerprinted and when, and the data
-# built for that fingerprint. A module-level cache, not ``shared.Shared``: the
-# bundle-based DirectRunner builds a new DoFn per bundle and Shared keeps alive only
-# the last object acquired across all tokens, so both would reload every bundle.
-_VERSIONS: Dict[str, Tuple[str, float]] = {}
+POLL, SIDE_INPUT = "poll", "side_input"
+DELIVERIES = ("auto", POLL, SIDE_INPUT)
+# Runners that cannot run the side-input pattern in streaming (docs/streaming.md, measured).
+POLLING_RUNNERS = (None, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+VERSION_ARG = "reference_version"   # the keyword a consumer's process() takes the version as
+
+# Per worker process: what each source (by key) last fingerprinted (fingerprint, monotonic
+# time, wall time), and objects built per (key, tag) by `cached`.
+_VERSIONS: Dict[str, Tuple[str, float, float]] = {}
 _LOADED: Dict[str, Tuple[str, object]] = {}
+_HELD: Dict[str, "_Held"] = {}      # the poll seam's reference data per source
 _CACHE_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
 
@@ -50,19 +84,74 @@ def cached(key: str, tag: str, build: Callable[[], object]) -> object:
     return held[1]
 
 
-class FileReference:
-    """Catalogue, fitment, users and order history from an input directory, reloaded on change.
+def delivery_for(runner: Optional[str], requested: str = "auto") -> str:
+    """How reference versions reach consumers on ``runner``: the one place that chooses.
 
-    `current` fingerprints the files (path, size, modification time) at most
-    every ``refresh_seconds`` per worker process and rebuilds
-    `models.streaming.ReferenceData` when the fingerprint changed, once per
-    process, so a new catalogue is picked up without restarting the job.
-    Every DoFn handed the same instance shares the data.
+    ``auto`` is ``poll`` on the local DirectRunner (PeriodicImpulse does not
+    run there in streaming, and a global-window side input from an unbounded
+    source would block the main input forever) and ``side_input`` elsewhere
+    (Dataflow). ``requested`` (``--reference_delivery``) overrides it.
+    """
+    if requested not in DELIVERIES:
+        raise ValueError(f"reference delivery must be one of {', '.join(DELIVERIES)}, "
+                         f"got {requested!r}")
+    if requested != "auto":
+        return requested
+    return POLL if runner in POLLING_RUNNERS else SIDE_INPUT
+
+
+class ReferenceVersion(NamedTuple):
+    """A version of the reference data: its sources' fingerprint and when it was checked.
+
+    ``checked_at`` (seconds since the epoch) orders versions, so a process
+    never goes back to an older one. It is the checking worker's clock: a skew
+    between workers can at most delay a switch to the next check.
     """
 
-    def __init__(self, input_dir: str, config: RecsConfig, refresh_seconds: float,
-                 history_table: str = "events"):
-        self.input_dir = input_dir
+    checked_at: float
+    fingerprint: str
+
+
+class _Held:
+    """The reference data one process holds for one source: the newest checked version.
+
+    Weak-referenceable (``shared.Shared`` keeps it per process on Dataflow).
+    A load holds the lock, so concurrent callers wait for it and reuse it; a
+    failed load leaves nothing held and the next caller tries again.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.version: Optional[ReferenceVersion] = None
+        self.data: Optional[model.ReferenceData] = None
+
+    def get(self, version: ReferenceVersion,
+            load: Callable[[str], model.ReferenceData]) -> model.ReferenceData:
+        with self.lock:   # one load at a time: a second caller waits and reuses it
+            held = self.version
+            if held is not None and (version.fingerprint == held.fingerprint
+                                     or version.checked_at <= held.checked_at):
+                if version.checked_at > held.checked_at:   # same data, checked later
+                    self.version = version
+                return self.data
+            # The old copy goes before the new one is built: every caller waits on the lock
+            # anyway, and a process never holds two (docs/streaming.md "Reference data").
+            self.data = self.version = None
+            self.data = load(version.fingerprint)
+            self.version = version
+            return self.data
+
+
+class Reference:
+    """Catalogue, fitment, users and order history, reloaded when their version changes.
+
+    Subclasses say where the tables are (`check`, `fingerprint`, `read`).
+    ``key`` identifies the source across pickling (per-process caches use it);
+    ``delivery`` is set by the job from `delivery_for`. Every DoFn handed the
+    same instance shares the data.
+    """
+
+    def __init__(self, config: RecsConfig, refresh_seconds: float, history_table: str = "events"):
         self.config = config
         self.refresh_seconds = float(refresh_seconds)
         self.history_table = history_table
@@ -70,14 +159,117 @@ class FileReference:
             ("fitment",) if config.fitment_attributes else ()) + (
             (history_table,) if history_table else ())
         self.key = uuid.uuid4().hex
+        self._delivery = POLL
+        self._shared = shared.Shared()
+        self._held: Optional[_Held] = None   # this copy's strong reference to the shared data
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_held": None}
+
+    @property
+    def delivery(self) -> str:
+        """`POLL` or `SIDE_INPUT` (set by the job from `delivery_for`)."""
+        return self._delivery
+
+    @delivery.setter
+    def delivery(self, value: str) -> None:
+        if value not in (POLL, SIDE_INPUT):
+            raise ValueError(f"reference delivery is {POLL!r} or {SIDE_INPUT!r}, not {value!r}")
+        self._delivery = value
+        self._held = None     # held where the new delivery keeps it
+
+    # --- what a source says about itself
+
+    def where(self) -> str:
+        """Where the tables are, for logs and messages."""
+        raise NotImplementedError
 
     def check(self) -> None:
         """Fails fast (at start-up) when an input is missing."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever a table is replaced."""
+        raise NotImplementedError
+
+    def read(self, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+        """A whole table, validated against its contract, with rejected rows by reason."""
+        raise NotImplementedError
+
+    # --- versions
+
+    def checked(self) -> ReferenceVersion:
+        """The version now (fingerprinted this instant)."""
+        return ReferenceVersion(time.time(), self.fingerprint())
+
+    def polled(self) -> ReferenceVersion:
+        """The version as this process last polled it, re-checked every ``refresh_seconds``."""
+        now = time.monotonic()
+        with _CACHE_LOCK:
+            known = _VERSIONS.get(self.key)
+        if known is None or now - known[1] >= self.refresh_seconds:
+            known = (self.fingerprint(), now, time.time())
+            with _CACHE_LOCK:
+                _VERSIONS[self.key] = known
+        return ReferenceVersion(known[2], known[0])
+
+    def version(self) -> str:
+        """The inputs' fingerprint, re-checked at most every ``refresh_seconds`` per process."""
+        return self.polled().fingerprint
+
+    def current(self, version: Optional[ReferenceVersion] = None) -> model.ReferenceData:
+        """The reference data in force: of ``version`` (a side input) or of the polled one.
+
+        Loaded once per process and version; a version checked before the one
+        held is served the held (newer) data.
+        """
+        return self._holder().get(version or self.polled(), self._load)
+
+    def _holder(self) -> _Held:
+        """Where this process keeps the data: `Shared` (side inputs) or the module cache (poll)."""
+        if self._held is not None:
+            return self._held
+        if self.delivery == SIDE_INPUT:
+            self._held = self._shared.acquire(_Held, tag=self.key)
+        else:
+            with _CACHE_LOCK:
+                self._held = _HELD.setdefault(self.key, _Held())
+        return self._held
+
+    def _load(self, fingerprint: str) -> model.ReferenceData:
+        started = time.perf_counter()
+        frames, rejected = {}, {}
+        for table in self.tables:
+            frames[table], rejected[table] = self.read(table)
+        data = model.build_reference(
+            frames["catalog"], frames.get("fitment"), frames["users"],
+            frames.get(self.history_table), self.config, fingerprint)
+        Metrics.counter(NAMESPACE, "reference.loads").inc()
+        _LOG.info("reference data from %s loaded in %.1f s (version %s; rejected rows: %s)",
+                  self.where(), time.perf_counter() - started, fingerprint, rejected)
+        return data
+
+
+class FileReference(Reference):
+    """Reference tables as files of an input directory (local or ``gs://``).
+
+    The version is every file's path, size and modification time: it changes
+    when a file is replaced.
+    """
+
+    def __init__(self, input_dir: str, config: RecsConfig, refresh_seconds: float,
+                 history_table: str = "events"):
+        super().__init__(config, refresh_seconds, history_table)
+        self.input_dir = input_dir
+
+    def where(self) -> str:
+        return self.input_dir
+
+    def check(self) -> None:
         for table in self.tables:
             find_table(self.input_dir, table)
 
     def fingerprint(self) -> str:
-        """Path, size and modification time of every input: changes when a file is replaced."""
         parts = []
         for table in self.tables:
             path = find_table(self.input_dir, table)
@@ -85,31 +277,147 @@ class FileReference:
             parts.append(f"{table}:{meta.size_in_bytes}:{meta.last_updated_in_seconds}")
         return "|".join(parts)
 
-    def version(self) -> str:
-        """The inputs' fingerprint, re-checked at most every ``refresh_seconds`` per process."""
-        now = time.monotonic()
-        with _CACHE_LOCK:
-            known = _VERSIONS.get(self.key)
-        if known is None or now - known[1] >= self.refresh_seconds:
-            known = (self.fingerprint(), now)
-            with _CACHE_LOCK:
-                _VERSIONS[self.key] = known
-        return known[0]
+    def read(self, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+        return read_frame(self.input_dir, table, self.config.inputs)
 
-    def current(self) -> model.ReferenceData:
-        """The reference data in force now (reloaded when the inputs changed)."""
-        version = self.version()
-        return cached(self.key, version, lambda: self._load(version))
 
-    def _load(self, version: str) -> model.ReferenceData:
-        started = time.perf_counter()
-        frames, rejected = {}, {}
-        for table in self.tables:
-            frames[table], rejected[table] = read_frame(self.input_dir, table)
-        data = model.build_reference(
-            frames["catalog"], frames.get("fitment"), frames["users"],
-            frames.get(self.history_table), self.config, version)
-        Metrics.counter(NAMESPACE, "reference.loads").inc()
-        _LOG.info("reference data %s loaded in %.1f s (rejected rows: %s)", version,
-                  time.perf_counter() - started, rejected)
-        return data
+class BigQueryReference(Reference):
+    """Reference tables in BigQuery (the batch job's ``--source bigquery`` tables).
+
+    The version is each table's last modification time and row count: a
+    load job, ``CREATE OR REPLACE TABLE`` or a copy changes it on BigQuery
+    and on bqemulator, as does DML on BigQuery (bqemulator does not update the
+    modification time on DML; docs/streaming.md). A table is read whole with
+    ``tabledata.list`` (no query cost) and validated as the batch source
+    validates it (`transforms.bigquery_io.read_table_frame`).
+
+    Args:
+        tables: contract name (``catalog``, ``users``, ``fitment``, and the
+            history's name) → the BigQuery table holding it.
+        project: the project billed for the reads.
+        endpoint: a BigQuery emulator's URL; None on Google Cloud.
+    """
+
+    def __init__(self, tables: Dict[str, TableRef], project: str, config: RecsConfig,
+                 refresh_seconds: float, history_table: str = "events",
+                 endpoint: Optional[str] = None):
+        super().__init__(config, refresh_seconds, history_table)
+        missing = [t for t in self.tables if t not in tables]
+        if missing:
+            raise ValueError(f"no BigQuery table given for {', '.join(missing)}")
+        self.refs = {t: tables[t] for t in self.tables}
+        self.project = project
+        self.endpoint = endpoint
+        self._client = None
+
+    def __getstate__(self) -> dict:   # a client does not pickle; each process makes its own
+        return {**super().__getstate__(), "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from transforms.bigquery import client
+            self._client = client(self.project, self.endpoint)
+        return self._client
+
+    def where(self) -> str:
+        dataset = sorted({f"{r.project}.{r.dataset}" for r in self.refs.values()})
+        return "bigquery://" + ",".join(dataset)
+
+    def check(self) -> None:
+        """Raises FileNotFoundError naming the first table that does not exist."""
+        self.columns()
+
+    def columns(self) -> Dict[str, Optional[set]]:
+        """Each table's column names (None when the schema is empty); checks that all exist."""
+        from google.api_core.exceptions import NotFound
+        found = {}
+        for table, ref in self.refs.items():
+            try:
+                schema = self.client.get_table(ref.id).schema
+            except NotFound:
+                raise FileNotFoundError(f"BigQuery reference table {ref.id} ({table}) does "
+                                        f"not exist") from None
+            found[table] = {field.name for field in schema or ()} or None
+        return found
+
+    def fingerprint(self) -> str:
+        parts = []
+        for table, ref in self.refs.items():
+            meta = self.client.get_table(ref.id)
+            modified = meta.modified.isoformat() if meta.modified is not None else "?"
+            parts.append(f"{table}:{modified}:{meta.num_rows}")
+        return "|".join(parts)
+
+    def read(self, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+        from transforms.bigquery_io import read_table_frame
+        # The history is validated as events (its contract) whatever its table's name.
+        contract = "events" if table == self.history_table else table
+        return read_table_frame(self.client, self.refs[table], contract, self.config.inputs)
+
+
+# --------------------------------------------------------------------------- side input
+
+@beam.typehints.with_output_types(ReferenceVersion)
+class CheckVersionFn(beam.DoFn):
+    """Each impulse → the reference's version at that moment (once for the whole job)."""
+
+    def __init__(self, reference: Reference):
+        self._reference = reference
+
+    def process(self, _impulse) -> Iterator[ReferenceVersion]:
+        Metrics.counter(NAMESPACE, "reference.checks").inc()
+        yield self._reference.checked()
+
+
+class ReferenceVersions(beam.PTransform):
+    """The slowly-changing side input: the reference's version once per refresh interval.
+
+    ``PeriodicImpulse(apply_windowing=True)`` fires every
+    ``reference.refresh_seconds`` and puts each impulse in its own fixed
+    window of that length; the version checked then is the window's single
+    element, read by consumers with ``AsSingleton`` (`version_side_input`).
+
+    Args:
+        reference: whose version to check.
+        start, stop: the impulses' first timestamp and the bound after which
+            none fire (tests run a bounded sequence); default: from when the
+            job starts, for ever.
+    """
+
+    def __init__(self, reference: Reference, start: Optional[Timestamp] = None,
+                 stop: Optional[Timestamp] = None):
+        super().__init__()
+        if reference.refresh_seconds < 1:
+            raise ValueError("reference versions as a side input need a refresh interval of "
+                             "at least 1 second")
+        self._reference = reference
+        self._start = start
+        self._stop = stop
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        start = self._start if self._start is not None else Timestamp.now()
+        return (pbegin
+                | "EveryRefreshInterval" >> PeriodicImpulse(
+                    start_timestamp=start,
+                    stop_timestamp=self._stop if self._stop is not None else MAX_TIMESTAMP,
+                    fire_interval=self._reference.refresh_seconds, apply_windowing=True)
+                | "CheckVersion" >> beam.ParDo(CheckVersionFn(self._reference)))
+
+
+def version_side_input(versions: Optional[beam.PCollection]) -> Dict[str, object]:
+    """The keyword side input a consumer's ParDo takes (``reference_version=``), or none.
+
+    Windowed ``AsSingleton``: an element reads the version of the interval its
+    window ends in; a window no impulse covered (an element older than the
+    job) reads None, and ``current(None)`` then polls.
+    """
+    if versions is None:
+        return {}
+    return {VERSION_ARG: beam.pvalue.AsSingleton(versions, default_value=None)}
+
+
+def into_version_windows(reference: Reference, label: str,
+                         pcoll: beam.PCollection) -> beam.PCollection:
+    """A global-window collection in the versions' fixed windows, so it can read them."""
+    return pcoll | label >> beam.WindowInto(beam.window.FixedWindows(reference.refresh_seconds))
