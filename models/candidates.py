@@ -215,7 +215,7 @@ def _similarity(measure: str, c_ij: np.ndarray, c_ii: np.ndarray, c_jj: np.ndarr
     raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {measure!r}")
 
 
-def _capped_items(lines: pd.DataFrame, unit: str, max_history: Optional[int]):
+def capped_items(lines: pd.DataFrame, unit: str, max_history: Optional[int]):
     """Distinct (unit, sku), each unit's ``max_history`` most recent SKUs; and the number cut."""
     last = lines.groupby([unit, "sku"], sort=False)["event_time"].max().reset_index()
     kept = _top_per(last, unit, max_history, ["event_time", "sku"], [False, True])
@@ -242,15 +242,33 @@ def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     unit = "user_id" if mode == "user" else "order_id"
-    items, capped = _capped_items(_upto(order_lines, as_of), unit, max_history)
+    items, capped = capped_items(_upto(order_lines, as_of), unit, max_history)
     row_codes, rows = pd.factorize(items[unit], sort=True)
     col_codes, skus = pd.factorize(items["sku"], sort=True)
     x = sparse.csr_matrix((np.ones(len(items), dtype=np.float64), (row_codes, col_codes)),
                           shape=(len(rows), len(skus)))
     per_row = np.bincount(row_codes, minlength=len(rows)).astype(np.int64)
     generated = int((per_row * (per_row - 1)).sum())
-    co = (x.T @ x).tocoo()
-    occurrences = np.asarray(x.sum(axis=0)).ravel()
+    table, distinct = similarity_table((x.T @ x), np.asarray(skus, dtype=object), similarity,
+                                       top_n, min_cooccurrence)
+    return ItemSimilarity(table, len(rows), int(capped), generated, distinct, len(table))
+
+
+def similarity_table(cooccurrence, names: np.ndarray, similarity: str, top_n: Optional[int],
+                     min_cooccurrence: int = 1):
+    """The neighbour table of :func:`item_similarity` from a co-occurrence matrix ``C = XᵀX``.
+
+    ``C`` is square over ``names`` (sorted, so ties broken by code are ties broken
+    by SKU) with the occurrences on its diagonal; the streaming refresh keeps it
+    up to date incrementally (:mod:`models.stream_sources`) and cuts it here, so
+    both jobs share one cut.
+
+    Returns:
+      ``(table, pairs_distinct)``: ``sku, neighbour, similarity, cooccurrence``, at most
+      ``top_n`` per SKU, and the distinct ordered pairs at or above the minimum.
+    """
+    co = sparse.coo_matrix(cooccurrence)
+    occurrences = co.diagonal() if co.shape[0] else np.zeros(0)
     off = (co.row != co.col) & (co.data >= min_cooccurrence)
     i, j, c = co.row[off], co.col[off], co.data[off]
     sim = _similarity(similarity, c, occurrences[i], occurrences[j])
@@ -261,10 +279,9 @@ def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: 
     starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]]) if len(i) else np.zeros(0, int)
     rank = np.arange(len(i)) - np.repeat(starts, np.diff(np.r_[starts, len(i)]))
     keep = rank < top_n if top_n is not None else np.ones(len(i), dtype=bool)
-    names = np.asarray(skus, dtype=object)
     table = pd.DataFrame({"sku": names[i[keep]], "neighbour": names[j[keep]],
                           "similarity": sim[keep], "cooccurrence": c[keep].astype(np.int64)})
-    return ItemSimilarity(table, len(rows), int(capped), generated, int(off.sum()), len(table))
+    return table, int(off.sum())
 
 
 def also_bought_scores(order_lines: pd.DataFrame, table: pd.DataFrame, as_of: pd.Timestamp,
@@ -473,7 +490,7 @@ class SharedTables:
     boost: Optional[pd.DataFrame] = None
 
 
-def _lines(order_lines: pd.DataFrame) -> pd.DataFrame:
+def source_lines(order_lines: pd.DataFrame) -> pd.DataFrame:
     """The order-line columns the sources read; an empty input gives an empty typed frame."""
     if not len(order_lines) or not set(LINE_COLUMNS) <= set(order_lines.columns):
         return pd.DataFrame({"user_id": pd.Series(dtype=object), "sku": pd.Series(dtype=object),
@@ -488,7 +505,7 @@ def shared_tables(order_lines: pd.DataFrame, as_of: pd.Timestamp, config,
 
     Every source reads the same deduplicated order lines the popularity reads.
     """
-    lines = _lines(order_lines)
+    lines = source_lines(order_lines)
     names = {name for name, _ in config.mix}
     intervals = (repurchase_intervals(lines, as_of) if "buy_again" in names
                  else pd.DataFrame({"sku": [], "interval_days": [], "gaps": []}))
@@ -539,7 +556,7 @@ def personal_candidates(order_lines: pd.DataFrame, users: Sequence, as_of: pd.Ti
     ``trending.boost_sources`` its scores are multiplied by the trending multiplier
     (``tables.boost``) before each user's cut.
     """
-    lines = _lines(order_lines)
+    lines = source_lines(order_lines)
     lines = lines.loc[lines["user_id"].isin(list(users)) & (lines["event_time"] <= as_of)]
     names = {name for name, _ in config.mix}
     parts = [lines[["user_id", "sku"]].drop_duplicates().assign(score=0.0, source=PURCHASED)]

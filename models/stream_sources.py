@@ -74,8 +74,8 @@ def lines_of_cells(cells: Mapping[Tuple[str, str], Tuple[int, str]]) -> pd.DataF
 
 def _capped(lines: pd.DataFrame, max_history: Optional[int]) -> pd.DataFrame:
     """Distinct (user, sku) with the last order time, each user's ``max_history`` most recent
-    (``candidates._capped_items``: the same cut, the same ties)."""
-    kept, _ = candidates._capped_items(lines, "user_id", max_history)
+    (``candidates.capped_items``: the same cut, the same ties)."""
+    kept, _ = candidates.capped_items(lines, "user_id", max_history)
     return kept
 
 
@@ -137,7 +137,7 @@ class HistorySources:
         Args:
           config: the ``CandidatesConfig`` (its ``also_bought.max_history`` caps the items).
         """
-        lines = candidates._lines(history_lines).copy() if len(history_lines) else empty_lines()
+        lines = candidates.source_lines(history_lines).copy() if len(history_lines) else empty_lines()
         lines = lines.astype({"event_time": _TIME}).sort_values(
             "event_time", kind="stable").reset_index(drop=True)
         skus = pd.Index(np.unique(np.concatenate([np.asarray(catalog_skus, dtype=str),
@@ -186,25 +186,6 @@ def _binary(items: pd.DataFrame, skus: pd.Index, users: Optional[pd.Index] = Non
         shape=(len(users), len(skus)))
 
 
-def _table_from(co: sparse.csr_matrix, skus: pd.Index, similarity: str, top_n: Optional[int],
-                min_cooccurrence: int) -> Tuple[pd.DataFrame, int]:
-    """``candidates.item_similarity``'s table from a co-occurrence matrix (same cut and ties)."""
-    co = co.tocoo()
-    occurrences = co.diagonal() if co.shape[0] else np.zeros(0)
-    off = (co.row != co.col) & (co.data >= min_cooccurrence)
-    i, j, c = co.row[off], co.col[off], co.data[off]
-    sim = candidates._similarity(similarity, c, occurrences[i], occurrences[j])
-    order = np.lexsort((j, -c, -sim, i))
-    i, j, c, sim = i[order], j[order], c[order], sim[order]
-    starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]]) if len(i) else np.zeros(0, int)
-    rank = np.arange(len(i)) - np.repeat(starts, np.diff(np.r_[starts, len(i)]))
-    keep = rank < top_n if top_n is not None else np.ones(len(i), dtype=bool)
-    names = np.asarray(skus, dtype=object)
-    table = pd.DataFrame({"sku": names[i[keep]], "neighbour": names[j[keep]],
-                          "similarity": sim[keep], "cooccurrence": c[keep].astype(np.int64)})
-    return table, int(off.sum())
-
-
 @dataclass(frozen=True)
 class WindowSources:
     """A window's shared tables and what producing them touched (the per-window cost).
@@ -236,7 +217,7 @@ def window_tables(base: HistorySources, lines: pd.DataFrame, as_of: pd.Timestamp
     ending before the history's last line cannot use the history's tables as they
     are (they hold lines after its end): the caller scores it whole instead.
     """
-    lines = candidates._lines(lines).astype({"event_time": _TIME}) if len(lines) else (
+    lines = candidates.source_lines(lines).astype({"event_time": _TIME}) if len(lines) else (
         empty_lines())
     lines = lines.loc[lines["event_time"] <= as_of].reset_index(drop=True)
     names = {name for name, _ in config.mix}
@@ -302,7 +283,8 @@ def _window_similarity(base: HistorySources, buyers: pd.Index, mine: pd.DataFram
     capped = base.lines_capped + (distinct_new - len(new)) - (distinct_old - len(old))
     generated = base.pairs_generated + int((per_new * (per_new - 1)).sum()
                                            - (per_old * (per_old - 1)).sum())
-    table, distinct = _table_from(co, base.skus, ab.similarity, ab.top_n, ab.min_cooccurrence)
+    table, distinct = candidates.similarity_table(co, np.asarray(base.skus, dtype=object),
+                                                  ab.similarity, ab.top_n, ab.min_cooccurrence)
     return (ItemSimilarity(table, rows, int(capped), generated, distinct, len(table)),
             updates, int(co.nnz))
 
@@ -332,7 +314,7 @@ def tables_at(base: HistorySources, history_lines: pd.DataFrame,
     """
     if history_as_of is None or as_of >= history_as_of:
         return window_tables(base, lines, as_of, config, eligible)
-    both = pd.concat([candidates._lines(history_lines), candidates._lines(lines)],
+    both = pd.concat([candidates.source_lines(history_lines), candidates.source_lines(lines)],
                      ignore_index=True)
     both = (both.sort_values(["order_id", "sku", "event_time"], kind="stable")
             .drop_duplicates(["order_id", "sku"], keep="first").reset_index(drop=True))
