@@ -400,3 +400,68 @@ def test_the_streaming_graph_serves_the_tuned_mix_as_batch_does(world):
             reference, popularity.first_panes, config, spec, 2, "run", "unused",
             clock=lambda: 0.0, lines=lines)
         assert_that(out.rows | beam.ParDo(_Facts()), equal_to(want))
+
+
+class _SwapAfterFirstPeriod(beam.DoFn):
+    """Saves ``v2`` (artifact, then LATEST) when the first period's rows come out, as a
+    trainer publishing a new model while the job runs."""
+
+    def __init__(self, model_, models_dir, first_end_us):
+        self._model = model_
+        self._dir = models_dir
+        self._first = first_end_us
+
+    def process(self, frame):
+        ends = {int(t.value // 1000) for t in frame["popularity_as_of"]}
+        if self._first in ends and not os.path.exists(os.path.join(self._dir, "union-v2.json")):
+            save_model(_versioned(self._model, "union-v2"), self._dir)
+        for end, version in zip(frame["popularity_as_of"], frame["model_version"]):
+            yield int(end.value // 1000), version
+
+
+def test_the_model_is_swapped_mid_stream_in_one_running_pipeline(world, union_model, tmp_path):
+    """Two weekly refresh periods in one TestStream run: the first scored by union-v1; a new
+    artifact saved when its rows come out; the second period scored by union-v2. (The
+    DirectRunner emits the next TestStream event once the pipeline is idle, so the save
+    precedes the second period; the DoFn-level test above does not rely on it.)"""
+    config = _config(TUNED)
+    models_dir = str(tmp_path / "models")
+    save_model(_versioned(union_model, "union-v1"), models_dir)
+    ranker = ModelReference(models_dir, config, 0)
+    times = model.micros(world.stream["event_time"])
+    first_start, first_end = world.end_us - WEEK_US, world.end_us
+    users = sorted(world.stream.loc[(times >= first_start) & (times < first_end + WEEK_US),
+                                    "user_id"].unique())[:30]
+    picked = world.stream.loc[world.stream["user_id"].isin(users)]
+    ptimes = model.micros(picked["event_time"])
+    weeks = [picked.loc[(ptimes >= first_start) & (ptimes < first_end)],
+             picked.loc[(ptimes >= first_end) & (ptimes < first_end + WEEK_US)]]
+    assert all(len(w) for w in weeks)
+    spec = model.WindowSpec.of_seconds(7 * 86_400, 7 * 86_400, 0)
+    stream = TestStream().advance_watermark_to(first_start / 1e6)
+    for week, end in zip(weeks, (first_end, first_end + WEEK_US)):
+        stream = stream.add_elements([TimestampedValue(r, r["event_time_us"] / 1e6)
+                                      for r in model.typed_records("events", week)])
+        stream = stream.advance_watermark_to(end / 1e6 + 1).advance_processing_time(60)
+    stream = stream.advance_watermark_to_infinity()
+    reference = FileReference(world.dir, config, 0, "events")
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as p:
+        records = p | stream
+        orders = records | beam.Filter(model.is_order)
+        popularity = orders | WindowedPopularity(spec, reference, config)
+        lines = orders | WindowOrderLines(spec)
+        requests = (records, p | "NoNotices" >> beam.Create([])) | TouchedUsers(config)
+        out = requests | RefreshRecommendations(
+            reference, popularity.first_panes, config, spec, 2, "run", "unused",
+            clock=lambda: 0.0, lines=lines, ranker=ranker)
+        versions = out.rows | beam.ParDo(_SwapAfterFirstPeriod(union_model, models_dir,
+                                                                first_end))
+        want = {(first_end, "union-v1"), (first_end + WEEK_US, "union-v2")}
+
+        def scored_by(actual):
+            if set(actual) != want:
+                raise AssertionError(f"(period end, model_version) {sorted(set(actual))} "
+                                     f"!= {sorted(want)}")
+        assert_that(versions, scored_by)
