@@ -465,3 +465,30 @@ def test_the_model_is_swapped_mid_stream_in_one_running_pipeline(world, union_mo
                 raise AssertionError(f"(period end, model_version) {sorted(set(actual))} "
                                      f"!= {sorted(want)}")
         assert_that(versions, scored_by)
+
+
+def test_window_order_lines_gather_each_line_once_per_sliding_window():
+    """20-second windows every 10 s: lines pre-gathered per period, then slid; an order reported
+    twice (two event names) counts at its earliest event, whichever arrives first."""
+    base = 1_800_000_000
+    spec = model.WindowSpec.of_seconds(20, 10, 0)
+
+    def line(i, second, order="O1", sku="A", user="u"):
+        record = {"event_id": f"E{i}", "user_id": user, "event_name": "Placed Order",
+                  "sku": sku, "order_id": order, "event_time_us": (base + second) * 1_000_000}
+        return TimestampedValue(record, base + second)
+
+    events = [line(1, 3), line(2, 1), line(3, 12, "O2", "B", "v"), line(4, 25, "O3", "A", "w")]
+    stream = (TestStream().advance_watermark_to(base - 20).add_elements(events)
+              .advance_watermark_to(base + 100).advance_watermark_to_infinity())
+    us = 1_000_000
+    o1, o2, o3 = ((("O1", "A"), ((base + 1) * us, "u"))), (("O2", "B"), ((base + 12) * us, "v")), (
+        ("O3", "A"), ((base + 25) * us, "w"))
+    want = [(base + 10, dict([o1])), (base + 20, dict([o1, o2])), (base + 30, dict([o2, o3])),
+            (base + 40, dict([o3]))]
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as p:
+        got = (p | stream | WindowOrderLines(spec)
+               | beam.Map(lambda w: (w.window_end_us // us, w.cells)))
+        assert_that(got, equal_to(want))

@@ -56,7 +56,7 @@ class EarliestLinesFn(beam.CombineFn):
     Accumulator: ``{(order_id, sku): (event_time_us, user_id)}``, one entry per
     distinct order line of the window; merging keeps the earlier cell, so the
     result does not depend on arrival order. Bounded by the distinct order lines
-    of one window (size × order rate), not by the stream's total.
+    of one period (period × order rate), not by the stream's total.
     """
 
     def create_accumulator(self) -> Dict[LineKey, LineCell]:
@@ -85,6 +85,43 @@ class EarliestLinesFn(beam.CombineFn):
         return "EarliestLines"
 
 
+@typehints.with_input_types(Dict[LineKey, LineCell])
+@typehints.with_output_types(Dict[LineKey, LineCell])
+class MergeLineMapsFn(beam.CombineFn):
+    """The period maps of one sliding window merged, each order line at its earliest event.
+
+    Accumulator: the same ``{(order_id, sku): (event_time_us, user_id)}`` map as
+    `EarliestLinesFn`'s; its inputs are whole period maps, so an order line is
+    added once per period and the sliding fan-out (``size / period`` windows)
+    applies to the period maps, not to each line.
+    """
+
+    def create_accumulator(self) -> Dict[LineKey, LineCell]:
+        return {}
+
+    def add_input(self, acc: Dict[LineKey, LineCell], cells: Dict[LineKey, LineCell]
+                  ) -> Dict[LineKey, LineCell]:
+        for key, cell in cells.items():
+            held = acc.get(key)
+            if held is None or cell < held:
+                acc[key] = cell
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[Dict[LineKey, LineCell]]
+                           ) -> Dict[LineKey, LineCell]:
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc: Dict[LineKey, LineCell]) -> Dict[LineKey, LineCell]:
+        return acc
+
+    def default_label(self) -> str:
+        return "MergeLineMaps"
+
+
 class _AtWindowEnd(beam.DoFn):
     def process(self, cells: Dict[LineKey, LineCell], win=beam.DoFn.WindowParam):
         yield WindowLines(win.end.micros, cells)
@@ -93,10 +130,13 @@ class _AtWindowEnd(beam.DoFn):
 class WindowOrderLines(beam.PTransform):
     """Order records → one `WindowLines` per sliding window (the refresh's side input).
 
-    The windows are popularity's (size, period), with no allowed lateness: the
-    refresh reads each window once, when it closes with its refresh period, as
-    it reads popularity's first pane; a line arriving later is counted by
-    ``AuditOrderLateness`` and enters the tables of the windows still open.
+    Lines are first gathered per period (fixed windows of one period: every
+    instant of a period lies in the same sliding windows), and only the period
+    maps slide, so each line is handled once, not once per window it belongs
+    to. The windows are popularity's (size, period), with no allowed lateness:
+    the refresh reads each window once, when it closes with its refresh period,
+    as it reads popularity's first pane; a line arriving after its period closed
+    is counted by ``AuditOrderLateness`` and left to the nightly batch job.
     """
 
     def __init__(self, spec: WindowSpec):
@@ -106,9 +146,12 @@ class WindowOrderLines(beam.PTransform):
     def expand(self, orders: beam.PCollection) -> beam.PCollection:
         return (orders
                 | "LineOfOrder" >> beam.Map(line_of).with_output_types(Tuple[LineKey, LineCell])
+                | "SourcePeriods" >> beam.WindowInto(window.FixedWindows(
+                    seconds_of(self._spec.period)))
+                | "LinesPerPeriod" >> beam.CombineGlobally(EarliestLinesFn()).without_defaults()
                 | "SourceWindows" >> beam.WindowInto(window.SlidingWindows(
                     seconds_of(self._spec.size), seconds_of(self._spec.period)))
-                | "LinesPerWindow" >> beam.CombineGlobally(EarliestLinesFn()).without_defaults()
+                | "LinesPerWindow" >> beam.CombineGlobally(MergeLineMapsFn()).without_defaults()
                 | "AtWindowEnd" >> beam.ParDo(_AtWindowEnd()))
 
 
