@@ -17,16 +17,16 @@ seconds) and the once-per-window cost (the window's shared tables, the
 handler's load), with the load average before and after (the machine is
 shared).
 
-State sizes (a mix of all four sources): the history's co-occurrence cells (`HistorySources.cells`), the
-window's line accumulator (`EarliestLinesFn`, pickled bytes) and the cost of
-one window's tables, with the window's orders at 1x and 10x (synthetic lines:
-buyers drawn from the world's users, SKUs from its order mix), and the
-history's co-occurrence at 1x and 10x history lines drawn the same way.
+State sizes (a mix of all four sources): the history's co-occurrence cells
+(`HistorySources.cells`), the window's line accumulator (`LinesPerWindow`,
+pickled bytes) and the cost of one window's tables, with the window's orders at
+1x and 10x (synthetic lines: buyers drawn from the world's users, SKUs from its
+order mix), and the history's co-occurrence at 1x and 10x history lines drawn
+the same way.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pickle

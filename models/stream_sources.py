@@ -137,7 +137,8 @@ class HistorySources:
         Args:
           config: the ``CandidatesConfig`` (its ``also_bought.max_history`` caps the items).
         """
-        lines = candidates.source_lines(history_lines).copy() if len(history_lines) else empty_lines()
+        lines = (candidates.source_lines(history_lines).copy() if len(history_lines)
+                 else empty_lines())
         lines = lines.astype({"event_time": _TIME}).sort_values(
             "event_time", kind="stable").reset_index(drop=True)
         skus = pd.Index(np.unique(np.concatenate([np.asarray(catalog_skus, dtype=str),

@@ -10,7 +10,6 @@ one line. The tiny generated world: history ``events`` (Dec-Feb), stream
 ``holdout_events`` (March).
 """
 import dataclasses
-import json
 import os
 from types import SimpleNamespace
 
