@@ -255,22 +255,32 @@ def item_similarity(order_lines: pd.DataFrame, as_of: pd.Timestamp, similarity: 
 
 
 def similarity_table(cooccurrence, names: np.ndarray, similarity: str, top_n: Optional[int],
-                     min_cooccurrence: int = 1):
+                     min_cooccurrence: int = 1, rows: Optional[np.ndarray] = None):
     """The neighbour table of :func:`item_similarity` from a co-occurrence matrix ``C = XᵀX``.
 
     ``C`` is square over ``names`` (sorted, so ties broken by code are ties broken
     by SKU) with the occurrences on its diagonal; the streaming refresh keeps it
     up to date incrementally (:mod:`models.stream_sources`) and cuts it here, so
-    both jobs share one cut.
+    both jobs share one cut. ``rows`` (SKU codes) cuts only those SKUs' rows: a
+    row depends only on its own cells and the occurrences, so the others keep
+    the table they had.
 
     Returns:
       ``(table, pairs_distinct)``: ``sku, neighbour, similarity, cooccurrence``, at most
-      ``top_n`` per SKU, and the distinct ordered pairs at or above the minimum.
+      ``top_n`` per SKU, and the distinct ordered pairs at or above the minimum (of
+      ``rows`` when given).
     """
-    co = sparse.coo_matrix(cooccurrence)
-    occurrences = co.diagonal() if co.shape[0] else np.zeros(0)
-    off = (co.row != co.col) & (co.data >= min_cooccurrence)
-    i, j, c = co.row[off], co.col[off], co.data[off]
+    full = sparse.csr_matrix(cooccurrence)
+    occurrences = full.diagonal() if full.shape[0] else np.zeros(0)
+    if rows is None:
+        co = full.tocoo()
+        row_codes = co.row
+    else:
+        rows = np.asarray(rows, dtype=np.int64)
+        co = full[rows].tocoo()
+        row_codes = rows[co.row]
+    off = (row_codes != co.col) & (co.data >= min_cooccurrence)
+    i, j, c = row_codes[off], co.col[off], co.data[off]
     sim = _similarity(similarity, c, occurrences[i], occurrences[j])
     # Top-N on integer codes (codes follow SKU order, so ties by code are ties by SKU); the
     # strings are attached to the kept rows only, which keeps memory near the sparse matrix.

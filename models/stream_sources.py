@@ -14,8 +14,10 @@ each window only adds its own lines (:func:`window_tables`):
   ordered in it: ``C_window = C_history − X_oldᵀX_old + X_newᵀX_new`` over those
   users (old: their history rows; new: history plus window lines, capped again).
   Cost per window: the window's buyers × ``max_history²`` pair updates, then the
-  similarity and top-N cut over the non-zero cells of ``C`` (bounded by the
-  catalogue × the SKUs co-bought with each; never the history's lines).
+  similarity and top-N cut of the rows that moved (the SKUs in the buyers' old
+  and new items and every SKU co-bought with one of them: their cells or their
+  candidates' occurrences changed); every other row is the history's, kept
+  (`candidates.similarity_table` is the cut both jobs use).
 - **buy-again intervals** pool the gaps between a user's consecutive orders of a
   SKU. Only the (user, SKU) pairs ordered in the window gain gaps, so only the
   SKUs they name get a new median (their history gaps plus the pairs' recomputed
@@ -115,6 +117,9 @@ class HistorySources:
       gaps: ``user_id, sku, gap`` of the history (buy-again intervals).
       gaps_by_sku: sku → positions in ``gaps``.
       intervals: the history's intervals (every SKU no window touches keeps its row).
+      table / table_codes: the history's similarity table and each row's SKU code
+        (the rows no window touches are kept as they are).
+      row_pairs: per SKU code, the distinct pairs of its row at or above the minimum.
     """
 
     skus: pd.Index
@@ -129,6 +134,9 @@ class HistorySources:
     gaps: pd.DataFrame
     gaps_by_sku: Mapping[str, np.ndarray]
     intervals: pd.DataFrame
+    table: pd.DataFrame
+    table_codes: np.ndarray
+    row_pairs: np.ndarray
 
     @classmethod
     def build(cls, history_lines: pd.DataFrame, catalog_skus, config) -> "HistorySources":
@@ -148,10 +156,16 @@ class HistorySources:
         per_row = np.asarray(x.sum(axis=1)).ravel().astype(np.int64)
         distinct = lines[["user_id", "sku"]].drop_duplicates()
         gaps = _gaps(lines)
+        co = (x.T @ x).tocsr()
+        ab = config.also_bought
+        table, _ = candidates.similarity_table(co, np.asarray(skus, dtype=object),
+                                               ab.similarity, ab.top_n, ab.min_cooccurrence)
         return cls(skus, lines, _micros(lines["event_time"]), _positions(lines["user_id"]),
-                   items, _positions(items["user_id"]), (x.T @ x).tocsr(),
+                   items, _positions(items["user_id"]), co,
                    len(distinct) - len(items), int((per_row * (per_row - 1)).sum()),
-                   gaps, _positions(gaps["sku"]), _intervals_of(gaps))
+                   gaps, _positions(gaps["sku"]), _intervals_of(gaps), table,
+                   skus.get_indexer(table["sku"].to_numpy(str)),
+                   _row_pairs(co, ab.min_cooccurrence))
 
     def user_lines(self, users) -> pd.DataFrame:
         found = [self.by_user[u] for u in users if u in self.by_user]
@@ -165,6 +179,13 @@ class HistorySources:
     def cells(self) -> int:
         """Non-zero co-occurrence cells held (the also-bought state's size)."""
         return int(self.cooccurrence.nnz)
+
+
+def _row_pairs(co: sparse.csr_matrix, min_cooccurrence: int) -> np.ndarray:
+    """Per row of ``C``: off-diagonal cells at or above the minimum (``pairs_distinct``'s terms)."""
+    coo = co.tocoo()
+    off = (coo.row != coo.col) & (coo.data >= min_cooccurrence)
+    return np.bincount(coo.row[off], minlength=co.shape[0]).astype(np.int64)
 
 
 def _micros(stamps: pd.Series) -> np.ndarray:
@@ -198,6 +219,7 @@ class WindowSources:
       pair_updates: co-occurrence cells subtracted and added for them.
       cells: non-zero co-occurrence cells of the window's matrix (also-bought state).
       trending_lines: lines rescored for trending (history's last 2P + the window's).
+      rows_rescored: SKUs whose similarity rows were cut again (the others are the history's).
     """
 
     tables: SharedTables
@@ -206,6 +228,7 @@ class WindowSources:
     pair_updates: int
     cells: int
     trending_lines: int
+    rows_rescored: int = 0
 
 
 def window_tables(base: HistorySources, lines: pd.DataFrame, as_of: pd.Timestamp, config,
@@ -226,9 +249,10 @@ def window_tables(base: HistorySources, lines: pd.DataFrame, as_of: pd.Timestamp
     mine = pd.concat([base.user_lines(buyers), lines], ignore_index=True)
     intervals = (_window_intervals(base, mine, lines) if "buy_again" in names
                  else pd.DataFrame({"sku": [], "interval_days": [], "gaps": []}))
-    similarity, updates, cells = None, 0, base.cells
+    similarity, updates, cells, rescored = None, 0, base.cells, 0
     if "also_bought" in names:
-        similarity, updates, cells = _window_similarity(base, buyers, mine, config.also_bought)
+        similarity, updates, cells, rescored = _window_similarity(base, buyers, mine,
+                                                                  config.also_bought)
     hot = boost = None
     tr = config.trending
     trended = 0
@@ -245,7 +269,7 @@ def window_tables(base: HistorySources, lines: pd.DataFrame, as_of: pd.Timestamp
             boost = growth.loc[growth["multiplier"] > 1.0, ["sku", "multiplier"]].reset_index(
                 drop=True)
     return WindowSources(SharedTables(intervals, similarity, hot, eligible, boost), len(lines),
-                         len(buyers), updates, cells, trended)
+                         len(buyers), updates, cells, trended, rescored)
 
 
 def _window_intervals(base: HistorySources, mine: pd.DataFrame, lines: pd.DataFrame
@@ -268,7 +292,7 @@ def _window_intervals(base: HistorySources, mine: pd.DataFrame, lines: pd.DataFr
 
 
 def _window_similarity(base: HistorySources, buyers: pd.Index, mine: pd.DataFrame, ab
-                       ) -> Tuple[ItemSimilarity, int, int]:
+                       ) -> Tuple[ItemSimilarity, int, int, int]:
     """The co-occurrence with the window's buyers' rows replaced; its similarity table."""
     old = base.user_items(buyers)
     new = _capped(mine, ab.max_history)
@@ -284,10 +308,28 @@ def _window_similarity(base: HistorySources, buyers: pd.Index, mine: pd.DataFram
     capped = base.lines_capped + (distinct_new - len(new)) - (distinct_old - len(old))
     generated = base.pairs_generated + int((per_new * (per_new - 1)).sum()
                                            - (per_old * (per_old - 1)).sum())
-    table, distinct = candidates.similarity_table(co, np.asarray(base.skus, dtype=object),
-                                                  ab.similarity, ab.top_n, ab.min_cooccurrence)
+    # Only rows whose cells or whose candidates' occurrences moved are cut again: the
+    # SKUs of the buyers' old and new items, and every SKU co-bought with one of them.
+    moved = np.unique(np.concatenate([base.skus.get_indexer(old["sku"].to_numpy(str)),
+                                      base.skus.get_indexer(new["sku"].to_numpy(str))]))
+    moved = moved[moved >= 0]
+    touched = np.union1d(moved, np.unique(co.tocsc()[:, moved].nonzero()[0]))
+    names = np.asarray(base.skus, dtype=object)
+    fresh, fresh_pairs = candidates.similarity_table(co, names, ab.similarity, ab.top_n,
+                                                     ab.min_cooccurrence, rows=touched)
+    kept = ~np.isin(base.table_codes, touched)
+    codes = np.concatenate([base.table_codes[kept],
+                            base.skus.get_indexer(fresh["sku"].to_numpy(str))])
+    order = np.argsort(codes, kind="stable")
+    # Built from arrays as `similarity_table` builds its own, so the column types are its.
+    table = pd.DataFrame({
+        name: np.concatenate([base.table[name].to_numpy(kind)[kept],
+                              fresh[name].to_numpy(kind)])[order]
+        for name, kind in (("sku", object), ("neighbour", object), ("similarity", float),
+                           ("cooccurrence", np.int64))})
+    distinct = int(base.row_pairs.sum() - base.row_pairs[touched].sum() + fresh_pairs)
     return (ItemSimilarity(table, rows, int(capped), generated, distinct, len(table)),
-            updates, int(co.nnz))
+            updates, int(co.nnz), len(touched))
 
 
 def fresh_lines(cells: Mapping[Tuple[str, str], Tuple[int, str]], catalog_skus,

@@ -213,6 +213,8 @@ def test_a_window_adds_only_its_buyers_rows_and_bounds_the_cells(world):
     n = len(ref.arrays.sku)
     assert base.cells <= n * n and got.cells <= n * n
     assert 0 < got.pair_updates <= 2 * got.buyers * config.candidates.also_bought.max_history ** 2
+    # only the similarity rows the window moved are cut again; the rest are the history's
+    assert 0 < got.rows_rescored < len(ref.arrays.sku)
     # a window without orders: the history's tables at its end
     quiet = stream_sources.window_tables(base, stream_sources.empty_lines(), world.as_of,
                                          config.candidates)
