@@ -223,6 +223,7 @@ def state_sizes(world_dir, window, as_of):
             "window_lines": got.window_lines, "buyers": got.buyers,
             "accumulator_pickled_bytes": len(pickle.dumps(cells, protocol=4)),
             "pair_updates": got.pair_updates, "cooccurrence_cells": got.cells,
+            "similarity_rows_rescored": got.rows_rescored,
             "tables_wall_cpu_s": cost, "trending_lines_rescored": got.trending_lines}
         print("window", scale, out[f"window_{scale}x"], flush=True)
     return out
