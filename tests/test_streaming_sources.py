@@ -402,6 +402,15 @@ def test_the_streaming_graph_serves_the_tuned_mix_as_batch_does(world):
             clock=lambda: 0.0, lines=lines)
         assert_that(out.rows | beam.ParDo(_Facts()), equal_to(want))
 
+        def counted(actual):
+            totals = {}
+            for name, n in actual:
+                totals[name] = totals.get(name, 0) + n
+            assert totals["sources.windows_built"] == 1, totals   # one window, one process
+            assert totals["sources.window_lines"] > 0 and totals["slots.source.buy_again"] > 0
+            assert not any(v for k, v in totals.items() if k.startswith("qa.rule_"))
+        assert_that(out.counts, counted, label="Counts")
+
 
 class _SwapAfterFirstPeriod(beam.DoFn):
     """Saves ``v2`` (artifact, then LATEST) when the first period's rows come out, as a

@@ -148,13 +148,16 @@ class RefreshShardFn(beam.DoFn):
 
     def _serving(self, ref: model.ReferenceData, pop: Optional[WindowPopularity],
                  lines: Optional[WindowLines], end: pd.Timestamp, ranker
-                 ) -> Tuple[model.Serving, Optional[stream_sources.WindowSources]]:
+                 ) -> Tuple[model.Serving, Optional[stream_sources.WindowSources], bool]:
+        """What scores this window, and whether this call built it (counted once then)."""
         config = self._config
+        built = []
         mix = not config.candidates.popularity_only
         # Built before, not inside, the window's build: `cached` builds one thing at a time.
         history = self._history(ref) if mix else None
 
         def build():
+            built.append(True)
             frame = pop.popularity if pop is not None else stream_popularity.window_popularity(
                 [], ref, end.value // 1_000, config)
             sources = None
@@ -174,7 +177,8 @@ class RefreshShardFn(beam.DoFn):
                                  version), sources
         tag = (f"{end.value}|{ref.version}|{pop is not None}|{lines is not None}|"
                f"{ranker.version if ranker is not None else ''}|{id(ranker)}")
-        return cached(self._key, tag, build)
+        serving, sources = cached(self._key, tag, build)
+        return serving, sources, bool(built)
 
     def process(self, element, pop: Optional[WindowPopularity],
                 win=beam.DoFn.WindowParam) -> Iterator:
@@ -187,16 +191,17 @@ class RefreshShardFn(beam.DoFn):
         end = utc_of(win.end)
         ref = self._reference.current()
         ranker = self._ranker.current() if self._ranker is not None else None
-        serving, sources = self._serving(ref, pop, lines, end, ranker)
+        serving, sources, built = self._serving(ref, pop, lines, end, ranker)
         out = model.refresh_users(requests, ref, serving, end, self._config)
         yield count("refresh.requests", len(requests))
         yield count("refresh.unknown_users", len(out.unknown_users))
         yield count("refresh.duplicate_users", len(out.duplicate_users))
         if pop is None:
             yield count("refresh.without_window_popularity", 1)
-        if sources is not None:
+        if sources is not None and built:   # once per window and worker process
+            yield count("sources.windows_built", 1)
             yield count("sources.window_lines", sources.window_lines)
-            yield count("sources.buyers", sources.buyers)
+            yield count("sources.similarity_rows_rescored", sources.rows_rescored)
         for name, n in out.counters:
             if n and name.startswith(("slots.", "ranker.", "users.vehicle_unknown")):
                 yield count(name, n)
