@@ -30,8 +30,8 @@ from models.config import RecsConfig
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import (UsageError, entry_point, finish_run, holder, job_options,
                            locked_warehouse)
-from pipelines.options import (FITMENT_HINT, CommonOptions, as_of_of, check_attributes,
-                               sharding_of,
+from pipelines.options import (FITMENT_HINT, CommonOptions, RankerOptions, as_of_of,
+                               check_attributes, sharding_of,
                                check_run_id, require_columns, require_input_dir,
                                require_tables, require_writable_dir, run_id_of, true_or_false)
 from transforms import schemas
@@ -67,10 +67,6 @@ class BatchOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--ranker_model", default=None,
-                            help="Ranker artifact (.json, or a model directory with LATEST; "
-                                 "local or gs://): re-rank segment-popularity candidates "
-                                 "with LightGBM before the rules (pipelines.train_ranker).")
         parser.add_argument("--strategy", default="segment", choices=STRATEGIES,
                             help="segment: segment popularity with fallbacks; global: "
                                  "global popularity only (the baseline).")
@@ -144,12 +140,13 @@ def context_from(options: PipelineOptions) -> RunContext:
         check_attributes(require_tables(options.input_dir, input_tables(config)),
                          config.segment_attributes, config.fitment_attributes)
     ranker_path = ranker = None
-    if batch.ranker_model:
+    ranker_model = options.view_as(RankerOptions).ranker_model
+    if ranker_model:
         if batch.strategy == "global":
             raise UsageError("--ranker_model re-ranks segment candidates; not with "
                              "--strategy global")
         try:
-            ranker_path = resolve_model_path(batch.ranker_model)
+            ranker_path = resolve_model_path(ranker_model)
             ranker = check_model(ranker_path, config)  # loads it and checks its features
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(f"--ranker_model: {err}")

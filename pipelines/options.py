@@ -195,6 +195,20 @@ def true_or_false(text: str) -> bool:
     return value
 
 
+class RankerOptions(PipelineOptions):
+    """The ranker artifact a job serves: one flag for the batch job and the streaming refresh."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ranker_model", default=None,
+                            help="Ranker artifact (.json, or a model directory with LATEST; "
+                                 "local or gs://; pipelines.train_ranker writes it). The "
+                                 "batch job re-ranks segment-popularity candidates or, with "
+                                 "a union model, the candidates.mix; the streaming refresh "
+                                 "serves union models and swaps a new artifact in without a "
+                                 "restart (see its --ranker_refresh_seconds).")
+
+
 class CommonOptions(PipelineOptions):
     """Inputs, warehouse, reference time and run id."""
 

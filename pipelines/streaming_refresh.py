@@ -36,8 +36,9 @@ from models.config import RecsConfig
 from models.serving import ServingStore
 from models.config_file import ConfigError, load_config
 from pipelines.jobs import LOCAL_RUNNERS, UsageError, entry_point, job_options
-from pipelines.options import (FITMENT_HINT, CommonOptions, check_attributes,
-                               require_columns, require_input_dir, require_tables, run_id_of)
+from pipelines.options import (FITMENT_HINT, CommonOptions, RankerOptions,
+                               check_attributes, require_columns, require_input_dir,
+                               require_tables, run_id_of)
 from transforms import bigquery
 from transforms.bigquery import BigQueryOptions  # noqa: F401  (its flags are this job's too)
 from transforms.bigquery_io import (INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS,
@@ -129,11 +130,6 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
-        parser.add_argument("--ranker_model", default=None,
-                            help="Union ranker artifact (.json, or a model directory with "
-                                 "LATEST; local or gs://) re-ranking the candidates.mix as "
-                                 "the batch job does; a new artifact is swapped in without a "
-                                 "restart (see --ranker_refresh_seconds).")
         parser.add_argument("--ranker_refresh_seconds", type=int, default=300,
                             help="Check the ranker artifact for a new version at most this "
                                  "often per worker process.")
@@ -297,7 +293,8 @@ def ranker_of(options: PipelineOptions, config: RecsConfig) -> Optional[ModelRef
     a better artifact appears).
     """
     opts = options.view_as(StreamingOptions)
-    if not opts.ranker_model:
+    model_path = options.view_as(RankerOptions).ranker_model
+    if not model_path:
         return None
     if opts.ranker_refresh_seconds < 0:
         raise UsageError("--ranker_refresh_seconds must be >= 0")
@@ -305,7 +302,7 @@ def ranker_of(options: PipelineOptions, config: RecsConfig) -> Optional[ModelRef
         raise UsageError("--ranker_model: the stream serves union rankers over a "
                          "candidates.mix; this configuration's mix is segment_popularity "
                          "alone (re-ranking popularity's pools is the batch job's)")
-    ranker = ModelReference(opts.ranker_model, config, opts.ranker_refresh_seconds)
+    ranker = ModelReference(model_path, config, opts.ranker_refresh_seconds)
     try:
         _, refused = ranker.check()
     except (FileNotFoundError, ValueError) as err:

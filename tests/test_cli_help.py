@@ -45,3 +45,17 @@ def test_help_states_the_exit_statuses_and_the_flag_rule(job):
     text = " ".join(proc.stdout.split())
     assert "any other flag is refused" in text
     assert "0 published (or done), 1 gated, 2 usage or configuration error, 3 failure" in text
+
+
+def test_every_flag_is_declared_by_one_option_class_across_all_jobs():
+    """Beam parses every PipelineOptions subclass imported in a process, so a flag two jobs'
+    classes both declare breaks any process importing both (the backtest runs the batch job
+    beside the others): every job imported at once must still parse its options."""
+    code = ("import importlib, pkgutil, pipelines\n"
+            "for m in pkgutil.iter_modules(pipelines.__path__):\n"
+            "    importlib.import_module('pipelines.' + m.name)\n"
+            "from apache_beam.options.pipeline_options import PipelineOptions\n"
+            "print(sorted(PipelineOptions([]).get_all_options())[:1])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
