@@ -397,6 +397,34 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class RankingNoticesConfig:
+    """When the streaming job tells a vehicle's users that its list moved (docs/streaming.md).
+
+    A stream order re-ranks its vehicle; its users get a ``segment_ranking_changed``
+    refresh only when the change is one they would see, and not more often than
+    a mail cadence needs.
+
+    Attributes:
+      min_changed_picks: SKUs of the vehicle's default picks that must differ from the
+        picks its users were last told about (order within the list does not count: a
+        reorder shows the same products). 1 = any new product.
+      min_interval_hours: at most one notice per vehicle per this many hours of event
+        time; a change inside the interval is noticed when it ends if it still holds
+        (a flip and its flip back cost nothing). E-mails go out a few times a day, so 6.
+        0 = no throttle.
+    """
+
+    min_changed_picks: int = 1
+    min_interval_hours: float = 6.0
+
+    def __post_init__(self) -> None:
+        _whole(self, "min_changed_picks")
+        _finite(self, "min_interval_hours")
+        _require(self.min_changed_picks >= 1, "min_changed_picks must be >= 1")
+        _require(self.min_interval_hours >= 0, "min_interval_hours must be >= 0")
+
+
+@dataclass(frozen=True)
 class RecsConfig:
     """Everything a recommendations run needs besides its inputs.
 
@@ -415,6 +443,7 @@ class RecsConfig:
     gates: GatesConfig = field(default_factory=GatesConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    ranking_notices: RankingNoticesConfig = field(default_factory=RankingNoticesConfig)
 
     def __post_init__(self) -> None:
         # One source fills every slot whatever its count (so recs_per_user or a backtest's k

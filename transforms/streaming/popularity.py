@@ -7,7 +7,8 @@ ingest, summed per key per period (`CombinePerKey`), slid into the windows,
 summed per key per window, and re-expressed at the window's end, where the
 history's popularity is added. `RankingChanges` keeps each vehicle's default
 top picks in keyed state and notifies the vehicle's users when a newer
-window moves them.
+window shows them other products, at most once per interval
+(`models.ranking_notices`).
 
 State and accumulators, and what bounds them (docs/streaming.md):
 
@@ -21,7 +22,9 @@ State and accumulators, and what bounds them (docs/streaming.md):
   `Decayed` per key it holds: bounded by the same key count.
 - ``VehiclePicks``: one key, the previous window's end and the vehicles the
   stream touched in it (at most the vehicle count).
-- ``PicksChanged``: one tuple of default picks per vehicle.
+- ``PicksChanged``: per vehicle, the picks its users were last told about, when,
+  and the newest window's picks (`models.ranking_notices.NoticeState`), plus one
+  re-check timer.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from models import stream_popularity as cells
 from models import streaming as model
-from models.config import RecsConfig
+from models import ranking_notices as notice_rule
+from models.config import RankingNoticesConfig, RecsConfig
 from models.stream_popularity import CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
@@ -405,22 +409,59 @@ class VehiclePicksFn(beam.DoFn):
 @typehints.with_input_types(VehiclePicks)
 @typehints.with_output_types(Tuple[str, int])
 class PicksChangedFn(beam.DoFn):
-    """Keyed per vehicle: emits the vehicle when its picks differ from the previous window's.
+    """Keyed per vehicle: emits the vehicle when its picks moved in a way its users would see.
 
-    State: the end of the latest window the vehicle was compared in (one
-    integer), so an older window arriving after a newer one is ignored.
+    A notice means: the products of the vehicle's default picks differ (at
+    least ``min_changed_picks`` of them; order ignored) from the ones its users
+    were last told about, and the last notice is at least
+    ``min_interval_hours`` of event time old. A visible change inside the
+    interval is held: an event-time timer at the interval's end notices it
+    then if it still holds, so a list that flips and flips back costs nothing
+    and a lasting change is never lost (`models.ranking_notices`). Counted:
+    ``ranking.notices_held`` (windows whose change waited), ``ranking.notices_after_hold``
+    (notices the timer sent), ``ranking.changes_not_visible`` (picks that moved
+    between consecutive windows without new products for the users).
+
+    State (`models.ranking_notices.NoticeState`): the picks last told, when,
+    and the newest window's end and picks: two short tuples and two integers
+    per vehicle (~1,100 vehicles in the field), never more; one timer per vehicle.
     """
 
-    LAST = ReadModifyWriteStateSpec("last", PickleCoder())
+    STATE = ReadModifyWriteStateSpec("notice", PickleCoder())
+    RECHECK = TimerSpec("recheck", TimeDomain.WATERMARK)
 
-    def process(self, element: VehiclePicks, last=beam.DoFn.StateParam(LAST)) -> Iterator:
+    def __init__(self, notices: Optional[RankingNoticesConfig] = None):
+        notices = notices or RankingNoticesConfig()
+        self._min_changed = notices.min_changed_picks
+        self._interval_us = notice_rule.interval_us(notices)
+
+    def process(self, element: VehiclePicks, state=beam.DoFn.StateParam(STATE),
+                recheck=beam.DoFn.TimerParam(RECHECK)) -> Iterator:
         vehicle, (end_us, picks, earlier) = element
-        latest: Optional[int] = last.read()
-        if latest is not None and latest >= end_us:
+        new, decision = notice_rule.notice_decision(state.read(), end_us, picks, earlier,
+                                                    self._min_changed, self._interval_us)
+        if decision == notice_rule.STALE:
             return
-        last.write(end_us)
-        if earlier != picks:
+        state.write(new)
+        if decision == notice_rule.NOTIFY:
             yield window.TimestampedValue((vehicle, end_us), Timestamp(micros=end_us))
+        elif decision == notice_rule.HOLD:
+            yield count("ranking.notices_held", 1)
+            recheck.set(Timestamp(micros=notice_rule.recheck_at(new, self._interval_us)))
+        elif earlier is not None and earlier != picks:
+            yield count("ranking.changes_not_visible", 1)
+
+    @on_timer(RECHECK)
+    def after_hold(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                   state=beam.DoFn.StateParam(STATE)) -> Iterator:
+        kept = state.read()
+        if kept is None:
+            return
+        new, notify = notice_rule.recheck(kept, fired.micros, self._min_changed)
+        if notify:
+            state.write(new)
+            yield count("ranking.notices_after_hold", 1)
+            yield window.TimestampedValue((key, fired.micros), fired)
 
 
 Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
@@ -461,10 +502,13 @@ class RankingChanges(beam.PTransform):
                  | "VehiclePicks" >> beam.ParDo(
                      VehiclePicksFn(self._reference, self._config, self._period)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
-        out = (picks[Tag.ROWS.value]
-               | "PicksChanged" >> beam.ParDo(PicksChangedFn())
+        changed = (picks[Tag.ROWS.value]
+                   | "PicksChanged" >> beam.ParDo(
+                       PicksChangedFn(self._config.ranking_notices)).with_outputs(
+                       Tag.COUNTS.value, main=Tag.ROWS.value))
+        out = (changed[Tag.ROWS.value]
                | "NotifyUsers" >> beam.ParDo(NotifyUsersFn(self._reference)).with_outputs(
                    Tag.COUNTS.value, main=Tag.ROWS.value))
-        counts = ((picks[Tag.COUNTS.value], out[Tag.COUNTS.value])
+        counts = ((picks[Tag.COUNTS.value], changed[Tag.COUNTS.value], out[Tag.COUNTS.value])
                   | "FlattenRankingCounts" >> beam.Flatten())
         return RowsAndCounts(out[Tag.ROWS.value], counts)
