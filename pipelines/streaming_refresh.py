@@ -111,8 +111,9 @@ class StreamingOptions(PipelineOptions):
                                  "history under the stream; empty: the stream only.")
         parser.add_argument("--ranking_refresh", default="on", choices=("on", "off"),
                             help="on: also refresh every user of a vehicle whose top picks "
-                                 "changed between consecutive windows; off: only users with "
-                                 "new events.")
+                                 "show other products than at its last notice (at most once "
+                                 "per ranking_notices.min_interval_hours of the --config); "
+                                 "off: only users with new events.")
         parser.add_argument("--max_runtime_seconds", type=int, default=0,
                             help="Local runners: cancel after this long (0: run until "
                                  "stopped). Ignored on Dataflow.")
