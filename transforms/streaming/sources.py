@@ -48,6 +48,25 @@ def line_of(record: Record) -> Tuple[LineKey, LineCell]:
     return (record["order_id"], record["sku"]), (record["event_time_us"], record["user_id"])
 
 
+def _keep_earliest(acc: Dict[LineKey, LineCell], cells: Dict[LineKey, LineCell]
+                   ) -> Dict[LineKey, LineCell]:
+    """Adds ``cells`` to ``acc`` in place, each line keeping its earliest cell."""
+    for key, cell in cells.items():
+        held = acc.get(key)
+        if held is None or cell < held:
+            acc[key] = cell
+    return acc
+
+
+def _merge_earliest(accs: Iterable[Dict[LineKey, LineCell]]) -> Dict[LineKey, LineCell]:
+    """Line maps merged into the first (Beam lets a merge reuse its first input)."""
+    accs = iter(accs)
+    out = next(accs, {})
+    for acc in accs:
+        _keep_earliest(out, acc)
+    return out
+
+
 @typehints.with_input_types(Tuple[LineKey, LineCell])
 @typehints.with_output_types(Dict[LineKey, LineCell])
 class EarliestLinesFn(beam.CombineFn):
@@ -64,19 +83,11 @@ class EarliestLinesFn(beam.CombineFn):
 
     def add_input(self, acc: Dict[LineKey, LineCell], element) -> Dict[LineKey, LineCell]:
         key, cell = element
-        held = acc.get(key)
-        if held is None or cell < held:
-            acc[key] = cell
-        return acc
+        return _keep_earliest(acc, {key: cell})
 
     def merge_accumulators(self, accs: Iterable[Dict[LineKey, LineCell]]
                            ) -> Dict[LineKey, LineCell]:
-        accs = iter(accs)
-        out = next(accs)
-        for acc in accs:
-            for key, cell in acc.items():
-                self.add_input(out, (key, cell))
-        return out
+        return _merge_earliest(accs)
 
     def extract_output(self, acc: Dict[LineKey, LineCell]) -> Dict[LineKey, LineCell]:
         return acc
@@ -101,19 +112,11 @@ class MergeLineMapsFn(beam.CombineFn):
 
     def add_input(self, acc: Dict[LineKey, LineCell], cells: Dict[LineKey, LineCell]
                   ) -> Dict[LineKey, LineCell]:
-        for key, cell in cells.items():
-            held = acc.get(key)
-            if held is None or cell < held:
-                acc[key] = cell
-        return acc
+        return _keep_earliest(acc, cells)
 
     def merge_accumulators(self, accs: Iterable[Dict[LineKey, LineCell]]
                            ) -> Dict[LineKey, LineCell]:
-        accs = iter(accs)
-        out = next(accs)
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
+        return _merge_earliest(accs)
 
     def extract_output(self, acc: Dict[LineKey, LineCell]) -> Dict[LineKey, LineCell]:
         return acc
