@@ -63,21 +63,6 @@ def _since(start):
     return round(wall - start[0], 3), round(cpu - start[1], 3)
 
 
-def _requests(events):
-    out = {}
-    for r in model.typed_records("events", events):
-        out.setdefault(r["user_id"], []).append(
-            (r["event_id"], r["event_name"], r["sku"], r["order_id"], r["event_time_us"]))
-    return {u: model.RefreshRequest(("order",), tuple(sorted(e, key=lambda x: (x[4], x[0]))))
-            for u, e in out.items()}
-
-
-def _cells(events):
-    lines = profiles.order_lines(events)
-    return {(o, s): (int(t.value // 1000), u) for o, s, t, u in
-            zip(lines["order_id"], lines["sku"], lines["event_time"], lines["user_id"])}
-
-
 def _union_model(config):
     """A union ranker for the mix's sources, trained on synthetic rows (for its cost only)."""
     sources = config.candidates.sources
@@ -128,7 +113,8 @@ def refresh_cost(world_dir, window, as_of, users, shard):
                                                        config.candidates)
             history_cost = _since(start)
             start = _clock()
-            lines = stream_sources.fresh_lines(_cells(window), ref.arrays.sku, ref.history_keys)
+            lines = stream_sources.fresh_lines(stream_sources.cells_of_events(window),
+                                               ref.arrays.sku, ref.history_keys)
             tables = stream_sources.tables_at(
                 base, ref.history_lines, ref.history_as_of, lines, as_of, config.candidates,
                 frozenset(ref.arrays.sku[ref.arrays.eligible])).tables
@@ -141,7 +127,7 @@ def refresh_cost(world_dir, window, as_of, users, shard):
                        else handler_for(config))
             serving = model.serving(ref, pop, handler, tables)
         window_cost = _since(start)
-        requests = _requests(window.loc[window["user_id"].isin(users)])
+        requests = model.requests_of_events(window.loc[window["user_id"].isin(users)])
         names = sorted(requests)
         start = _clock()
         rows = unserved = 0

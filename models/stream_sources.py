@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from models import candidates
+from models import candidates, profiles
 from models.candidates import ItemSimilarity, SharedTables
 
 LINE_COLUMNS = ("user_id", "sku", "order_id", "event_time")
@@ -54,6 +54,17 @@ def empty_lines() -> pd.DataFrame:
     return pd.DataFrame({"user_id": pd.Series(dtype=object), "sku": pd.Series(dtype=object),
                          "order_id": pd.Series(dtype=object),
                          "event_time": pd.Series(dtype=_TIME)})
+
+
+def cells_of_events(events: pd.DataFrame) -> Dict[Tuple[str, str], Tuple[int, str]]:
+    """A frame of events' order lines as window cells, ``{(order_id, sku): (time_us, user)}``.
+
+    Each line at its earliest event (`profiles.order_lines`), as `WindowOrderLines`
+    gathers them from the stream; `lines_of_cells` turns them back into a frame.
+    """
+    lines = profiles.order_lines(events)
+    return {(o, s): (int(t.value // 1000), u) for o, s, t, u in
+            zip(lines["order_id"], lines["sku"], lines["event_time"], lines["user_id"])}
 
 
 def lines_of_cells(cells: Mapping[Tuple[str, str], Tuple[int, str]]) -> pd.DataFrame:

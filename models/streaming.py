@@ -676,6 +676,18 @@ def merge_requests(requests: Iterable[Tuple[str, RefreshRequest]]) -> Dict[str, 
             for u in reasons}
 
 
+def requests_of_events(events: pd.DataFrame, reasons: Tuple[str, ...] = ("order",)
+                       ) -> Dict[str, RefreshRequest]:
+    """One request per user of ``events``, holding all of the user's events in time order
+    (what `TouchedUsers` keeps for a user the stream touched)."""
+    found: Dict[str, List[Tuple]] = {}
+    for r in typed_records("events", events):
+        found.setdefault(r["user_id"], []).append(
+            (r["event_id"], r["event_name"], r["sku"], r["order_id"], r["event_time_us"]))
+    return {u: RefreshRequest(tuple(reasons), tuple(sorted(e, key=lambda x: (x[4], x[0]))))
+            for u, e in found.items()}
+
+
 class Refreshed(NamedTuple):
     """One refresh: recommendation rows, users that could not be served, and why."""
 

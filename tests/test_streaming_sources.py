@@ -84,23 +84,6 @@ def world(tmp_path_factory):
         as_of=pd.Timestamp(int(end), unit="us", tz="UTC"))
 
 
-def _requests(events, users=None):
-    """One refresh request per user of ``events`` (all their events, as TouchedUsers keeps)."""
-    out = {}
-    for r in model.typed_records("events", events):
-        if users is None or r["user_id"] in users:
-            out.setdefault(r["user_id"], []).append(
-                (r["event_id"], r["event_name"], r["sku"], r["order_id"], r["event_time_us"]))
-    return {u: model.RefreshRequest(("order",), tuple(sorted(e, key=lambda x: (x[4], x[0]))))
-            for u, e in out.items()}
-
-
-def _cells(events):
-    lines = profiles.order_lines(events)
-    return {(o, s): (int(t.value // 1000), u) for o, s, t, u in
-            zip(lines["order_id"], lines["sku"], lines["event_time"], lines["user_id"])}
-
-
 def _stream_rows(world, config, events, as_of, ranker=None):
     """What `RefreshShardFn` does for one window: the window's tables, the handler, the users."""
     ref = FileReference(world.dir, config, 0, "events").current()
@@ -108,14 +91,15 @@ def _stream_rows(world, config, events, as_of, ranker=None):
     pop = model.window_popularity(orders, ref, as_of, config)
     base = stream_sources.HistorySources.build(ref.history_lines, ref.arrays.sku,
                                                config.candidates)
-    lines = stream_sources.fresh_lines(_cells(events), ref.arrays.sku, ref.history_keys)
+    lines = stream_sources.fresh_lines(stream_sources.cells_of_events(events),
+                                       ref.arrays.sku, ref.history_keys)
     tables = stream_sources.tables_at(base, ref.history_lines, ref.history_as_of, lines, as_of,
                                       config.candidates,
                                       frozenset(ref.arrays.sku[ref.arrays.eligible])).tables
     handler = handler_for(config) if ranker is None else UnionRerankHandler(config,
                                                                             lambda: ranker)
     serving = model.serving(ref, pop, handler, tables)
-    return model.refresh_users(_requests(events), ref, serving, as_of, config)
+    return model.refresh_users(model.requests_of_events(events), ref, serving, as_of, config)
 
 
 def _batch_rows(world, config, events, as_of, ranker=None):
@@ -188,7 +172,8 @@ def test_incremental_tables_equal_the_batch_tables_window_by_window(world, max_h
     for start, end in windows:
         events = world.stream.loc[(times >= start) & (times < end)]
         as_of = pd.Timestamp(end, unit="us", tz="UTC")
-        lines = stream_sources.fresh_lines(_cells(events), ref.arrays.sku, ref.history_keys)
+        lines = stream_sources.fresh_lines(stream_sources.cells_of_events(events),
+                                           ref.arrays.sku, ref.history_keys)
         got = stream_sources.tables_at(base, ref.history_lines, ref.history_as_of, lines,
                                        as_of, config.candidates)
         everything = pd.concat([ref.history_lines, lines], ignore_index=True)
@@ -205,7 +190,8 @@ def test_a_window_adds_only_its_buyers_rows_and_bounds_the_cells(world):
     ref = FileReference(world.dir, config, 0, "events").current()
     base = stream_sources.HistorySources.build(ref.history_lines, ref.arrays.sku,
                                                config.candidates)
-    lines = stream_sources.fresh_lines(_cells(world.window), ref.arrays.sku, ref.history_keys)
+    lines = stream_sources.fresh_lines(stream_sources.cells_of_events(world.window),
+                                       ref.arrays.sku, ref.history_keys)
     got = stream_sources.window_tables(base, lines, world.as_of, config.candidates)
     assert got.window_lines == len(lines) > 0
     assert got.buyers == lines["user_id"].nunique()
@@ -301,9 +287,9 @@ def test_union_ranker_rows_equal_batch_rows(world, union_model):
 
 def _refresh(fn, world, end_us, events):
     """One refresh period of one shard through the DoFn; its rows."""
-    requests = list(_requests(events).items())
+    requests = list(model.requests_of_events(events).items())
     element = ((0, end_us), [requests])
-    lines = WindowLines(end_us, _cells(events))
+    lines = WindowLines(end_us, stream_sources.cells_of_events(events))
     win = IntervalWindow(end_us / 1e6 - 7 * 86_400, end_us / 1e6)
     out = [o for o in fn.process(element, None, lines, win=win) if isinstance(o, pd.DataFrame)]
     return pd.concat(out, ignore_index=True)
