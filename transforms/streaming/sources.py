@@ -98,28 +98,18 @@ class EarliestLinesFn(beam.CombineFn):
 
 @typehints.with_input_types(Dict[LineKey, LineCell])
 @typehints.with_output_types(Dict[LineKey, LineCell])
-class MergeLineMapsFn(beam.CombineFn):
+class MergeLineMapsFn(EarliestLinesFn):
     """The period maps of one sliding window merged, each order line at its earliest event.
 
     Accumulator: the same ``{(order_id, sku): (event_time_us, user_id)}`` map as
-    `EarliestLinesFn`'s; its inputs are whole period maps, so an order line is
-    added once per period and the sliding fan-out (``size / period`` windows)
-    applies to the period maps, not to each line.
+    `EarliestLinesFn`'s (and its merge); its inputs are whole period maps, so an
+    order line is added once per period and the sliding fan-out (``size / period``
+    windows) applies to the period maps, not to each line.
     """
-
-    def create_accumulator(self) -> Dict[LineKey, LineCell]:
-        return {}
 
     def add_input(self, acc: Dict[LineKey, LineCell], cells: Dict[LineKey, LineCell]
                   ) -> Dict[LineKey, LineCell]:
         return _keep_earliest(acc, cells)
-
-    def merge_accumulators(self, accs: Iterable[Dict[LineKey, LineCell]]
-                           ) -> Dict[LineKey, LineCell]:
-        return _merge_earliest(accs)
-
-    def extract_output(self, acc: Dict[LineKey, LineCell]) -> Dict[LineKey, LineCell]:
-        return acc
 
     def default_label(self) -> str:
         return "MergeLineMaps"
