@@ -63,7 +63,8 @@ class CachedCountingTwice(CachedCounting):
 
 
 def _methods(dofn):
-    return [name for name in dir(dofn)
+    """Every method, including those ``dir()`` of a CachedSignatures DoFn leaves out."""
+    return [name for name in object.__dir__(dofn)
             if isinstance(getattr(dofn, name, None), types.MethodType)]
 
 
@@ -148,6 +149,21 @@ def test_the_mixin_adds_no_attribute_and_pickles():
     assert not hasattr(dofn, "_inspect_")
     copy = pickle.loads(pickle.dumps(dofn))
     assert isinstance(copy, CachedCounting) and vars(copy) == vars(dofn)
+
+
+def test_dir_leaves_out_only_methods_without_dofn_parameters():
+    """What Beam's get_dofn_specs walks: the lifecycle methods and every method taking a param."""
+    dofn = CachedCounting()
+    listed = set(dir(dofn))
+    assert {"process", "release", "setup", "teardown", "start_bundle", "finish_bundle",
+            "process_batch", "TOTAL", "FLUSH"} <= listed
+    assert not {"display_data", "default_type_hints", "to_runner_api"} & listed
+    assert hasattr(dofn, "display_data") and "display_data" in object.__dir__(dofn)
+    for name in set(_methods(dofn)) - listed:      # nothing left out takes a DoFn parameter
+        _, defaults = core.get_function_args_defaults(getattr(dofn, name))
+        assert not any(isinstance(d, type(beam.DoFn.TimestampParam)) for d in defaults), name
+    dofn.display_data = lambda: {}                 # assigned on the instance: listed again
+    assert "display_data" in dir(dofn)
 
 
 def test_a_stateful_dofn_with_the_mixin_runs_on_the_direct_runner():
