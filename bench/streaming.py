@@ -23,12 +23,16 @@ the wall time from its publish call returning to the first
 returned by a query (polled every 0.25 s); p50, p95 and max are reported.
 
 Throughput: the same windowed composites the job runs (rolling popularity, the
-bandit state, both late-data audits) over bounded, timestamped input on one
-core (FnApiRunner, one worker), so the DirectRunner's Pub/Sub source (ten
-messages a pull) is not what is measured; reported as marginal input events
-per second (the same event-time span run with N and 2N events separates the
-per-event cost from the per-window one), with the production windows (7 days
-every hour: each element in 168 windows) and with one-day windows (24).
+bandit state, both late-data audits) over bounded, timestamped input with one
+SDK worker (FnApiRunner), so the DirectRunner's Pub/Sub source (ten messages a
+pull) is not what is measured; reported as marginal input events per second
+(the same event-time span run with N and 2N events separates the per-event
+cost from the per-window one), with the production windows (7 days every
+hour: each element in 168 windows) and with one-day windows (24). Each is run
+with the SDK worker in a subprocess started as Dataflow starts its Python
+harness (``sdk_worker_main``; state cache off, Beam's default), whose CPU is
+reported apart from the runner's, with the same and a 100 MB state cache, and
+in-process as before (``--throughput_modes``).
 Parsing and deduplication ("ingest") run on the bundle-based DirectRunner.
 """
 from __future__ import annotations
@@ -246,17 +250,62 @@ def _records(n_orders: int, n_treatments: int, days: float, world: str):
     return orders, treatments
 
 
-def _timed(build, runner: str = "FnApiRunner") -> Dict[str, float]:
-    options = PipelineOptions([f"--runner={runner}", "--direct_num_workers=1",
-                               "--direct_running_mode=in_memory"])
+# How the windowed core's SDK worker runs (``--direct_running_mode`` of the FnApiRunner).
+# ``subprocess_sdk`` starts the worker through ``sdk_worker_main``, the entry point Dataflow's
+# Python SDK harness uses, which sizes its state cache from ``--max_cache_memory_usage_mb``
+# (Beam 2.77's default 0: no cache, as on Dataflow unless a job sets it); its CPU is the
+# reaped child's rusage, the runner's (bundles, the GroupByKey's windowing and triggers, which
+# Dataflow runs in its backend) this process's. ``in_memory`` runs the worker in this process
+# with the runner's hard-coded 100 MB cache (``worker_handlers.STATE_CACHE_SIZE_MB``), which
+# sizes every state value it caches (objsize walking the loaded modules): the figure before.
+THROUGHPUT_MODES = {
+    "subprocess_sdk": (["--direct_running_mode=multi_processing"],
+                       "SDK worker in a subprocess via sdk_worker_main, state cache 0 MB "
+                       "(--max_cache_memory_usage_mb default, as Dataflow's harness)"),
+    "subprocess_sdk_cache_100mb": (["--direct_running_mode=multi_processing",
+                                    "--max_cache_memory_usage_mb=100"],
+                                   "the same with a 100 MB state cache (the in-process "
+                                   "runner's size): what caching state costs per event"),
+    "in_memory": (["--direct_running_mode=in_memory"],
+                  "SDK worker inside the runner's process, 100 MB state cache hard-coded "
+                  "(the figure reported before)"),
+}
+
+
+def _cpu(usage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(build, runner: str = "FnApiRunner", mode: str = "in_memory") -> Dict[str, float]:
+    """Wall and CPU seconds of one run; with a subprocess worker, its CPU and the runner's apart."""
+    flags, _ = THROUGHPUT_MODES[mode]
+    options = PipelineOptions([f"--runner={runner}", "--direct_num_workers=1", *flags])
     before = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as p:
         build(p)
     wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
+    runner_cpu = _cpu(resource.getrusage(resource.RUSAGE_SELF)) - _cpu(before)
+    # The worker subprocess is reaped when the pipeline finishes (the runner joins it).
+    sdk_cpu = _cpu(resource.getrusage(resource.RUSAGE_CHILDREN)) - _cpu(children)
+    out = {"wall_seconds": round(wall, 2), "cpu_seconds": round(runner_cpu + sdk_cpu, 2)}
+    if mode != "in_memory":
+        out.update(sdk_cpu_seconds=round(sdk_cpu, 2), runner_cpu_seconds=round(runner_cpu, 2))
+    return out
+
+
+def _marginal(first: Dict[str, float], second: Dict[str, float], n: int) -> Dict[str, float]:
+    """Events/s of one more event and the fixed seconds, per measure (N and 2N events)."""
+    row = {}
+    for kind in ("cpu_seconds", "sdk_cpu_seconds", "runner_cpu_seconds", "wall_seconds"):
+        if kind not in first:
+            continue
+        per_event = max(second[kind] - first[kind], 1e-9) / n
+        name = kind[:-len("_seconds")]
+        row[f"events_per_second_marginal_{name}"] = round(1 / per_event, 1)
+        row[f"fixed_{kind}"] = round(first[kind] - n * per_event, 2)
+    return row
 
 
 def _core(orders, treatments, spec, reference):
@@ -292,29 +341,43 @@ def throughput(args) -> Dict:
     """
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
                    args.preset)
+    # A subprocess worker imports the job's modules from here, whatever the caller's cwd.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     reference = FileReference(world, DEFAULT_CONFIG, 3600, "events")
-    reference.current()   # loaded once, outside the timing
+    reference.current()   # loaded once, outside the timing (a subprocess worker loads its own)
     n_orders, n_treatments = args.throughput_orders, args.throughput_treatments
     small = _records(n_orders, n_treatments, args.throughput_days, world)
     large = _records(2 * n_orders, 2 * n_treatments, args.throughput_days, world)
     n = n_orders + n_treatments
+    modes = [m for m in args.throughput_modes.split(",") if m]
     out = {"events_n": n, "order_share": round(n_orders / n, 3),
            "event_time_span_days": args.throughput_days,
-           "runner": "FnApiRunner, one worker, in-process (one core)", "windows": {}}
-    for name, spec in (("production_7d_every_1h", model.WindowSpec.of_seconds(
-            7 * 86_400, 3_600, 6 * 3_600)), ("one_day_every_1h", model.WindowSpec.of_seconds(
-            86_400, 3_600, 6 * 3_600))):
-        first = _timed(_core(*small, spec, reference))
-        second = _timed(_core(*large, spec, reference))
-        row = {"windows_per_element": spec.overlap,
-               "windows_fired": _windows_with_data(small[0] + small[1], spec),
-               "run_n": first, "run_2n": second}
-        for kind in ("cpu_seconds", "wall_seconds"):
-            per_event = max(second[kind] - first[kind], 1e-9) / n
-            row[f"events_per_second_marginal_{kind.split('_')[0]}"] = round(1 / per_event, 1)
-            row[f"fixed_{kind}"] = round(first[kind] - n * per_event, 2)
-        row["events_per_second_whole_run_n"] = round(n / first["wall_seconds"], 1)
-        out["windows"][name] = row
+           "runner": "FnApiRunner, one SDK worker (one core)",
+           "modes": {m: THROUGHPUT_MODES[m][1] for m in modes},
+           "measures": {
+               "cpu": "runner + SDK worker CPU seconds (the whole local job)",
+               "sdk_cpu": "the SDK worker subprocess alone: what a Dataflow Python worker "
+                          "runs (the job's DoFns and CombineFns, coders, state and timer calls)",
+               "runner_cpu": "the FnApiRunner's process: bundle scheduling and the "
+                             "GroupByKeys' windowing and triggers (Dataflow's backend)",
+               "wall": "wall seconds (the two processes overlap)"},
+           "windows": {}}
+    specs = (("production_7d_every_1h", model.WindowSpec.of_seconds(
+        7 * 86_400, 3_600, 6 * 3_600)), ("one_day_every_1h", model.WindowSpec.of_seconds(
+            86_400, 3_600, 6 * 3_600)))
+    for name, spec in specs:
+        out["windows"][name] = {"windows_per_element": spec.overlap,
+                                "windows_fired": _windows_with_data(small[0] + small[1], spec)}
+        for mode in modes:
+            load = list(os.getloadavg())
+            first = _timed(_core(*small, spec, reference), mode=mode)
+            second = _timed(_core(*large, spec, reference), mode=mode)
+            row = {"run_n": first, "run_2n": second, **_marginal(first, second, n),
+                   "events_per_second_whole_run_n": round(n / first["wall_seconds"], 1),
+                   "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
+            out["windows"][name][mode] = row
+            print(name, mode, json.dumps(row), flush=True)
     orders = small[0]
     messages = [PubsubMessage(json.dumps({
         "event_id": r["event_id"] if i % 20 else f"O{i - 1}",   # 5% redelivered copies
@@ -406,9 +469,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num_shards", type=int, default=2,
                         help="Refresh shards (the DirectRunner runs them one after another).")
     parser.add_argument("--drain_seconds", type=float, default=60.0)
-    parser.add_argument("--throughput_orders", type=int, default=4_000)
-    parser.add_argument("--throughput_treatments", type=int, default=16_000)
+    parser.add_argument("--throughput_orders", type=int, default=1_000)
+    parser.add_argument("--throughput_treatments", type=int, default=4_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
+                        help="How the SDK worker runs, comma-separated: "
+                             + ", ".join(f"{k} ({v})" for k, v in THROUGHPUT_MODES.items()))
     parser.add_argument("--state_orders", type=int, default=4_000,
                         help="Orders in one 7-day window for the state-size figures (x1, x10).")
     parser.add_argument("--skip_freshness", action="store_true")
@@ -426,6 +492,11 @@ def main(argv=None) -> int:
         result["state_sizes"] = state_sizes(args)
         print(json.dumps(result["state_sizes"], indent=1), flush=True)
         result["throughput"] = throughput(args)
+        if "throughput" in previous:   # the run before, for continuity (one level deep)
+            earlier = {k: v for k, v in previous["throughput"].items() if k != "previous_run"}
+            result["throughput"]["previous_run"] = {
+                "measured_at": previous.get("measured_at"),
+                "commit": previous.get("code", {}).get("commit"), **earlier}
         print(json.dumps(result["throughput"], indent=1), flush=True)
     if not args.skip_freshness:
         result["freshness"] = dict(previous.get("freshness", {}))
