@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict
+from typing import Dict, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -56,7 +56,11 @@ import apache_beam as beam  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from apache_beam.io.gcp.pubsub import PubsubMessage  # noqa: E402
+from apache_beam.coders import PickleCoder  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from apache_beam.transforms.timeutil import TimeDomain  # noqa: E402
+from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpec,  # noqa: E402
+                                              on_timer)
 
 from models import streaming as model  # noqa: E402
 from models.bandit import BanditConfig  # noqa: E402
@@ -329,6 +333,69 @@ def _windows_with_data(records, spec) -> int:
     return len({w for r in records for w in spec.windows_of(r["event_time_us"])})
 
 
+class _KeptFlagFn(beam.DoFn):
+    """Per element: one keyed state read, one write and one event-time timer set (what
+    `FirstOrderLineFn` and `DropDuplicates` do per event), and nothing else."""
+
+    def __init__(self, timer: bool = True):
+        self._timer = timer
+
+    FLAG = ReadModifyWriteStateSpec("flag", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                flag=beam.DoFn.StateParam(FLAG), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        if flag.read() is None:
+            flag.write(1)
+            if self._timer:
+                expiry.set(timestamp + 60)
+        return ()
+
+    @on_timer(EXPIRY)
+    def expire(self, flag=beam.DoFn.StateParam(FLAG)):
+        flag.clear()
+
+
+def sdk_per_element(n: int, modes) -> Dict:
+    """SDK CPU per element of Beam's own machinery, measured in isolation (N and 2N elements).
+
+    ``plain``: a keyed element through one ParDo that does nothing (the
+    per-element floor of a fused step); ``keyed_state``: the same through a
+    stateful ParDo reading and writing one value and setting one timer per
+    element (every key new, as every order line and event id is), and without
+    the timer (``keyed_state_no_timer``). With the
+    state cache off (Dataflow's default) each read is a Fn API state request
+    to the runner; the difference is what keyed state costs per element.
+    """
+    def build(kind: str, count: int):
+        def pipeline(p):
+            keyed = (p | beam.Create([(f"k{i}", i) for i in range(count)])
+                     | beam.Map(lambda kv: beam.window.TimestampedValue(kv, kv[1])
+                                ).with_output_types(Tuple[str, int]))
+            if kind != "plain":
+                keyed | beam.ParDo(_KeptFlagFn(timer=kind == "keyed_state"))
+            else:
+                keyed | beam.ParDo(lambda kv: ())
+        return pipeline
+
+    out = {"elements_n": n}
+    for mode in modes:
+        if mode == "in_memory":
+            continue
+        for kind in ("plain", "keyed_state_no_timer", "keyed_state"):
+            first = _timed(build(kind, n), mode=mode)
+            second = _timed(build(kind, 2 * n), mode=mode)
+            per = {k: round((second[k] - first[k]) / n * 1e6, 1)
+                   for k in ("sdk_cpu_seconds", "runner_cpu_seconds")}
+            out[f"{mode}/{kind}"] = {
+                "run_n": first, "run_2n": second,
+                "sdk_cpu_us_per_element": per["sdk_cpu_seconds"],
+                "runner_cpu_us_per_element": per["runner_cpu_seconds"],
+                "loadavg": list(os.getloadavg())}
+            print("sdk_per_element", mode, kind, json.dumps(out[f"{mode}/{kind}"]), flush=True)
+    return out
+
+
 def throughput(args) -> Dict:
     """Marginal events/s per core: the same span run with N and 2N events.
 
@@ -394,6 +461,7 @@ def throughput(args) -> Dict:
     timing["messages"] = len(messages)
     timing["messages_per_second"] = round(len(messages) / timing["wall_seconds"], 1)
     out["ingest_parse_and_dedupe"] = timing
+    out["sdk_per_element_isolated"] = sdk_per_element(args.isolated_elements, modes)
     return out
 
 
@@ -472,6 +540,8 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput_orders", type=int, default=1_000)
     parser.add_argument("--throughput_treatments", type=int, default=4_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--isolated_elements", type=int, default=20_000,
+                        help="Elements of the isolated per-element cost runs (N and 2N).")
     parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
                         help="How the SDK worker runs, comma-separated: "
                              + ", ".join(f"{k} ({v})" for k, v in THROUGHPUT_MODES.items()))
