@@ -225,21 +225,25 @@ def _with_orders(block: CellBlock, *columns: Sequence) -> List[Sequence]:
     return [list(compress(column, mask)) for column in columns]
 
 
-def cells_frame(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFrame:
-    """A window's cells as a popularity frame at its end (cells netting to no order dropped).
-
-    The columns and order are `models.popularity.merge_popularity`'s.
-    """
+def _cell_rows(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFrame:
+    """A window's cells with orders as popularity rows at its end, not yet summed per key."""
     block = block_of(cells)
     kept = block.orders > 0
     level, segment, sku = _with_orders(block, *key_columns(block))
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         "level": level, "segment": segment, "sku": sku,
         "weight": block.weight[kept] * np.power(
             0.5, (end_us - block.at_us[kept]) / _MICROS_PER_DAY / half_life_days),
         "orders": block.orders[kept]},
         columns=list(popularity.POPULARITY_COLUMNS))
-    return popularity.merge_popularity([frame])
+
+
+def cells_frame(cells: Cells, end_us: int, half_life_days: float) -> pd.DataFrame:
+    """A window's cells as a popularity frame at its end (cells netting to no order dropped).
+
+    The columns and order are `models.popularity.merge_popularity`'s.
+    """
+    return popularity.merge_popularity([_cell_rows(cells, end_us, half_life_days)])
 
 
 def stream_lines(block: CellBlock, config: RecsConfig) -> int:
@@ -315,7 +319,9 @@ def window_popularity(cells: Cells, reference, end_us: int,
     those at ingest), so the two add like two partials (`merge_popularity`).
     """
     as_of = pd.Timestamp(end_us, unit="us", tz="UTC")
-    stream = cells_frame(cells, end_us, config.scoring.half_life_days)
+    # One sum per key over the history's rows and the cells' (summing the cells first
+    # would group them twice).
+    stream = _cell_rows(cells, end_us, config.scoring.half_life_days)
     return popularity.merge_popularity([history_popularity_at(reference, as_of, config), stream])
 
 
