@@ -470,7 +470,9 @@ def state_sizes(args) -> Dict:
 
     One production window (7 days) of orders over the same users and
     catalogue, fed through the job's own pure functions: the per-window
-    accumulator (`WindowCellsFn`: one cell per (level, segment, sku)), one
+    accumulator as a map (`WindowCellsFn`: one cell per (level, segment, sku)),
+    what ``CellsPerWindow`` holds instead (the hourly periods' `CellBlock`s)
+    and emits (one block), one
     per-key accumulator (`DecayedCountFn`: a `Decayed`), one order-line state
     cell (`FirstOrderLineFn`: a `LineState`), and for comparison the map of
     every distinct order line the earlier `OrderLinesCombineFn` carried.
@@ -494,14 +496,24 @@ def state_sizes(args) -> Dict:
         lines = {}
         for r in orders:
             model.add_order(lines, r)
+        periods: Dict[int, dict] = {}
         for (order_id, sku), (at, event_id, user, _) in lines.items():
             for cell in cells.line_cells(segments.get(user), sku, at, 1, DEFAULT_CONFIG):
                 acc = combine.add_input(acc, cell)
+                hour = at // 3_600_000_000
+                periods[hour] = combine.add_input(periods.get(hour, {}), cell)
+        # What CellsPerWindow holds for this window: its hourly periods' blocks, and its output.
+        blocks = [combine.extract_output(p) for _, p in sorted(periods.items())]
+        window_block = cells.merge_blocks(blocks, half_life)
         largest_key = max(acc, key=lambda k: acc[k].orders)
         out[f"{factor}x"] = {
             "order_events": len(orders), "order_lines": len(lines),
             "window_accumulator_cells": len(acc),
             "window_accumulator_bytes": len(pickle.dumps(acc)),
+            "window_period_blocks": len(blocks),
+            "window_period_blocks_bytes": len(pickle.dumps(blocks)),
+            "window_block_cells": len(window_block.keys),
+            "window_block_bytes": len(pickle.dumps(window_block)),
             "per_key_accumulator_bytes": len(pickle.dumps(acc[largest_key])),
             "per_key_accumulator_orders": acc[largest_key].orders,
             "order_line_state_cell_bytes": len(pickle.dumps(cells.LineState(
@@ -510,7 +522,8 @@ def state_sizes(args) -> Dict:
         }
     out["note"] = ("one 7-day window of generated orders over the world's users and catalogue "
                    f"({args.preset} preset); the window accumulator is bounded by the keys "
-                   "(catalogue x segments), so it stops growing once every key has an order")
+                   "(catalogue x segments), so it stops growing once every key has an order; "
+                   "the period blocks a window holds are bounded by the keys times its periods")
     return out
 
 
