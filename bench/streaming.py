@@ -471,8 +471,8 @@ def state_sizes(args) -> Dict:
     One production window (7 days) of orders over the same users and
     catalogue, fed through the job's own pure functions: the per-window
     accumulator as a map (`WindowCellsFn`: one cell per (level, segment, sku)),
-    what ``CellsPerWindow`` holds instead (the hourly periods' `CellBlock`s)
-    and emits (one block), one
+    what ``CellsPerWindow`` holds instead (`MergeCellsFn` fed the hourly
+    periods' `CellBlock`s, compacting as it goes) and emits (one block), one
     per-key accumulator (`DecayedCountFn`: a `Decayed`), one order-line state
     cell (`FirstOrderLineFn`: a `LineState`), and for comparison the map of
     every distinct order line the earlier `OrderLinesCombineFn` carried.
@@ -480,14 +480,16 @@ def state_sizes(args) -> Dict:
     """
     import pickle
     from models import stream_popularity as cells
-    from transforms.streaming.popularity import WindowCellsFn
+    from transforms.streaming.popularity import MergeCellsFn, WindowCellsFn
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
                    args.preset)
     reference = FileReference(world, DEFAULT_CONFIG, 3600, "events").current()
     segments = cells.segments_by_user(reference.users, DEFAULT_CONFIG)
     half_life = DEFAULT_CONFIG.scoring.half_life_days
     distinct_segments = len({seg for levels in segments.values() for seg in levels})
-    out = {"key_bound": len(reference.arrays.sku) * distinct_segments,
+    out = {"measured_at": _now_iso(), "commit": subprocess.run(
+               ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+           "key_bound": len(reference.arrays.sku) * distinct_segments,
            "key_bound_is": "catalogue SKUs x (level, segment) pairs of the users"}
     for factor in (1, 10, 100):
         orders, _ = _records(args.state_orders * factor, 0, 7.0, world)
@@ -504,14 +506,21 @@ def state_sizes(args) -> Dict:
                 periods[hour] = combine.add_input(periods.get(hour, {}), cell)
         # What CellsPerWindow holds for this window: its hourly periods' blocks, and its output.
         blocks = [combine.extract_output(p) for _, p in sorted(periods.items())]
-        window_block = cells.merge_blocks(blocks, half_life)
+        merge = MergeCellsFn(half_life)
+        held = merge.create_accumulator()
+        for block in blocks:
+            held = merge.add_input(held, block)
+        window_block = merge.extract_output(held)
         largest_key = max(acc, key=lambda k: acc[k].orders)
         out[f"{factor}x"] = {
             "order_events": len(orders), "order_lines": len(lines),
             "window_accumulator_cells": len(acc),
             "window_accumulator_bytes": len(pickle.dumps(acc)),
-            "window_period_blocks": len(blocks),
-            "window_period_blocks_bytes": len(pickle.dumps(blocks)),
+            "window_periods": len(blocks),
+            "window_period_blocks_rows_uncompacted": sum(len(b.keys) for b in blocks),
+            "window_accumulator_blocks_held": len(held),
+            "window_accumulator_rows_held": sum(len(b.keys) for b in held),
+            "window_accumulator_blocks_bytes": len(pickle.dumps(held)),
             "window_block_cells": len(window_block.keys),
             "window_block_bytes": len(pickle.dumps(window_block)),
             "per_key_accumulator_bytes": len(pickle.dumps(acc[largest_key])),

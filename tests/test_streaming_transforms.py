@@ -825,18 +825,26 @@ def test_window_blocks_sum_per_key_as_cells_add():
             acc = periods.add_input(acc, (key, cells.one_order(at, sign)))
         blocks.append(periods.extract_output(acc))
     window = MergeCellsFn(30.0)
-    MergeCellsFn.COMPACT_AT = 3       # force compactions on the way (restored below)
+    # without compaction a window holds each key once per block it appears in
+    unbounded = window.create_accumulator()
+    for block in blocks:
+        unbounded = window.add_input(unbounded, block)
+    assert len(unbounded) == len(blocks)
+    MergeCellsFn.COMPACT_AT, MergeCellsFn.COMPACT_ROWS = 3, 0   # compact on the way
     try:
         one = window.create_accumulator()
         for block in blocks[:5]:
             one = window.add_input(one, block)
+            # bounded: at most about twice the distinct keys plus the newest block
+            assert sum(len(b.keys) for b in one) <= 2 * len(keys) + len(block.keys)
+        assert len(one) < 5
         other = window.create_accumulator()
         for block in blocks[5:][::-1]:
             other = window.add_input(other, block)
-        assert len(one) <= 3 + 1
         got = window.extract_output(window.merge_accumulators([other, one]))
     finally:
-        MergeCellsFn.COMPACT_AT = 512
+        MergeCellsFn.COMPACT_AT, MergeCellsFn.COMPACT_ROWS = 512, 10_000
+    assert sorted(window.extract_output(unbounded).keys) == sorted(got.keys)
     assert sorted(got.keys) == sorted(want)
     end = 21 * 86_400 * US
     for key, at, weight, orders in zip(got.keys, got.at_us, got.weight, got.orders):

@@ -220,15 +220,21 @@ class MergeCellsFn(beam.CombineFn):
     """Period blocks → a window's block, summed per key once, when the window is emitted.
 
     Each period's block lies in ``size / period`` windows; adding it is
-    appending it (no per-cell work per window), and the per-key sum runs once
-    per pane on whole columns (`models.stream_popularity.merge_blocks`).
-    Accumulator: the window's period blocks (one per period pane: at most
-    ``size / period`` on-time ones plus one per late pane), compacted into one
-    block when more than `COMPACT_AT` gather, so it is bounded by the key count
-    times that, never by the orders.
+    appending it (no per-cell work per window), and the per-key sum runs on
+    whole columns (`models.stream_popularity.merge_blocks`) when the pane is
+    emitted, or earlier to bound the accumulator.
+    Accumulator: the window's period blocks, compacted into one block (summed
+    per key) as soon as the rows held beyond the first block outnumber the
+    first block's rows and `COMPACT_ROWS`, or `COMPACT_AT` blocks gather. So
+    it holds at most about twice the window's distinct keys plus
+    `COMPACT_ROWS` and one period's block (each row is summed about twice on
+    average), bounded by the key count, never by the orders; without the
+    rule a window would hold each key once per period it appears in (up to
+    ``size / period`` times).
     """
 
     COMPACT_AT = 512
+    COMPACT_ROWS = 10_000
 
     def __init__(self, half_life_days: float):
         self._half_life = half_life_days
@@ -247,7 +253,11 @@ class MergeCellsFn(beam.CombineFn):
         return cells.merge_blocks(acc, self._half_life)
 
     def _bounded(self, acc: List[CellBlock]) -> List[CellBlock]:
-        if len(acc) > self.COMPACT_AT:
+        if len(acc) < 2:
+            return acc
+        beyond_first = sum(len(block.keys) for block in acc[1:])
+        if (len(acc) > self.COMPACT_AT
+                or beyond_first > max(len(acc[0].keys), self.COMPACT_ROWS)):
             return [cells.merge_blocks(acc, self._half_life)]
         return acc
 
