@@ -532,7 +532,7 @@ def state_sizes(args) -> Dict:
     out["note"] = ("one 7-day window of generated orders over the world's users and catalogue "
                    f"({args.preset} preset); the window accumulator is bounded by the keys "
                    "(catalogue x segments), so it stops growing once every key has an order; "
-                   "the period blocks a window holds are bounded by the keys times its periods")
+                   "CellsPerWindow holds its periods' blocks, compacted to about twice the keys")
     return out
 
 
