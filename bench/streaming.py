@@ -23,12 +23,16 @@ the wall time from its publish call returning to the first
 returned by a query (polled every 0.25 s); p50, p95 and max are reported.
 
 Throughput: the same windowed composites the job runs (rolling popularity, the
-bandit state, both late-data audits) over bounded, timestamped input on one
-core (FnApiRunner, one worker), so the DirectRunner's Pub/Sub source (ten
-messages a pull) is not what is measured; reported as marginal input events
-per second (the same event-time span run with N and 2N events separates the
-per-event cost from the per-window one), with the production windows (7 days
-every hour: each element in 168 windows) and with one-day windows (24).
+bandit state, both late-data audits) over bounded, timestamped input with one
+SDK worker (FnApiRunner), so the DirectRunner's Pub/Sub source (ten messages a
+pull) is not what is measured; reported as marginal input events per second
+(the same event-time span run with N and 2N events separates the per-event
+cost from the per-window one), with the production windows (7 days every
+hour: each element in 168 windows) and with one-day windows (24). Each is run
+with the SDK worker in a subprocess started as Dataflow starts its Python
+harness (``sdk_worker_main``; state cache off, Beam's default), whose CPU is
+reported apart from the runner's, with the same and a 100 MB state cache, and
+in-process as before (``--throughput_modes``).
 Parsing and deduplication ("ingest") run on the bundle-based DirectRunner.
 """
 from __future__ import annotations
@@ -43,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict
+from typing import Dict, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,7 +56,11 @@ import apache_beam as beam  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from apache_beam.io.gcp.pubsub import PubsubMessage  # noqa: E402
+from apache_beam.coders import PickleCoder  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from apache_beam.transforms.timeutil import TimeDomain  # noqa: E402
+from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpec,  # noqa: E402
+                                              on_timer)
 
 from models import streaming as model  # noqa: E402
 from models.bandit import BanditConfig  # noqa: E402
@@ -269,17 +277,62 @@ def _records(n_orders: int, n_treatments: int, days: float, world: str):
     return orders, treatments
 
 
-def _timed(build, runner: str = "FnApiRunner") -> Dict[str, float]:
-    options = PipelineOptions([f"--runner={runner}", "--direct_num_workers=1",
-                               "--direct_running_mode=in_memory"])
+# How the windowed core's SDK worker runs (``--direct_running_mode`` of the FnApiRunner).
+# ``subprocess_sdk`` starts the worker through ``sdk_worker_main``, the entry point Dataflow's
+# Python SDK harness uses, which sizes its state cache from ``--max_cache_memory_usage_mb``
+# (Beam 2.77's default 0: no cache, as on Dataflow unless a job sets it); its CPU is the
+# reaped child's rusage, the runner's (bundles, the GroupByKey's windowing and triggers, which
+# Dataflow runs in its backend) this process's. ``in_memory`` runs the worker in this process
+# with the runner's hard-coded 100 MB cache (``worker_handlers.STATE_CACHE_SIZE_MB``), which
+# sizes every state value it caches (objsize walking the loaded modules): the figure before.
+THROUGHPUT_MODES = {
+    "subprocess_sdk": (["--direct_running_mode=multi_processing"],
+                       "SDK worker in a subprocess via sdk_worker_main, state cache 0 MB "
+                       "(--max_cache_memory_usage_mb default, as Dataflow's harness)"),
+    "subprocess_sdk_cache_100mb": (["--direct_running_mode=multi_processing",
+                                    "--max_cache_memory_usage_mb=100"],
+                                   "the same with a 100 MB state cache (the in-process "
+                                   "runner's size): what caching state costs per event"),
+    "in_memory": (["--direct_running_mode=in_memory"],
+                  "SDK worker inside the runner's process, 100 MB state cache hard-coded "
+                  "(the figure reported before)"),
+}
+
+
+def _cpu(usage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(build, runner: str = "FnApiRunner", mode: str = "in_memory") -> Dict[str, float]:
+    """Wall and CPU seconds of one run; with a subprocess worker, its CPU and the runner's apart."""
+    flags, _ = THROUGHPUT_MODES[mode]
+    options = PipelineOptions([f"--runner={runner}", "--direct_num_workers=1", *flags])
     before = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as p:
         build(p)
     wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
+    runner_cpu = _cpu(resource.getrusage(resource.RUSAGE_SELF)) - _cpu(before)
+    # The worker subprocess is reaped when the pipeline finishes (the runner joins it).
+    sdk_cpu = _cpu(resource.getrusage(resource.RUSAGE_CHILDREN)) - _cpu(children)
+    out = {"wall_seconds": round(wall, 2), "cpu_seconds": round(runner_cpu + sdk_cpu, 2)}
+    if mode != "in_memory":
+        out.update(sdk_cpu_seconds=round(sdk_cpu, 2), runner_cpu_seconds=round(runner_cpu, 2))
+    return out
+
+
+def _marginal(first: Dict[str, float], second: Dict[str, float], n: int) -> Dict[str, float]:
+    """Events/s of one more event and the fixed seconds, per measure (N and 2N events)."""
+    row = {}
+    for kind in ("cpu_seconds", "sdk_cpu_seconds", "runner_cpu_seconds", "wall_seconds"):
+        if kind not in first:
+            continue
+        per_event = max(second[kind] - first[kind], 1e-9) / n
+        name = kind[:-len("_seconds")]
+        row[f"events_per_second_marginal_{name}"] = round(1 / per_event, 1)
+        row[f"fixed_{kind}"] = round(first[kind] - n * per_event, 2)
+    return row
 
 
 def _core(orders, treatments, spec, reference):
@@ -303,6 +356,69 @@ def _windows_with_data(records, spec) -> int:
     return len({w for r in records for w in spec.windows_of(r["event_time_us"])})
 
 
+class _KeptFlagFn(beam.DoFn):
+    """Per element: one keyed state read, one write and one event-time timer set (what
+    `FirstOrderLineFn` and `DropDuplicates` do per event), and nothing else."""
+
+    def __init__(self, timer: bool = True):
+        self._timer = timer
+
+    FLAG = ReadModifyWriteStateSpec("flag", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                flag=beam.DoFn.StateParam(FLAG), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        if flag.read() is None:
+            flag.write(1)
+            if self._timer:
+                expiry.set(timestamp + 60)
+        return ()
+
+    @on_timer(EXPIRY)
+    def expire(self, flag=beam.DoFn.StateParam(FLAG)):
+        flag.clear()
+
+
+def sdk_per_element(n: int, modes) -> Dict:
+    """SDK CPU per element of Beam's own machinery, measured in isolation (N and 2N elements).
+
+    ``plain``: a keyed element through one ParDo that does nothing (the
+    per-element floor of a fused step); ``keyed_state``: the same through a
+    stateful ParDo reading and writing one value and setting one timer per
+    element (every key new, as every order line and event id is), and without
+    the timer (``keyed_state_no_timer``). With the
+    state cache off (Dataflow's default) each read is a Fn API state request
+    to the runner; the difference is what keyed state costs per element.
+    """
+    def build(kind: str, count: int):
+        def pipeline(p):
+            keyed = (p | beam.Create([(f"k{i}", i) for i in range(count)])
+                     | beam.Map(lambda kv: beam.window.TimestampedValue(kv, kv[1])
+                                ).with_output_types(Tuple[str, int]))
+            if kind != "plain":
+                keyed | beam.ParDo(_KeptFlagFn(timer=kind == "keyed_state"))
+            else:
+                keyed | beam.ParDo(lambda kv: ())
+        return pipeline
+
+    out = {"elements_n": n}
+    for mode in modes:
+        if mode == "in_memory":
+            continue
+        for kind in ("plain", "keyed_state_no_timer", "keyed_state"):
+            first = _timed(build(kind, n), mode=mode)
+            second = _timed(build(kind, 2 * n), mode=mode)
+            per = {k: round((second[k] - first[k]) / n * 1e6, 1)
+                   for k in ("sdk_cpu_seconds", "runner_cpu_seconds")}
+            out[f"{mode}/{kind}"] = {
+                "run_n": first, "run_2n": second,
+                "sdk_cpu_us_per_element": per["sdk_cpu_seconds"],
+                "runner_cpu_us_per_element": per["runner_cpu_seconds"],
+                "loadavg": list(os.getloadavg())}
+            print("sdk_per_element", mode, kind, json.dumps(out[f"{mode}/{kind}"]), flush=True)
+    return out
+
+
 def throughput(args) -> Dict:
     """Marginal events/s per core: the same span run with N and 2N events.
 
@@ -315,29 +431,43 @@ def throughput(args) -> Dict:
     """
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
                    args.preset)
+    # A subprocess worker imports the job's modules from here, whatever the caller's cwd.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     reference = FileReference(world, DEFAULT_CONFIG, 3600, "events")
-    reference.current()   # loaded once, outside the timing
+    reference.current()   # loaded once, outside the timing (a subprocess worker loads its own)
     n_orders, n_treatments = args.throughput_orders, args.throughput_treatments
     small = _records(n_orders, n_treatments, args.throughput_days, world)
     large = _records(2 * n_orders, 2 * n_treatments, args.throughput_days, world)
     n = n_orders + n_treatments
+    modes = [m for m in args.throughput_modes.split(",") if m]
     out = {"events_n": n, "order_share": round(n_orders / n, 3),
            "event_time_span_days": args.throughput_days,
-           "runner": "FnApiRunner, one worker, in-process (one core)", "windows": {}}
-    for name, spec in (("production_7d_every_1h", model.WindowSpec.of_seconds(
-            7 * 86_400, 3_600, 6 * 3_600)), ("one_day_every_1h", model.WindowSpec.of_seconds(
-            86_400, 3_600, 6 * 3_600))):
-        first = _timed(_core(*small, spec, reference))
-        second = _timed(_core(*large, spec, reference))
-        row = {"windows_per_element": spec.overlap,
-               "windows_fired": _windows_with_data(small[0] + small[1], spec),
-               "run_n": first, "run_2n": second}
-        for kind in ("cpu_seconds", "wall_seconds"):
-            per_event = max(second[kind] - first[kind], 1e-9) / n
-            row[f"events_per_second_marginal_{kind.split('_')[0]}"] = round(1 / per_event, 1)
-            row[f"fixed_{kind}"] = round(first[kind] - n * per_event, 2)
-        row["events_per_second_whole_run_n"] = round(n / first["wall_seconds"], 1)
-        out["windows"][name] = row
+           "runner": "FnApiRunner, one SDK worker (one core)",
+           "modes": {m: THROUGHPUT_MODES[m][1] for m in modes},
+           "measures": {
+               "cpu": "runner + SDK worker CPU seconds (the whole local job)",
+               "sdk_cpu": "the SDK worker subprocess alone: what a Dataflow Python worker "
+                          "runs (the job's DoFns and CombineFns, coders, state and timer calls)",
+               "runner_cpu": "the FnApiRunner's process: bundle scheduling and the "
+                             "GroupByKeys' windowing and triggers (Dataflow's backend)",
+               "wall": "wall seconds (the two processes overlap)"},
+           "windows": {}}
+    specs = (("production_7d_every_1h", model.WindowSpec.of_seconds(
+        7 * 86_400, 3_600, 6 * 3_600)), ("one_day_every_1h", model.WindowSpec.of_seconds(
+            86_400, 3_600, 6 * 3_600)))
+    for name, spec in specs:
+        out["windows"][name] = {"windows_per_element": spec.overlap,
+                                "windows_fired": _windows_with_data(small[0] + small[1], spec)}
+        for mode in modes:
+            load = list(os.getloadavg())
+            first = _timed(_core(*small, spec, reference), mode=mode)
+            second = _timed(_core(*large, spec, reference), mode=mode)
+            row = {"run_n": first, "run_2n": second, **_marginal(first, second, n),
+                   "events_per_second_whole_run_n": round(n / first["wall_seconds"], 1),
+                   "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
+            out["windows"][name][mode] = row
+            print(name, mode, json.dumps(row), flush=True)
     orders = small[0]
     messages = [PubsubMessage(json.dumps({
         "event_id": r["event_id"] if i % 20 else f"O{i - 1}",   # 5% redelivered copies
@@ -354,6 +484,7 @@ def throughput(args) -> Dict:
     timing["messages"] = len(messages)
     timing["messages_per_second"] = round(len(messages) / timing["wall_seconds"], 1)
     out["ingest_parse_and_dedupe"] = timing
+    out["sdk_per_element_isolated"] = sdk_per_element(args.isolated_elements, modes)
     return out
 
 
@@ -430,7 +561,9 @@ def state_sizes(args) -> Dict:
 
     One production window (7 days) of orders over the same users and
     catalogue, fed through the job's own pure functions: the per-window
-    accumulator (`WindowCellsFn`: one cell per (level, segment, sku)), one
+    accumulator as a map (`WindowCellsFn`: one cell per (level, segment, sku)),
+    what ``CellsPerWindow`` holds instead (`MergeCellsFn` fed the hourly
+    periods' `CellBlock`s, compacting as it goes) and emits (one block), one
     per-key accumulator (`DecayedCountFn`: a `Decayed`), one order-line state
     cell (`FirstOrderLineFn`: a `LineState`), and for comparison the map of
     every distinct order line the earlier `OrderLinesCombineFn` carried.
@@ -438,14 +571,16 @@ def state_sizes(args) -> Dict:
     """
     import pickle
     from models import stream_popularity as cells
-    from transforms.streaming.popularity import WindowCellsFn
+    from transforms.streaming.popularity import MergeCellsFn, WindowCellsFn
     world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
                    args.preset)
     reference = FileReference(world, DEFAULT_CONFIG, 3600, "events").current()
     segments = cells.segments_by_user(reference.users, DEFAULT_CONFIG)
     half_life = DEFAULT_CONFIG.scoring.half_life_days
     distinct_segments = len({seg for levels in segments.values() for seg in levels})
-    out = {"key_bound": len(reference.arrays.sku) * distinct_segments,
+    out = {"measured_at": _now_iso(), "commit": subprocess.run(
+               ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+           "key_bound": len(reference.arrays.sku) * distinct_segments,
            "key_bound_is": "catalogue SKUs x (level, segment) pairs of the users"}
     for factor in (1, 10, 100):
         orders, _ = _records(args.state_orders * factor, 0, 7.0, world)
@@ -454,14 +589,31 @@ def state_sizes(args) -> Dict:
         lines = {}
         for r in orders:
             model.add_order(lines, r)
+        periods: Dict[int, dict] = {}
         for (order_id, sku), (at, event_id, user, _) in lines.items():
             for cell in cells.line_cells(segments.get(user), sku, at, 1, DEFAULT_CONFIG):
                 acc = combine.add_input(acc, cell)
+                hour = at // 3_600_000_000
+                periods[hour] = combine.add_input(periods.get(hour, {}), cell)
+        # What CellsPerWindow holds for this window: its hourly periods' blocks, and its output.
+        blocks = [combine.extract_output(p) for _, p in sorted(periods.items())]
+        merge = MergeCellsFn(half_life)
+        held = merge.create_accumulator()
+        for block in blocks:
+            held = merge.add_input(held, block)
+        window_block = merge.extract_output(held)
         largest_key = max(acc, key=lambda k: acc[k].orders)
         out[f"{factor}x"] = {
             "order_events": len(orders), "order_lines": len(lines),
             "window_accumulator_cells": len(acc),
             "window_accumulator_bytes": len(pickle.dumps(acc)),
+            "window_periods": len(blocks),
+            "window_period_blocks_rows_uncompacted": sum(len(b.keys) for b in blocks),
+            "window_accumulator_blocks_held": len(held),
+            "window_accumulator_rows_held": sum(len(b.keys) for b in held),
+            "window_accumulator_blocks_bytes": len(pickle.dumps(held)),
+            "window_block_cells": len(window_block.keys),
+            "window_block_bytes": len(pickle.dumps(window_block)),
             "per_key_accumulator_bytes": len(pickle.dumps(acc[largest_key])),
             "per_key_accumulator_orders": acc[largest_key].orders,
             "order_line_state_cell_bytes": len(pickle.dumps(cells.LineState(
@@ -470,7 +622,8 @@ def state_sizes(args) -> Dict:
         }
     out["note"] = ("one 7-day window of generated orders over the world's users and catalogue "
                    f"({args.preset} preset); the window accumulator is bounded by the keys "
-                   "(catalogue x segments), so it stops growing once every key has an order")
+                   "(catalogue x segments), so it stops growing once every key has an order; "
+                   "CellsPerWindow holds its periods' blocks, compacted to about twice the keys")
     return out
 
 
@@ -497,9 +650,14 @@ def main(argv=None) -> int:
     parser.add_argument("--num_shards", type=int, default=2,
                         help="Refresh shards (the DirectRunner runs them one after another).")
     parser.add_argument("--drain_seconds", type=float, default=60.0)
-    parser.add_argument("--throughput_orders", type=int, default=4_000)
-    parser.add_argument("--throughput_treatments", type=int, default=16_000)
+    parser.add_argument("--throughput_orders", type=int, default=1_000)
+    parser.add_argument("--throughput_treatments", type=int, default=4_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--isolated_elements", type=int, default=20_000,
+                        help="Elements of the isolated per-element cost runs (N and 2N).")
+    parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
+                        help="How the SDK worker runs, comma-separated: "
+                             + ", ".join(f"{k} ({v})" for k, v in THROUGHPUT_MODES.items()))
     parser.add_argument("--state_orders", type=int, default=4_000,
                         help="Orders in one 7-day window for the state-size figures (x1, x10).")
     parser.add_argument("--bundle_overhead", action="store_true",
@@ -520,6 +678,11 @@ def main(argv=None) -> int:
         result["state_sizes"] = state_sizes(args)
         print(json.dumps(result["state_sizes"], indent=1), flush=True)
         result["throughput"] = throughput(args)
+        if "throughput" in previous:   # the run before, for continuity (one level deep)
+            earlier = {k: v for k, v in previous["throughput"].items() if k != "previous_run"}
+            result["throughput"]["previous_run"] = {
+                "measured_at": previous.get("measured_at"),
+                "commit": previous.get("code", {}).get("commit"), **earlier}
         print(json.dumps(result["throughput"], indent=1), flush=True)
     if args.bundle_overhead:
         result["bundle_overhead"] = {"measured_at": _now_iso(), "commit": result["code"]["commit"],

@@ -802,6 +802,63 @@ def test_decayed_cells_add_in_any_order_to_the_batch_weight():
     assert less.orders == 49
 
 
+def test_window_blocks_sum_per_key_as_cells_add():
+    """Period blocks appended to a window and summed once per key (`MergeCellsFn`) give each key
+    the cell that adding its cells one by one gives (weight at the latest instant, orders),
+    whatever the split into blocks, the merge order, or a compaction; taken-back lines net out.
+    (The map of `Decayed` cells that windows carried before did not slide blocks at all.)"""
+    from models import stream_popularity as cells
+    from transforms.streaming.popularity import MergeCellsFn, WindowCellsFn
+    rng = np.random.default_rng(5)
+    keys = [("global", "", f"S{i}") for i in range(7)] + [("make", "Ford", "S1")]
+    lines = [(keys[int(rng.integers(len(keys)))], int(rng.integers(0, 20 * 86_400)) * US,
+              1 if rng.random() < 0.8 else -1) for _ in range(300)]
+    want = {}
+    for key, at, sign in lines:
+        want[key] = cells.add(want.get(key, cells.EMPTY), cells.one_order(at, sign), 30.0)
+    periods = WindowCellsFn(30.0)
+    blocks = []
+    for chunk in np.array_split(np.arange(len(lines)), 9):
+        acc = periods.create_accumulator()
+        for i in chunk:
+            key, at, sign = lines[i]
+            acc = periods.add_input(acc, (key, cells.one_order(at, sign)))
+        blocks.append(periods.extract_output(acc))
+    window = MergeCellsFn(30.0)
+    # without compaction a window holds each key once per block it appears in
+    unbounded = window.create_accumulator()
+    for block in blocks:
+        unbounded = window.add_input(unbounded, block)
+    assert len(unbounded) == len(blocks)
+    MergeCellsFn.COMPACT_AT, MergeCellsFn.COMPACT_ROWS = 3, 0   # compact on the way
+    try:
+        one = window.create_accumulator()
+        for block in blocks[:5]:
+            one = window.add_input(one, block)
+            # bounded: at most about twice the distinct keys plus the newest block
+            assert sum(len(b.keys) for b in one) <= 2 * len(keys) + len(block.keys)
+        assert len(one) < 5
+        other = window.create_accumulator()
+        for block in blocks[5:][::-1]:
+            other = window.add_input(other, block)
+        got = window.extract_output(window.merge_accumulators([other, one]))
+    finally:
+        MergeCellsFn.COMPACT_AT, MergeCellsFn.COMPACT_ROWS = 512, 10_000
+    assert sorted(window.extract_output(unbounded).keys) == sorted(got.keys)
+    assert sorted(got.keys) == sorted(want)
+    end = 21 * 86_400 * US
+    for key, at, weight, orders in zip(got.keys, got.at_us, got.weight, got.orders):
+        assert orders == want[key].orders
+        # (an instant may differ where cells netted to nothing; the weight at the end may not)
+        assert (cells.at_window_end(cells.Decayed(int(at), float(weight), int(orders)), end, 30.0)
+                == pytest.approx(cells.at_window_end(want[key], end, 30.0), rel=1e-9, abs=1e-12))
+    # the window-end frame keeps the keys with orders, as from the cells themselves
+    frame = cells.cells_frame(got, end, 30.0)
+    assert _frame_rows(frame) == _frame_rows(cells.cells_frame(list(want.items()), end, 30.0))
+    assert cells.segments_with_orders(got) == frozenset(
+        (k[0], k[1]) for k, c in want.items() if c.orders > 0)
+
+
 def test_refresh_requests_wait_for_their_period_and_late_ones_join_the_next():
     """No wall clock: a request leaves when the watermark passes its period's end, stamped there;
     one for a period already released joins the next period, counted, never dropped."""

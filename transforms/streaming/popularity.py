@@ -18,8 +18,11 @@ State and accumulators, and what bounds them (docs/streaming.md):
 - ``SumPerPeriod``: one `Decayed` (an int, a float, an int) per
   (level, segment, sku) key and period: bounded by the catalogue times the
   segments, whatever the volume.
-- ``CellsPerPeriod`` / ``CellsPerWindow``: per period and per window, one
-  `Decayed` per key it holds: bounded by the same key count.
+- ``CellsPerPeriod``: per period, one `Decayed` per key it holds: bounded by
+  the same key count; emitted as one `CellBlock` (columns).
+- ``CellsPerWindow``: per window, its periods' blocks (``size / period`` plus
+  late panes, compacted past `MergeCellsFn.COMPACT_AT`), summed per key when
+  the pane is emitted: bounded by the key count times the blocks.
 - ``VehiclePicks``: one key, the previous window's end and the vehicles the
   stream touched in it (at most the vehicle count).
 - ``PicksChanged``: per vehicle, the picks its users were last told about, when,
@@ -28,7 +31,7 @@ State and accumulators, and what bounds them (docs/streaming.md):
 """
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -44,7 +47,7 @@ from models import stream_popularity as cells
 from models import streaming as model
 from models import ranking_notices as notice_rule
 from models.config import RankingNoticesConfig, RecsConfig
-from models.stream_popularity import CellKey, Decayed, LineState
+from models.stream_popularity import CellBlock, CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
@@ -172,15 +175,17 @@ WindowCells = Dict[CellKey, Decayed]
 
 
 @typehints.with_input_types(Cell)
-@typehints.with_output_types(WindowCells)
+@typehints.with_output_types(CellBlock)
 class WindowCellsFn(beam.CombineFn):
-    """Per-key period sums → one map of decayed cells per (level, segment, sku) key.
+    """Per-key period sums → one block of decayed cells per (level, segment, sku) key.
 
     Accumulator: ``{(level, segment, sku): Decayed}``, one `Decayed` (three
-    numbers) per key the window holds: bounded by the catalogue times the
+    numbers) per key the period holds: bounded by the catalogue times the
     segments, never by the number of orders (each period arrives already
     summed per key by ``SumPerPeriod``). Merging adds cells key by key
-    (`models.stream_popularity.add`: associative and commutative).
+    (`models.stream_popularity.add`: associative and commutative). The output
+    is the map as columns (`models.stream_popularity.CellBlock`), which is what
+    slides into the windows.
     """
 
     def __init__(self, half_life_days: float):
@@ -202,28 +207,63 @@ class WindowCellsFn(beam.CombineFn):
                 merged[key] = cells.add(merged.get(key, cells.EMPTY), value, self._half_life)
         return merged
 
-    def extract_output(self, acc: WindowCells) -> WindowCells:
-        # A copy: with accumulating panes the accumulator lives on after it is emitted.
-        return dict(acc)
+    def extract_output(self, acc: WindowCells) -> CellBlock:
+        # New arrays: with accumulating panes the accumulator lives on after it is emitted.
+        return cells.block_of(acc)
 
     def default_label(self) -> str:
         return "CellCounts"
 
 
-@typehints.with_input_types(WindowCells)
-@typehints.with_output_types(WindowCells)
-class MergeCellsFn(WindowCellsFn):
-    """Period partials (cell maps) → a window's cell map (same accumulator as `WindowCellsFn`).
+@typehints.with_input_types(CellBlock)
+@typehints.with_output_types(CellBlock)
+class MergeCellsFn(beam.CombineFn):
+    """Period blocks → a window's block, summed per key once, when the window is emitted.
 
-    Sliding one map per period instead of one element per key and period keeps
-    the fan-out (each period lies in size / period windows) at one element per
-    window instead of one per key per window.
+    Each period's block lies in ``size / period`` windows; adding it is
+    appending it (no per-cell work per window), and the per-key sum runs on
+    whole columns (`models.stream_popularity.merge_blocks`) when the pane is
+    emitted, or earlier to bound the accumulator.
+    Accumulator: the window's period blocks, compacted into one block (summed
+    per key) as soon as the rows held beyond the first block outnumber the
+    first block's rows and `COMPACT_ROWS`, or `COMPACT_AT` blocks gather. So
+    it holds at most about twice the window's distinct keys plus
+    `COMPACT_ROWS` and one period's block (each row is summed about twice on
+    average), bounded by the key count, never by the orders; without the
+    rule a window would hold each key once per period it appears in (up to
+    ``size / period`` times).
     """
 
-    def add_input(self, acc: WindowCells, partial: WindowCells) -> WindowCells:
-        for key, value in partial.items():    # the partial itself is never modified
-            acc[key] = cells.add(acc.get(key, cells.EMPTY), value, self._half_life)
+    COMPACT_AT = 512
+    COMPACT_ROWS = 10_000
+
+    def __init__(self, half_life_days: float):
+        self._half_life = half_life_days
+
+    def create_accumulator(self) -> List[CellBlock]:
+        return []
+
+    def add_input(self, acc: List[CellBlock], block: CellBlock) -> List[CellBlock]:
+        acc.append(block)            # blocks are never modified, so sharing one is safe
+        return self._bounded(acc)
+
+    def merge_accumulators(self, accs: Iterable[List[CellBlock]]) -> List[CellBlock]:
+        return self._bounded([block for acc in accs for block in acc])
+
+    def extract_output(self, acc: List[CellBlock]) -> CellBlock:
+        return cells.merge_blocks(acc, self._half_life)
+
+    def _bounded(self, acc: List[CellBlock]) -> List[CellBlock]:
+        if len(acc) < 2:
+            return acc
+        beyond_first = sum(len(block.keys) for block in acc[1:])
+        if (len(acc) > self.COMPACT_AT
+                or beyond_first > max(len(acc[0].keys), self.COMPACT_ROWS)):
+            return [cells.merge_blocks(acc, self._half_life)]
         return acc
+
+    def default_label(self) -> str:
+        return "CellCounts"
 
 
 class WindowPopularity(NamedTuple):
@@ -239,7 +279,7 @@ class WindowPopularity(NamedTuple):
     segments: FrozenSet[Tuple[str, str]] = frozenset()   # (level, segment) with stream orders
 
 
-@typehints.with_input_types(WindowCells)
+@typehints.with_input_types(CellBlock)
 @typehints.with_output_types(WindowPopularity)
 class PopularityAtWindowEndFn(CachedSignatures, beam.DoFn):
     """A window's cells → its segment popularity at the window's end, plus the history's.
@@ -248,31 +288,28 @@ class PopularityAtWindowEndFn(CachedSignatures, beam.DoFn):
     late order also falls in the windows that have not closed yet (the lateness
     is shorter than a window), so it reaches the next refresh anyway. A late
     pane is counted with the cells it restates (`LateDataAudit` counts its
-    elements), never scored and thrown away.
+    elements), never scored and thrown away. The cells arrive as columns
+    (`CellBlock`), so the window's arithmetic runs on arrays, not per cell.
     """
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         self._reference = reference
         self._config = config
 
-    def process(self, window_cells: WindowCells, win=beam.DoFn.WindowParam,
+    def process(self, block: CellBlock, win=beam.DoFn.WindowParam,
                 pane=beam.DoFn.PaneInfoParam) -> Iterator:
-        keyed = list(window_cells.items())
         if not pane.is_first:
             yield count("popularity.late_panes", 1)
-            yield count("popularity.late_cells", len(keyed))
+            yield count("popularity.late_cells", len(block.keys))
             return
         end = utc_of(win.end)
-        frame = cells.window_popularity(keyed, self._reference.current(), win.end.micros,
+        frame = cells.window_popularity(block, self._reference.current(), win.end.micros,
                                         self._config)
-        lines = max((sum(c.orders for (level, _, _), c in keyed if level == name)
-                     for name, _ in cells.global_levels(self._config)), default=0)
         yield count("popularity.panes", 1)
-        yield count("popularity.cells", len(keyed))
-        segments = frozenset((level, segment) for (level, segment, _), c in keyed
-                             if c.orders > 0)
+        yield count("popularity.cells", len(block.keys))
         yield WindowPopularity(utc_of(win.start), end, PaneInfoTiming.to_string(pane.timing),
-                               True, len(keyed), lines, frame, segments)
+                               True, len(block.keys), cells.stream_lines(block, self._config),
+                               frame, cells.segments_with_orders(block))
 
 
 class PopularityOut(NamedTuple):
