@@ -46,6 +46,7 @@ from transforms.bigquery_io import (INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS,
                                     settings_from)
 from transforms.health import NAMESPACE
 from transforms.warehouse import bigquery_dataset, bigquery_project, parse_table, table_name
+from transforms.signatures import MapFn
 from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
                                 WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
@@ -389,7 +390,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
                to_global_window("CountersToGlobalWindow",
                                 counts | "CountersPerPeriod" >> PeriodCounters(spec.period)))
               | "FlattenHealth" >> beam.Flatten()
-              | "StampHealth" >> beam.Map(stamp, ctx.run_id, "emitted_at"))
+              | "StampHealth" >> beam.ParDo(MapFn(stamp), ctx.run_id, "emitted_at"))
     bandit_rows = (frames_to_rows("BanditRows", bandit.rows)
                    | "StampBandit" >> beam.Map(stamp, ctx.run_id, "generated_at"))
     bandit_dead = frames_to_rows("BanditDeadLetterRows", bandit.dead_letters) | (
@@ -410,20 +411,20 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
               "bandit_state": BANDIT_FIELDS, "streaming_health": HEALTH_FIELDS}
     for name, pcoll in rows.items():
         refused.append(pcoll
-                       | f"{_camel(name)}ToJson" >> beam.Map(to_bigquery_row)
+                       | f"{_camel(name)}ToJson" >> beam.ParDo(MapFn(to_bigquery_row))
                        | f"Write{_camel(name)}" >> WriteRows(ctx.table(name), fields[name],
                                                             opts.insert_batch_size,
                                                             opts.insert_retry_seconds))
     dead = (refused | "FlattenDeadLetters" >> beam.Flatten()
-            | "StampDeadLetters" >> beam.Map(stamp, ctx.run_id, "received_at"))
+            | "StampDeadLetters" >> beam.ParDo(MapFn(stamp), ctx.run_id, "received_at"))
     unwritable = (dead
-                  | "DeadLettersToJson" >> beam.Map(to_bigquery_row)
+                  | "DeadLettersToJson" >> beam.ParDo(MapFn(to_bigquery_row))
                   | "WriteStreamingDeadLetter" >> WriteRows(ctx.table("streaming_dead_letter"),
                                                             DEAD_LETTER_FIELDS,
                                                             opts.insert_batch_size,
                                                             opts.insert_retry_seconds))
     # A dead letter BigQuery refuses has nowhere further to go: log and count it.
-    unwritable | "LogUnwritableDeadLetters" >> beam.Map(_log_unwritable)
+    unwritable | "LogUnwritableDeadLetters" >> beam.ParDo(MapFn(_log_unwritable))
     if opts.dead_letter_topic:
         (dead
          | "DeadLetterMessages" >> beam.Map(_dead_letter_message)

@@ -41,6 +41,7 @@ from transforms import schemas
 from transforms.bigquery import BigQueryOptions
 from transforms.health import NAMESPACE, Tag, count, dead_letters
 from transforms.io import BATCH_ROWS, TableRead, find_table, to_arrow
+from transforms.signatures import CachedSignatures
 from transforms.warehouse import (TableRef, bigquery_dataset, bigquery_project, json_rows,
                                   parse_table, table_name)
 
@@ -305,7 +306,7 @@ class WriteFramesToBigQuery(beam.PTransform):
 
 @typehints.with_input_types(dict)
 @typehints.with_output_types(Tuple[str, dict, List[dict]])
-class InsertRows(beam.DoFn):
+class InsertRows(CachedSignatures, beam.DoFn):
     """Streaming inserts with a bounded retry; outputs ``(table, row, errors)`` not written.
 
     Rows go in batches of ``batch_size`` per bundle, each with its own insert
@@ -342,10 +343,12 @@ class InsertRows(beam.DoFn):
 
     def setup(self) -> None:
         from apache_beam.io.gcp.bigquery_tools import parse_table_reference
-        from transforms.bigquery import client
         ref = parse_table_reference(self._table_spec)
+        self._project = ref.projectId
         self._table_id = f"{ref.projectId}.{ref.datasetId}.{ref.tableId}"
-        self._client = client(ref.projectId)
+        # Made at the first insert: the bundle-based DirectRunner sets a DoFn up for every
+        # bundle, and most bundles of a streaming job's writers are empty.
+        self._client = None
         self._created = False
 
     def start_bundle(self) -> None:
@@ -394,6 +397,9 @@ class InsertRows(beam.DoFn):
         from google.auth.exceptions import TransportError
         remaining = (self._deadline or time.monotonic() + self._retry_seconds) - (
             time.monotonic())
+        if self._client is None:
+            from transforms.bigquery import client
+            self._client = client(self._project)
         try:
             found = self._client.insert_rows_json(
                 self._table_id, [r for r, _, _ in batch], row_ids=[i for _, i, _ in batch],

@@ -21,6 +21,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 from models import streaming as model
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.windows import (duration_of, in_global_window, period_buckets,
                                           to_global_window, windowed)
 
@@ -31,7 +32,7 @@ _AUDIT_KINDS = ("seen", "on_time", "late")
 
 @typehints.with_input_types(typehints.Any)
 @typehints.with_output_types(Tuple[AuditKey, AuditUpdate])
-class SeenPerWindowFn(beam.DoFn):
+class SeenPerWindowFn(CachedSignatures, beam.DoFn):
     """Counts every element in each window it belongs to, before any window can drop it.
 
     Runs in the global window, so nothing is ever late here. Counts are
@@ -69,7 +70,7 @@ class SeenPerWindowFn(beam.DoFn):
 
 @typehints.with_input_types(int)
 @typehints.with_output_types(Tuple[AuditKey, AuditUpdate])
-class PaneCountFn(beam.DoFn):
+class PaneCountFn(CachedSignatures, beam.DoFn):
     """One pane's element count keyed by its window, as on time or late."""
 
     def __init__(self, stream: str):
@@ -85,7 +86,7 @@ class PaneCountFn(beam.DoFn):
 
 @typehints.with_input_types(Tuple[AuditKey, AuditUpdate])
 @typehints.with_output_types(dict)
-class ReconcileWindowFn(beam.DoFn):
+class ReconcileWindowFn(CachedSignatures, beam.DoFn):
     """Per window: seen vs included, settled when the window can no longer change.
 
     A timer at the window's end plus the allowed lateness fires once every

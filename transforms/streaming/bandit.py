@@ -22,6 +22,7 @@ from models.campaign import ALL, KIND_FIELDS, NO_SEGMENT, FunnelCounts
 from models.popularity import segment_keys
 from models.streaming import WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
+from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import period_buckets
@@ -55,7 +56,7 @@ def segment_of_users(users: pd.DataFrame, attributes: Sequence[str]) -> Dict[str
 
 @typehints.with_input_types(Record)
 @typehints.with_output_types(Record)
-class SegmentOfUserFn(beam.DoFn):
+class SegmentOfUserFn(CachedSignatures, beam.DoFn):
     """Adds ``segment`` to a treatment record from the reference users (built once per version)."""
 
     def __init__(self, reference: FileReference, attributes: Sequence[str]):

@@ -19,6 +19,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from models import streaming as model
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import (Reference, cached,
                                             into_version_windows, version_side_input)
 from transforms.streaming.refusals import (Checked, KeyOrRefuseFn, Record, dead_letter,
@@ -28,7 +29,7 @@ from transforms.streaming.windows import duration_of
 
 @typehints.with_input_types(Record)
 @typehints.with_output_types(Record)
-class CheckSkusFn(beam.DoFn):
+class CheckSkusFn(CachedSignatures, beam.DoFn):
     """Dead-letters events whose SKU the current reference catalogue lacks (the batch CheckSkus).
 
     The SKU set is built once per reference version and worker process.
@@ -93,7 +94,7 @@ class CheckSkus(beam.PTransform):
 
 @typehints.with_input_types(Tuple[Tuple[str, str, str], Record])
 @typehints.with_output_types(Record)
-class FunnelStateFn(beam.DoFn):
+class FunnelStateFn(CachedSignatures, beam.DoFn):
     """Per recipient (campaign, treatment, user): events without a send are dead letters.
 
     The batch job's `campaign.check_funnel`, event by event

@@ -15,13 +15,14 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.refusals import Checked, KeyOrRefuseFn, Record
 from transforms.streaming.windows import duration_of
 
 
 @typehints.with_input_types(Tuple[str, Record])
 @typehints.with_output_types(Record)
-class DropDuplicateIdsFn(beam.DoFn):
+class DropDuplicateIdsFn(CachedSignatures, beam.DoFn):
     """Passes the first record of each ``event_id``; later copies are counted and dropped.
 
     State per event id is one flag, cleared by an event-time timer ``ttl``

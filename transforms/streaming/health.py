@@ -23,6 +23,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.health import Count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.windows import utc_of
 
 PeriodSums = Tuple[int, Dict[str, int]]       # (period end us, counter name → sum)
@@ -35,7 +36,7 @@ def period_end_of(at: Timestamp, period_us: int) -> int:
 
 @typehints.with_input_types(Count)
 @typehints.with_output_types(Tuple[int, PeriodSums])
-class PreSumPerBundleFn(beam.DoFn):
+class PreSumPerBundleFn(CachedSignatures, beam.DoFn):
     """Counter elements summed per period within a bundle, so one key sees few elements."""
 
     def __init__(self, period_us: int):
@@ -59,7 +60,7 @@ class PreSumPerBundleFn(beam.DoFn):
 
 @typehints.with_input_types(Tuple[int, PeriodSums])
 @typehints.with_output_types(dict)
-class PeriodSumsFn(beam.DoFn):
+class PeriodSumsFn(CachedSignatures, beam.DoFn):
     """Holds counter sums per period until the watermark passes its end, then writes its row.
 
     State: one bag of per-bundle sums (a few dozen counter names each) for

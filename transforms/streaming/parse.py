@@ -17,6 +17,7 @@ from models import contracts
 from models import streaming as model
 from models.config import InputConfig
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.refusals import Record, dead_letter, refusal_counts
 from transforms.streaming.windows import in_global_window
 
@@ -31,7 +32,7 @@ class Parsed(NamedTuple):
 
 @typehints.with_input_types(typehints.Any)
 @typehints.with_output_types(Record)
-class ParseMessagesFn(beam.DoFn):
+class ParseMessagesFn(CachedSignatures, beam.DoFn):
     """Validates a bundle's messages together and timestamps each record with its event time.
 
     Messages are buffered per bundle (Pub/Sub hands the DirectRunner ten at a

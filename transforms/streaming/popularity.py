@@ -50,6 +50,7 @@ from models.config import RankingNoticesConfig, RecsConfig
 from models.stream_popularity import CellBlock, CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, RowsAndCounts
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
@@ -66,7 +67,7 @@ def order_line_key(record: Record) -> Tuple[OrderLineKey, Record]:
 
 @typehints.with_input_types(Tuple[OrderLineKey, Record])
 @typehints.with_output_types(CountedLine)
-class FirstOrderLineFn(beam.DoFn):
+class FirstOrderLineFn(CachedSignatures, beam.DoFn):
     """Counts each order line (order_id, sku) once, at its earliest event, in keyed state.
 
     One order is reported under up to three event names (SPEC §2): the first
@@ -110,7 +111,7 @@ class FirstOrderLineFn(beam.DoFn):
 
 @typehints.with_input_types(CountedLine)
 @typehints.with_output_types(Cell)
-class SegmentWeightsFn(beam.DoFn):
+class SegmentWeightsFn(CachedSignatures, beam.DoFn):
     """An order line → one decayed cell per level of its buyer's segment (attached at ingest).
 
     The segment is the buyer's in the reference users at the time the line
@@ -280,7 +281,7 @@ class WindowPopularity(NamedTuple):
 
 @typehints.with_input_types(CellBlock)
 @typehints.with_output_types(WindowPopularity)
-class PopularityAtWindowEndFn(beam.DoFn):
+class PopularityAtWindowEndFn(CachedSignatures, beam.DoFn):
     """A window's cells → its segment popularity at the window's end, plus the history's.
 
     Only the first pane is scored: refreshes and change detection use it, and a
@@ -377,7 +378,7 @@ VehiclePicks = Tuple[str, Tuple[int, Picks, Optional[Picks]]]
 
 @typehints.with_input_types(Tuple[int, WindowPopularity])
 @typehints.with_output_types(VehiclePicks)
-class VehiclePicksFn(beam.DoFn):
+class VehiclePicksFn(CachedSignatures, beam.DoFn):
     """Two consecutive windows → each re-ranked vehicle's default picks in both.
 
     Re-ranked are the vehicles whose own segments (the two most specific
@@ -445,7 +446,7 @@ class VehiclePicksFn(beam.DoFn):
 
 @typehints.with_input_types(VehiclePicks)
 @typehints.with_output_types(Tuple[str, int])
-class PicksChangedFn(beam.DoFn):
+class PicksChangedFn(CachedSignatures, beam.DoFn):
     """Keyed per vehicle: emits the vehicle when its picks moved in a way its users would see.
 
     A notice means: the products of the vehicle's default picks differ (at
@@ -506,7 +507,7 @@ Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
 
 @typehints.with_input_types(Tuple[str, int])
 @typehints.with_output_types(Notice)
-class NotifyUsersFn(beam.DoFn):
+class NotifyUsersFn(CachedSignatures, beam.DoFn):
     """A vehicle whose picks moved → a ranking notice for each of its users."""
 
     def __init__(self, reference: FileReference):

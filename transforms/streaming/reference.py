@@ -48,6 +48,7 @@ from models import streaming as model
 from models.config import RecsConfig
 from transforms.health import NAMESPACE
 from transforms.io import find_table, read_frame
+from transforms.signatures import CachedSignatures
 from transforms.warehouse import TableRef
 
 
@@ -359,7 +360,7 @@ class BigQueryReference(Reference):
 # --------------------------------------------------------------------------- side input
 
 @beam.typehints.with_output_types(ReferenceVersion)
-class CheckVersionFn(beam.DoFn):
+class CheckVersionFn(CachedSignatures, beam.DoFn):
     """Each impulse → the reference's version at that moment (once for the whole job)."""
 
     def __init__(self, reference: Reference):

@@ -29,6 +29,7 @@ from models.recommend_handler import UnionRerankHandler, handler_for
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 from transforms.streaming.popularity import WindowPopularity
 from transforms.streaming.reference import FileReference, cached
 from transforms.streaming.refusals import Record, dead_letter
@@ -48,7 +49,7 @@ def event_touch(record: Record) -> Touch:
 
 @typehints.with_input_types(Touch)
 @typehints.with_output_types(Tuple[str, RefreshRequest])
-class UserSignalsFn(beam.DoFn):
+class UserSignalsFn(CachedSignatures, beam.DoFn):
     """Keeps each user's recent stream events and asks for a refresh on every touch.
 
     State per user: the stream events inside the longest signal window (the
@@ -115,7 +116,7 @@ def shard_of_user(user_id: str, num_shards: int) -> int:
 @typehints.with_input_types(Tuple[PeriodKey, Iterable[List[Tuple[str, RefreshRequest]]]],
                             typehints.Optional[WindowPopularity])
 @typehints.with_output_types(pd.DataFrame)
-class RefreshShardFn(beam.DoFn):
+class RefreshShardFn(CachedSignatures, beam.DoFn):
     """Scores one refresh period's touched users of one shard as the batch job scores them.
 
     The private adapter of a `models.recommend_handler` handler (Beam's
@@ -251,7 +252,7 @@ class Refreshed(NamedTuple):
 
 @typehints.with_input_types(Tuple[int, Tuple[str, RefreshRequest]])
 @typehints.with_output_types(Tuple[PeriodKey, List[Tuple[str, RefreshRequest]]])
-class GatherPeriodFn(beam.DoFn):
+class GatherPeriodFn(CachedSignatures, beam.DoFn):
     """Keyed per user shard: holds refresh requests until their refresh period ends in event time.
 
     A request waits for the end of the period its timestamp falls in (an

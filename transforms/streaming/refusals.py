@@ -17,6 +17,7 @@ from apache_beam import typehints
 
 from models import streaming as model
 from transforms.health import Tag, count
+from transforms.signatures import CachedSignatures
 
 
 Record = dict
@@ -67,7 +68,7 @@ def record_text(record: Record) -> str:
 
 @typehints.with_input_types(Record)
 @typehints.with_output_types(Tuple[typehints.Any, Record])
-class KeyOrRefuseFn(beam.DoFn):
+class KeyOrRefuseFn(CachedSignatures, beam.DoFn):
     """Keys a record by some of its fields; a key UTF-8 cannot encode becomes a dead letter.
 
     A state or shuffle key is encoded before any code of ours sees it, so a

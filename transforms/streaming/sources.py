@@ -26,6 +26,7 @@ from models.ranker import RankerModel, refusal
 from models.streaming import WindowSpec
 from transforms.health import NAMESPACE
 from transforms.ranker import load_model, resolve_model_path
+from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import cached
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import seconds_of
@@ -115,7 +116,7 @@ class MergeLineMapsFn(EarliestLinesFn):
         return "MergeLineMaps"
 
 
-class _AtWindowEnd(beam.DoFn):
+class _AtWindowEnd(CachedSignatures, beam.DoFn):
     def process(self, cells: Dict[LineKey, LineCell], win=beam.DoFn.WindowParam):
         yield WindowLines(win.end.micros, cells)
 

@@ -22,6 +22,7 @@ from models.recommend import rec_columns
 from transforms import schemas
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS, InsertRows
 from transforms.campaign import BANDIT_STATE
+from transforms.signatures import MapFn
 from transforms.streaming.refusals import dead_letter
 from transforms.streaming.windows import MICROS
 
@@ -90,10 +91,10 @@ class WriteRows(beam.PTransform):
         table = self._table_spec.split(".")[-1]
         failed = rows | "StreamingInsert" >> beam.ParDo(InsertRows(
             self._table_spec, self._table, self._batch_size, self._retry_seconds))
-        return failed | "RefusedRows" >> beam.Map(
+        return failed | "RefusedRows" >> beam.ParDo(MapFn(
             lambda failed, name: dead_letter(name, "WriteToBigQuery",
                                              f"bigquery refused the row: {failed[2]}",
-                                             json.dumps(failed[1], default=str)), table)
+                                             json.dumps(failed[1], default=str))), table)
 
 
 def frames_to_rows(label: str, frames: beam.PCollection) -> beam.PCollection:
