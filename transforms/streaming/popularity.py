@@ -20,9 +20,10 @@ State and accumulators, and what bounds them (docs/streaming.md):
   segments, whatever the volume.
 - ``CellsPerPeriod``: per period, one `Decayed` per key it holds: bounded by
   the same key count; emitted as one `CellBlock` (columns).
-- ``CellsPerWindow``: per window, its periods' blocks (``size / period`` plus
-  late panes, compacted past `MergeCellsFn.COMPACT_AT`), summed per key when
-  the pane is emitted: bounded by the key count times the blocks.
+- ``CellsPerWindow``: per window, its periods' blocks, summed per key when
+  the pane is emitted and compacted into one block as soon as the rows beyond
+  the first block outnumber it (`MergeCellsFn`): about twice the window's keys,
+  bounded by the key count, never by the orders.
 - ``VehiclePicks``: one key, the previous window's end and the vehicles the
   stream touched in it (at most the vehicle count).
 - ``PicksChanged``: per vehicle, the picks its users were last told about, when,
