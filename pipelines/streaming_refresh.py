@@ -126,16 +126,18 @@ class StreamingOptions(PipelineOptions):
                                  "keep bandit arms per segment, as bandit_report --segment_by; "
                                  "empty: per treatment only.")
         parser.add_argument("--reference_delivery", default="auto", choices=DELIVERIES,
-                            help="How reference versions reach the steps that use them: "
-                                 "side_input (a PeriodicImpulse every --reference_refresh_seconds, "
-                                 "read as a windowed side input), poll (each worker checks), auto: "
+                            help="How reference (and ranker artifact) versions reach the "
+                                 "steps that use them: side_input (a PeriodicImpulse every "
+                                 "--reference_refresh_seconds / --ranker_refresh_seconds, read "
+                                 "as a windowed side input), poll (each worker checks), auto: "
                                  "poll on the local DirectRunner, side_input elsewhere.")
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
         parser.add_argument("--ranker_refresh_seconds", type=int, default=300,
-                            help="Check the ranker artifact for a new version at most this "
-                                 "often per worker process.")
+                            help="Check the ranker artifact for a new version this often: "
+                                 "once for the job as a side input (--reference_delivery), or at "
+                                 "most this often per worker process when polling.")
 
 
 class StreamingContext(NamedTuple):
