@@ -11,6 +11,7 @@ the new. The poll seam on the DirectRunner is what tests/test_streaming_transfor
 runs unchanged; tests/test_streaming_step_labels.py pins both graphs.
 """
 import os
+from typing import Tuple
 
 import apache_beam as beam
 import pandas as pd
@@ -25,7 +26,7 @@ from models.bandit import BanditConfig
 from models.config import DEFAULT_CONFIG
 from models.stream_popularity import LineState
 from tests.test_streaming_transforms import _catalog_rows, _write_jsonl, small_world
-from transforms.streaming import (FileReference, ReferenceVersion,
+from transforms.streaming import (FileReference, RefreshRecommendations, ReferenceVersion,
                                   ReferenceVersions, StreamingBandit, WindowedPopularity)
 from transforms.streaming.popularity import SegmentWeightsFn
 from transforms.streaming.reference import (POLL, SIDE_INPUT, into_version_windows,
@@ -236,27 +237,30 @@ def shard_period(p, label, end_us, requests):
 
 
 def test_the_refresh_scores_with_the_catalogue_of_the_side_input_version(tmp_path):
-    """U1 (a Ford) is refreshed in the second period; the replaced catalogue marks S01-S04
-    refurbished, which leaves S05-S08 as the Ford's only eligible parts. The control (polling
-    hourly) runs first: afterwards the process holds the replaced catalogue."""
+    """U1 (a Ford) is refreshed in the second period, through the whole `RefreshRecommendations`
+    composite; the replaced catalogue marks S01-S04 refurbished, which leaves S05-S08 as the
+    Ford's only eligible parts. The control (polling hourly) runs first: afterwards the
+    process holds the replaced catalogue."""
     directory = small_world(tmp_path / "w")
     reference = FileReference(directory, CONFIG, 3600, "")
     reference.delivery = SIDE_INPUT
     reference.current()                                     # the old catalogue, held
     _replace(directory, "catalog", _catalog_rows(refurbished=("S01", "S02", "S03", "S04")))
+    spec = model.WindowSpec.of_seconds(2 * INTERVAL, INTERVAL, 0)
     request = ("U1", model.RefreshRequest((model.REASON_INTENT,), (
         ("E1", "Viewed Product", "S01", None, (PAST + 12) * US),)))
     for with_side_input in (False, True):
         with _fnapi() as p:
             versions = _versions(p, reference) if with_side_input else None
-            periods = shard_period(p, "Period", (PAST + 20) * US, [request])
-            pop = beam.pvalue.AsSingleton(p | "NoPopularity" >> beam.Create([]),
-                                          default_value=None)
-            scored = periods | "RefreshShard" >> beam.ParDo(
-                RefreshShardFn(reference, CONFIG, "run", "v", clock=lambda: 0.0), pop,
-                **version_side_input(versions)).with_outputs("dead_letter", "counts",
-                                                              main="rows")
-            recs = scored.rows | beam.ParDo(_Recs())
+            requests = (p | "Requests" >> beam.Create([request])
+                        | "Stamp" >> beam.Map(lambda r: TimestampedValue(r, PAST + 12)))
+            out = requests | RefreshRecommendations(
+                reference, p | "NoPopularity" >> beam.Create([]), CONFIG, spec, 2, "run", "v",
+                clock=lambda: 0.0, versions=versions)
+            recs = out.rows | beam.ParDo(_Recs())
+            ends = out.rows | beam.FlatMap(lambda f: [int(t.value // 10**9)
+                                                      for t in f["popularity_as_of"]])
+            assert_that(ends, equal_to([PAST + 20]), label="PeriodEnd")
             if with_side_input:
                 assert_that(recs, equal_to([("U1", ("S05", "S06", "S07", "S08"))]))
             else:   # the control: the old catalogue, where S01-S04 are still eligible
@@ -318,3 +322,75 @@ def test_every_reader_takes_the_versions_as_side_inputs_on_dataflow_and_none_whe
     polled = _side_inputs_of_steps(POLL)
     for step in READERS:
         assert not {s for s in polled[step] if "Versions" in s}, (step, polled[step])
+
+
+# --- period timers on portable runners (whole-millisecond timer times) ---------------------------
+
+class _Bag:
+    def __init__(self, items=()):
+        self.items = list(items)
+
+    def read(self):
+        return list(self.items)
+
+    def add(self, item):
+        self.items.append(item)
+
+    def clear(self):
+        self.items = []
+
+
+class _Cell:
+    def __init__(self, value=None):
+        self.value = value
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+
+class _Timer:
+    def __init__(self):
+        self.set_at = []
+
+    def set(self, at):
+        self.set_at.append(at)
+
+
+def test_a_period_timer_fired_at_a_whole_millisecond_releases_its_period():
+    """The FnApiRunner and Dataflow's runner v2 keep timer times in whole milliseconds: the
+    timer set at a period's end - 1 us fires at end - 1 ms. The period's requests (and
+    counter sums) are released then, not held with the timer set again at the same instant
+    (which looped for ever on the FnApiRunner)."""
+    from transforms.streaming.health import PeriodSumsFn
+    from transforms.streaming.refresh import GatherPeriodFn
+    end = (PAST + 10) * US
+    fired = Timestamp(micros=end - 1_000)
+    request = model.RefreshRequest((model.REASON_INTENT,), ())
+    flush = _Timer()
+    out = list(GatherPeriodFn(pd.Timedelta(seconds=INTERVAL)).release(
+        key=0, fired=fired, pending=_Bag([(end, ("U1", request))]), next_end=_Cell(end),
+        released=_Cell(), flush=flush))
+    assert out == [((0, end), [("U1", request)])] and flush.set_at == []
+    flush = _Timer()
+    rows = list(PeriodSumsFn(INTERVAL * US).release(
+        fired=fired, sums=_Bag([(end, {"events.read": 3})]), flush=flush))
+    assert [(r["window_end"], r["counters"]) for r in rows] == [
+        (pd.Timestamp(end, unit="us", tz="UTC"), '{"events.read": 3}')]
+    assert flush.set_at == []
+
+
+def test_health_counters_per_period_on_the_fnapi_runner():
+    from transforms.streaming import PeriodCounters
+    counts = [TimestampedValue(("events.read", 1), PAST + s) for s in (1, 2, 12)]
+    with _fnapi() as p:
+        rows = (p | beam.Create(counts).with_output_types(Tuple[str, int])
+                | PeriodCounters(pd.Timedelta(seconds=INTERVAL))
+                | beam.Map(lambda r: (int(r["window_end"].value // 10**9), r["counters"])))
+        assert_that(rows, equal_to([(PAST + 10, '{"events.read": 2}'),
+                                    (PAST + 20, '{"events.read": 1}')]))

@@ -309,7 +309,11 @@ class GatherPeriodFn(CachedSignatures, beam.DoFn):
                 pending=beam.DoFn.StateParam(PENDING), next_end=beam.DoFn.StateParam(NEXT),
                 released=beam.DoFn.StateParam(RELEASED),
                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
-        now = fired.micros + 1
+        # The end of the period the timer fired in: portable runners (the FnApiRunner,
+        # Dataflow's runner v2) keep timer times in whole milliseconds, so a timer set at
+        # end - 1 us fires at end - 1 ms there; taken as end - 1 us + 1, its period's own
+        # requests were never due and the timer was set again at the same instant, for ever.
+        now = (fired.micros // self._period_us + 1) * self._period_us
         held = list(pending.read())
         due = [r for end, r in held if end <= now]
         later = [(end, r) for end, r in held if end > now]
