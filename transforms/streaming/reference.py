@@ -70,7 +70,7 @@ RANKER_VERSION_ARG = "ranker_version"   # ... and the ranker artifact's version
 # time, wall time), and objects built per (key, tag) by `cached`.
 _VERSIONS: Dict[str, Tuple[str, float, float]] = {}
 _LOADED: Dict[str, Tuple[str, object]] = {}
-_HELD: Dict[str, "_Held"] = {}      # the poll seam's reference data per source
+_HELD: Dict[str, "_Held"] = {}      # the poll seam's data per watched source (reference, model)
 _CACHE_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
 
