@@ -9,7 +9,7 @@ modification time and row count. Every DoFn that needs the data asks
 version.
 
 How a consumer learns the version is chosen in one place,
-`delivery_for(runner)` (docs/streaming.md "Reference data"):
+`delivery_for(runner)` (docs/streaming-reference.md):
 
 * ``side_input`` (Dataflow, portable runners): `ReferenceVersions` checks the
   version once per ``--reference_refresh_seconds`` for the whole job
@@ -141,7 +141,7 @@ class _Held:
                     self.version = version
                 return self.data
             # The old copy goes before the new one is built: every caller waits on the lock
-            # anyway, and a process never holds two (docs/streaming.md "Reference data").
+            # anyway, and a process never holds two (docs/streaming-reference.md).
             self.data = self.version = None
             self.data = load(version.fingerprint)
             self.version = version
@@ -322,7 +322,7 @@ class BigQueryReference(Reference):
     The version is each table's last modification time and row count: a
     load job, ``CREATE OR REPLACE TABLE`` or a copy changes it on BigQuery
     and on bqemulator, as does DML on BigQuery (bqemulator does not update the
-    modification time on DML; docs/streaming.md). A table is read whole with
+    modification time on DML; docs/streaming-reference.md). A table is read whole with
     ``tabledata.list`` (no query cost) and validated as the batch source
     validates it (`transforms.bigquery_io.read_table_frame`).
 
