@@ -348,7 +348,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
                   | "ReadTreatmentEvents" >> ReadFromPubSub(
                       subscription=opts.treatments_subscription, with_attributes=True)
                   | "ParseTreatmentEvents" >> ParseMessages("treatment_events", config.inputs))
-    # The reference's versions, once per refresh interval for the whole job (docs/streaming-reference.md); None where each worker polls (the local DirectRunner).
+    # The reference's versions, once per refresh interval for the whole job
+    # (docs/streaming-reference.md); None where each worker polls (the local DirectRunner).
     versions = (pipeline | "ReferenceVersions" >> ReferenceVersions(reference)
                 if reference.delivery == SIDE_INPUT else None)
     # The ranker artifact's versions, the same way (one mechanism: reference.Watched).

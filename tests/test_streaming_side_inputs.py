@@ -274,7 +274,7 @@ def _old_catalogue(got):
 
 # --- every reader of a version, wired in the job's graph ---------------------------------------
 
-READERS = {   # step → the side inputs it must read on Dataflow (with a ranker and bandit segments)
+READERS = {   # step → the side inputs it must read on Dataflow (a ranker, bandit segments)
     "CheckEventSkus/KnownSkusOnly": {"ReferenceVersions/CheckVersion"},
     "RollingPopularity/SegmentWeights": {"ReferenceVersions/CheckVersion"},
     "RollingPopularity/PopularityAtWindowEnd": {"ReferenceVersions/CheckVersion"},

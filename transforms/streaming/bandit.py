@@ -4,9 +4,9 @@ The windowed computation is the batch job's own `transforms.bandit.BanditState`;
 this module only turns treatment events into its keyed funnel counts per period.
 With segment attributes (``--bandit_segment_by``, the batch ``--segment_by``),
 each event is keyed by its user's segment, looked up in the job's reference
-``users`` (of the version in force: a side input on Dataflow), and `campaign.window_state` then
-publishes the overall ``*`` arms and each segment's arms shrunk toward them,
-exactly as the batch job does.
+``users`` (of the version in force: a side input on Dataflow), and
+`campaign.window_state` then publishes the overall ``*`` arms and each
+segment's arms shrunk toward them, exactly as the batch job does.
 """
 from __future__ import annotations
 

@@ -446,7 +446,7 @@ class WatchedVersions(beam.PTransform):
 
 
 class ReferenceVersions(WatchedVersions):
-    """The reference data's versions, once per ``--reference_refresh_seconds`` (`WatchedVersions`)."""
+    """The reference data's versions, once per ``--reference_refresh_seconds``."""
 
     def __init__(self, reference: Reference, start: Optional[Timestamp] = None,
                  stop: Optional[Timestamp] = None):
