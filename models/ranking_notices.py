@@ -1,6 +1,6 @@
 """When a vehicle's users are told that its default picks moved (the stream's ranking notices).
 
-A stream order re-ranks its vehicle (`transforms.streaming.popularity.VehiclePicksFn`);
+A stream order re-ranks its vehicle (`transforms.streaming.ranking.VehiclePicksFn`);
 at short refresh periods the picks flip back and forth or only reorder, and a
 notice for each flip re-scores every user of the vehicle for nothing they
 would see. The rule here keeps only what a user would notice, at a mail's
@@ -13,7 +13,7 @@ cadence:
   visible change inside the interval is *held*, and re-checked when the
   interval ends: still there, it is noticed then (once); flipped back, never.
 
-`transforms.streaming.popularity.PicksChangedFn` keeps one `NoticeState` per
+`transforms.streaming.ranking.PicksChangedFn` keeps one `NoticeState` per
 vehicle in keyed state and sets an event-time timer at `recheck_at`. Nothing
 here imports Beam.
 """

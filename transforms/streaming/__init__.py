@@ -34,7 +34,8 @@ One module per concern; this package re-exports every public name, so
     parse       `ParseMessages`: Pub/Sub messages → timestamped records
     dedupe      `DropDuplicates`: keyed state per event id
     checks      `CheckSkus`, `CheckFunnel`: the batch job's checks, event by event
-    popularity  `WindowedPopularity`, `RankingChanges`
+    popularity  `WindowedPopularity`
+    ranking     `RankingChanges`: vehicles whose picks moved between consecutive windows
     audit       `LateDataAudit`
     refresh     `TouchedUsers`, `RefreshRecommendations`
     sources     `WindowOrderLines` (the mix's window lines), `ModelReference` (watched ranker)
@@ -55,10 +56,11 @@ from transforms.streaming.dedupe import DropDuplicateIdsFn, DropDuplicates
 from transforms.streaming.health import PeriodCounters, PeriodSumsFn, PreSumPerBundleFn
 from transforms.streaming.parse import ParseMessages, ParseMessagesFn, Parsed
 from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, MergeCellsFn,
-                                             Notice, NotifyUsersFn, PicksChangedFn,
                                              PopularityAtWindowEndFn, PopularityOut,
-                                             RankingChanges, SegmentWeightsFn, VehiclePicksFn,
+                                             SegmentWeightsFn,
                                              WindowedPopularity, WindowPopularity)
+from transforms.streaming.ranking import (Notice, NotifyUsersFn, PicksChangedFn, RankingChanges,
+                                          VehiclePicksFn)
 from transforms.streaming.reference import (BigQueryReference, FileReference, Reference,
                                             ReferenceVersion, ReferenceVersions, cached,
                                             delivery_for, version_side_input)
