@@ -1,28 +1,38 @@
 """Ranking changes: the vehicles whose default picks moved between consecutive windows.
 
 `RankingChanges` takes the first popularity pane of each window
-(`transforms.streaming.popularity.WindowedPopularity`), re-ranks the vehicles
-whose own segments changed since the window before, and notifies the
-vehicle's users when a newer window shows them other products, at most once
-per interval (`models.ranking_notices`).
+(`transforms.streaming.popularity.WindowedPopularity`), pairs it with the
+pane of the window before by grouping on the window end (no state carried
+from window to window, no single key), re-ranks the vehicles whose own
+segments changed between the two, and notifies the vehicle's users when a
+newer window shows them other products, at most once per interval
+(`models.ranking_notices`).
 
-State, and what bounds it (docs/streaming.md):
+What each step holds, and what bounds it (docs/streaming.md):
 
-- ``VehiclePicks``: one key, the previous window's end, its popularity frame
-  and the picks of the vehicles ranked in it (at most the vehicle count).
+- ``PairWithNextWindow``: each pane twice, as ``this`` under its own window
+  end and as ``previous`` under the next one; stateless.
+- ``PairPerWindowEnd``: a GroupByKey per window end in fixed windows of one
+  period: per key at most two panes (this window's and the one before),
+  i.e. two popularity frames of one row per (level, segment, sku) cell:
+  bounded by the catalogue times the segments, never by the order volume;
+  each key lives for one period (plus the allowed lateness).
+- ``VehiclePicks``: no state; per window end it ranks the vehicles whose
+  own segments changed (at most the vehicle count, ~1,100 in the field)
+  under both frames. Consecutive windows are different keys, so they rank
+  in parallel on any worker.
 - ``PicksChanged``: per vehicle, the picks its users were last told about, when,
   and the newest window's picks (`models.ranking_notices.NoticeState`), plus one
   re-check timer.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import apache_beam as beam
-import pandas as pd
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
-from apache_beam.transforms import window
+from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
@@ -35,19 +45,47 @@ from models.streaming import WindowSpec
 from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
 from transforms.streaming.popularity import WindowPopularity
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (Reference, cached, into_version_windows,
+                                            version_side_input)
 from transforms.streaming.refusals import RowsAndCounts
-
+from transforms.streaming.windows import duration_of, seconds_of, to_global_window
 
 Picks = Tuple[str, ...]         # (source, rec_part_1, ...)
 # (vehicle, (window end us, picks in this window, picks in the previous window))
 VehiclePicks = Tuple[str, Tuple[int, Picks, Optional[Picks]]]
+# (window end us, (role, pane)): a pane as this window's or as the previous window's
+PairEntry = Tuple[int, Tuple[str, WindowPopularity]]
 
 
-@typehints.with_input_types(Tuple[int, WindowPopularity])
+def end_us_of(pane: WindowPopularity) -> int:
+    """A pane's window end in microseconds since the epoch."""
+    return int(pane.window_end.value // 1_000)
+
+
+@typehints.with_input_types(WindowPopularity)
+@typehints.with_output_types(PairEntry)
+class PairWithNextWindowFn(CachedSignatures, beam.DoFn):
+    """A window's first pane → itself under its window end, and again under the next window's.
+
+    Each copy is stamped inside the fixed window of one period that ends at
+    its key (``end - 1 µs``: the pane's own timestamp, and one period later),
+    so the GroupByKey after it brings a window together with the one before
+    in one group per window end (`models.ranking_notices.pair_keys`). The copy
+    stamped later never holds the watermark back: it is ahead of it.
+    """
+
+    def __init__(self, period_us: int):
+        self._period_us = period_us
+
+    def process(self, pane: WindowPopularity) -> Iterator:
+        for end_us, role in notice_rule.pair_keys(end_us_of(pane), self._period_us):
+            yield window.TimestampedValue((end_us, (role, pane)), Timestamp(micros=end_us - 1))
+
+
+@typehints.with_input_types(Tuple[int, Iterable[Tuple[str, WindowPopularity]]])
 @typehints.with_output_types(VehiclePicks)
 class VehiclePicksFn(CachedSignatures, beam.DoFn):
-    """Two consecutive windows → each re-ranked vehicle's default picks in both.
+    """Two consecutive windows (one group per window end) → each re-ranked vehicle's picks in both.
 
     Re-ranked are the vehicles whose own segments (the two most specific
     levels) gained or lost orders between the previous window and this one
@@ -56,60 +94,54 @@ class VehiclePicksFn(CachedSignatures, beam.DoFn):
     one, and decay alone never does. Each is ranked with the previous window's
     popularity and with this one's, so a notice means the list a user would get
     changed between two consecutive windows, never that it differs from some
-    older ranking. When the previous window held no stream orders (none was
-    emitted), its popularity is the history's alone at its end.
+    older ranking. When the previous window held no stream orders (no pane
+    was emitted for it), its popularity is the history's alone at its end. A
+    group without this window's pane (this window held no stream orders)
+    ranks nothing: nothing moved.
 
-    State, on the one key all windows share: the previous window's end, its
-    popularity frame (one row per (level, segment, sku) cell: bounded by the
-    catalogue times the segments, never by the order volume) and the picks of
-    the vehicles ranked in it (at most the vehicle count), reused as their
-    previous picks so a vehicle re-ranked in consecutive windows is ranked once
-    per window.
+    No state: each group holds at most two panes, and both windows are ranked
+    here (the previous window's picks are not kept from the group before;
+    bench/streaming_ranking.py measures what ranking them again costs). A late
+    pane re-fires its group; vehicles compared there before are then stale for
+    `PicksChangedFn`, which ignores them.
+
+    ``reference_version`` is the versions side input where the job has one
+    (`transforms.streaming.reference.version_side_input`); None polls.
     """
 
-    PREVIOUS = ReadModifyWriteStateSpec("previous", PickleCoder())
-
-    def __init__(self, reference: FileReference, config: RecsConfig,
-                 period: Optional[pd.Timedelta] = None):
+    def __init__(self, reference: Reference, config: RecsConfig, period_us: int):
         self._reference = reference
         self._config = config
-        self._period_us = (int(period // pd.Timedelta(microseconds=1))
-                           if period is not None else None)
+        self._period_us = period_us
 
-    def process(self, element: Tuple[int, WindowPopularity],
-                previous=beam.DoFn.StateParam(PREVIOUS)) -> Iterator:
-        _, pane = element
-        end_us = int(pane.window_end.value // 1_000)
-        before = previous.read()
-        if before is not None and before[0] >= end_us:
-            return      # an older window after a newer one: nothing newer to compare with
-        ref = self._reference.current()
-        previous_end = end_us - self._period_us if self._period_us else end_us
-        if before is not None and (self._period_us is None or before[0] == previous_end):
-            _, previous_frame, previous_picks = before
+    def process(self, element: Tuple[int, Iterable[Tuple[str, WindowPopularity]]],
+                pane_info=beam.DoFn.PaneInfoParam, reference_version=None) -> Iterator:
+        # reference_version: Optional[ReferenceVersion]; unannotated (see CheckSkusFn).
+        end_us, entries = element
+        this, previous = notice_rule.split_pair(entries)
+        if this is not None:    # else this window held no stream orders: nothing changed in it
+            yield from self._picks(end_us, this, previous, pane_info, reference_version)
+
+    def _picks(self, end_us: int, this: WindowPopularity, previous: Optional[WindowPopularity],
+               pane_info, reference_version) -> Iterator:
+        if not pane_info.is_first:
+            yield count("ranking.late_pairs", 1)
+        ref = self._reference.current(reference_version)
+        if previous is not None:
+            previous_frame = previous.popularity
         else:           # the previous window held no stream orders: the history alone
-            previous_frame = cells.window_popularity([], ref, previous_end, self._config)
-            previous_picks = {}
+            previous_frame = cells.window_popularity([], ref, end_us - self._period_us,
+                                                     self._config)
+            yield count("ranking.previous_from_history", 1)
         levels = [self._config.level_name(level) for level in self._config.levels[:2]]
-        changed = cells.changed_segments(previous_frame, pane.popularity, levels)
         by_segment = cached(self._reference.key + ":vehicles", ref.version,
                             lambda: cells.vehicles_by_segment(ref.vehicle_users, self._config))
-        ranked = sorted({v for seg in changed for v in by_segment.get(seg, ())})
-        picks = (model.default_picks(model.scorer(ref, pane.popularity, self._config), ref,
-                                     ranked, self._config) if ranked else {})
-        previous.write((end_us, pane.popularity, picks))
+        ranked = notice_rule.ranked_vehicles(previous_frame, this.popularity, by_segment, levels)
         yield count("ranking.vehicles_ranked", len(ranked))
-        if not ranked:
-            return
-        missing = [v for v in ranked if v not in previous_picks]
-        earlier = {v: previous_picks[v] for v in ranked if v in previous_picks}
-        if missing:
-            earlier.update(model.default_picks(model.scorer(ref, previous_frame, self._config),
-                                               ref, missing, self._config))
-        for vehicle, chosen in picks.items():
-            base = earlier.get(vehicle)
-            yield vehicle, (end_us, tuple(str(p) for p in chosen),
-                            tuple(str(p) for p in base) if base is not None else None)
+        picks = notice_rule.picks_between(ref, previous_frame, this.popularity, ranked,
+                                          self._config)
+        for vehicle, (chosen, earlier) in picks.items():
+            yield vehicle, (end_us, chosen, earlier)
 
 
 @typehints.with_input_types(VehiclePicks)
@@ -176,14 +208,17 @@ Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
 @typehints.with_input_types(Tuple[str, int])
 @typehints.with_output_types(Notice)
 class NotifyUsersFn(CachedSignatures, beam.DoFn):
-    """A vehicle whose picks moved → a ranking notice for each of its users."""
+    """A vehicle whose picks moved → a ranking notice for each of its users.
 
-    def __init__(self, reference: FileReference):
+    ``reference_version`` is the versions side input where the job has one; None polls.
+    """
+
+    def __init__(self, reference: Reference):
         self._reference = reference
 
-    def process(self, changed: Tuple[str, int]) -> Iterator:
+    def process(self, changed: Tuple[str, int], reference_version=None) -> Iterator:
         vehicle, _ = changed
-        users = self._reference.current().vehicle_users.get(vehicle, ())
+        users = self._reference.current(reference_version).vehicle_users.get(vehicle, ())
         yield count("ranking.vehicles_changed", 1)
         yield count("ranking.users_notified", len(users))
         for user in users:
@@ -191,30 +226,59 @@ class NotifyUsersFn(CachedSignatures, beam.DoFn):
 
 
 class RankingChanges(beam.PTransform):
-    """First panes of popularity → a notice for every user whose vehicle's default picks moved."""
+    """First panes of popularity → a notice for every user whose vehicle's default picks moved.
 
-    def __init__(self, reference: FileReference, config: RecsConfig,
-                 spec: Optional[WindowSpec] = None):
+    Consecutive windows are paired by a GroupByKey per window end (in fixed
+    windows of one period), so no step holds every window on one key; the
+    notice rule then keeps its state per vehicle.
+
+    Args:
+        reference: the reference data (users, vehicles, catalogue, history).
+        config: scoring and the ``ranking_notices`` rule.
+        spec: the job's windows (the period pairs them; the lateness bounds
+            how late a pane may join its pair).
+        versions: the reference versions side input (`ReferenceVersions`) where
+            the job has one; None: each worker polls.
+    """
+
+    def __init__(self, reference: Reference, config: RecsConfig, spec: WindowSpec,
+                 versions: Optional[beam.PCollection] = None):
         super().__init__()
         self._reference = reference
         self._config = config
-        self._period = spec.period if spec is not None else None
+        self._spec = spec
+        self._versions = versions
 
     def expand(self, first_panes: beam.PCollection) -> RowsAndCounts:
+        period_us = int(self._spec.period.value // 1_000)
+        side = version_side_input(self._versions)
         picks = (first_panes
-                 | "PopularityToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
-                 | "OneKey" >> beam.Map(lambda p: (0, p)).with_output_types(
-                     Tuple[int, WindowPopularity])
+                 | "PairWithNextWindow" >> beam.ParDo(PairWithNextWindowFn(period_us))
+                 | "PeriodWindows" >> beam.WindowInto(
+                     window.FixedWindows(seconds_of(self._spec.period)),
+                     trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                     accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                     allowed_lateness=duration_of(self._spec.lateness))
+                 | "PairPerWindowEnd" >> beam.GroupByKey()
                  | "VehiclePicks" >> beam.ParDo(
-                     VehiclePicksFn(self._reference, self._config, self._period)).with_outputs(
-                     Tag.COUNTS.value, main=Tag.ROWS.value))
-        changed = (picks[Tag.ROWS.value]
+                     VehiclePicksFn(self._reference, self._config, period_us),
+                     **side).with_outputs(Tag.COUNTS.value, main=Tag.ROWS.value))
+        changed = (to_global_window("PicksToGlobalWindow", picks[Tag.ROWS.value])
                    | "PicksChanged" >> beam.ParDo(
                        PicksChangedFn(self._config.ranking_notices)).with_outputs(
                        Tag.COUNTS.value, main=Tag.ROWS.value))
-        out = (changed[Tag.ROWS.value]
-               | "NotifyUsers" >> beam.ParDo(NotifyUsersFn(self._reference)).with_outputs(
-                   Tag.COUNTS.value, main=Tag.ROWS.value))
-        counts = ((picks[Tag.COUNTS.value], changed[Tag.COUNTS.value], out[Tag.COUNTS.value])
+        vehicles = changed[Tag.ROWS.value]
+        if self._versions is not None:   # read the version of the interval the notice is in
+            vehicles = into_version_windows(self._reference, "NoticesIntoReferenceWindows",
+                                            vehicles)
+        out = vehicles | "NotifyUsers" >> beam.ParDo(NotifyUsersFn(self._reference),
+                                                     **side).with_outputs(
+            Tag.COUNTS.value, main=Tag.ROWS.value)
+        rows, notify_counts = out[Tag.ROWS.value], out[Tag.COUNTS.value]
+        if self._versions is not None:   # TouchedUsers after this is global-window
+            rows = to_global_window("NoticesToGlobalWindow", rows)
+            notify_counts = to_global_window("NoticeCountsToGlobalWindow", notify_counts)
+        counts = ((to_global_window("PickCountsToGlobalWindow", picks[Tag.COUNTS.value]),
+                   changed[Tag.COUNTS.value], notify_counts)
                   | "FlattenRankingCounts" >> beam.Flatten())
-        return RowsAndCounts(out[Tag.ROWS.value], counts)
+        return RowsAndCounts(rows, counts)
