@@ -202,6 +202,34 @@ class PicksChangedFn(CachedSignatures, beam.DoFn):
             yield window.TimestampedValue((key, fired.micros), fired)
 
 
+def paired_picks(first_panes: beam.PCollection, reference: Reference, config: RecsConfig,
+                 spec: WindowSpec, versions: Optional[beam.PCollection] = None
+                 ) -> beam.pvalue.DoOutputsTuple:
+    """First panes → each re-ranked vehicle's picks in consecutive windows, and counters.
+
+    The pairing of `RankingChanges` (its steps, labelled as there): each pane
+    under its own window end and the next one, grouped per window end in fixed
+    windows of one period. The group fires when the watermark passes the
+    window end (both panes are in by then: each is held back by its sliding
+    window until emitted), then once per late pane within the allowed
+    lateness, accumulating, so a late pane meets its partner. Outputs are in
+    those fixed windows (``Tag.ROWS``: `VehiclePicks`; ``Tag.COUNTS``).
+    """
+    period_us = int(spec.period.value // 1_000)
+    return (first_panes
+            | "PairWithNextWindow" >> beam.ParDo(PairWithNextWindowFn(period_us))
+            | "PeriodWindows" >> beam.WindowInto(
+                window.FixedWindows(seconds_of(spec.period)),
+                trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                allowed_lateness=duration_of(spec.lateness))
+            | "PairPerWindowEnd" >> beam.GroupByKey()
+            | "VehiclePicks" >> beam.ParDo(
+                VehiclePicksFn(reference, config, period_us),
+                **version_side_input(versions)).with_outputs(Tag.COUNTS.value,
+                                                              main=Tag.ROWS.value))
+
+
 Notice = Tuple[str, Tuple[str, object]]     # (user_id, ("notice", reason))
 
 
@@ -250,19 +278,9 @@ class RankingChanges(beam.PTransform):
         self._versions = versions
 
     def expand(self, first_panes: beam.PCollection) -> RowsAndCounts:
-        period_us = int(self._spec.period.value // 1_000)
         side = version_side_input(self._versions)
-        picks = (first_panes
-                 | "PairWithNextWindow" >> beam.ParDo(PairWithNextWindowFn(period_us))
-                 | "PeriodWindows" >> beam.WindowInto(
-                     window.FixedWindows(seconds_of(self._spec.period)),
-                     trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                     accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-                     allowed_lateness=duration_of(self._spec.lateness))
-                 | "PairPerWindowEnd" >> beam.GroupByKey()
-                 | "VehiclePicks" >> beam.ParDo(
-                     VehiclePicksFn(self._reference, self._config, period_us),
-                     **side).with_outputs(Tag.COUNTS.value, main=Tag.ROWS.value))
+        picks = paired_picks(first_panes, self._reference, self._config, self._spec,
+                             self._versions)
         changed = (to_global_window("PicksToGlobalWindow", picks[Tag.ROWS.value])
                    | "PicksChanged" >> beam.ParDo(
                        PicksChangedFn(self._config.ranking_notices)).with_outputs(
