@@ -7,7 +7,8 @@ Reading order of the graph (pipelines/streaming_refresh.py wires it):
       → DropDuplicates (stateful per event_id, TTL timer)
       → orders → WindowedPopularity (order lines once, keyed; decayed cells per (level, segment,
                  sku) summed per period, slid, summed per window, scored at the window's end)
-               → RankingChanges (keyed per vehicle: users of vehicles whose top picks moved)
+               → RankingChanges (consecutive windows paired per window end; keyed per
+                 vehicle: users of vehicles whose top picks moved)
       → events + notices → TouchedUsers (stateful per user: recent stream events)
       → RefreshRecommendations (keyed per user shard, held until the period ends in event
                  time by a timer; scored like the batch job)
