@@ -15,7 +15,9 @@ vehicles under both windows (nothing is carried over). What that costs:
   ``--orders_per_hour`` (the field's ~2,000 orders in two days: ~42/hour);
   for each window, the vehicles whose own segments changed are ranked the old
   way (this window, plus the previous window only for vehicles not ranked
-  in it) and the new way (both windows), timed in CPU and wall seconds. Also
+  in it) with the per-vehicle lookup of the code before and with today's
+  vectorised one, and the new way (both windows), timed in CPU and wall
+  seconds; all three must give the same picks. Also
   the pickled size of a pane (the new graph shuffles each pane twice; the old
   one wrote it to state once and read it back once) and what pickling costs.
 * ``pipeline`` (DirectRunner, TestStream): `WindowedPopularity` alone, then
@@ -84,6 +86,21 @@ def _orders(ref, n: int, start_us: int, span_us: int, seed: int):
                                       skus[int(rng.integers(len(skus)))], int(at), 1, CONFIG)]
 
 
+def _default_picks_per_row(scorer, reference, vehicles, config) -> Dict:
+    """`models.streaming.default_picks` as it was before (d5abe45): one lookup per vehicle."""
+    from models import popularity, recommend
+    group = list(config.group_attributes)
+    probes = [reference.servable.loc[reference.vehicle_users[v][0],
+                                     ["user_id", "email_lower", *group]] for v in vehicles]
+    if not probes:
+        return {}
+    users = pd.DataFrame(probes).reset_index(drop=True)
+    recs, _ = recommend.recommend_all(scorer.recommender, users, reference.fitting)
+    parts = ["source"] + [f"rec_part_{i}" for i in range(1, config.rules.recs_per_user + 1)]
+    keys = popularity.segment_keys(recs, group).to_numpy(object)
+    return {k: tuple(row) for k, row in zip(keys, recs[parts].itertuples(index=False))}
+
+
 def per_window(args, ref) -> Dict:
     """Old and new ranking per window, on the same frames (no Beam)."""
     size_us, period_us = args.window_hours * HOUR_US, HOUR_US
@@ -107,18 +124,18 @@ def per_window(args, ref) -> Dict:
         ranked, cpu_changed, wall_changed = _timed(
             lambda: rule.ranked_vehicles(previous, current, by_segment, levels))
 
-        def old():      # the state's way: this window, and the previous only where not kept
-            picks = (model.default_picks(model.scorer(ref, current, CONFIG), ref, ranked, CONFIG)
-                     if ranked else {})
+        def old(rank):  # the state's way: this window, and the previous only where not kept
+            picks = rank(model.scorer(ref, current, CONFIG), ref, ranked, CONFIG) if ranked else {}
             missing = [v for v in ranked if v not in previous_picks]
             if missing:
-                model.default_picks(model.scorer(ref, previous, CONFIG), ref, missing, CONFIG)
+                rank(model.scorer(ref, previous, CONFIG), ref, missing, CONFIG)
             return picks, len(missing)
 
-        (picks, missing), cpu_old, wall_old = _timed(old)
+        (picks, missing), cpu_was, wall_was = _timed(lambda: old(_default_picks_per_row))
+        (same, _), cpu_old, wall_old = _timed(lambda: old(model.default_picks))
         new, cpu_new, wall_new = _timed(
             lambda: rule.picks_between(ref, previous, current, ranked, CONFIG))
-        assert {v: p for v, (p, _) in new.items()} == {
+        assert same == picks and {v: p for v, (p, _) in new.items()} == {
             v: tuple(str(x) for x in p) for v, p in picks.items()}
         pane = WindowPopularity(pd.Timestamp(end - size_us, unit="us", tz="UTC"),
                                 pd.Timestamp(end, unit="us", tz="UTC"), "ON_TIME", True,
@@ -128,6 +145,7 @@ def per_window(args, ref) -> Dict:
         rows.append({"window": k, "vehicles_ranked": len(ranked),
                      "previous_ranked_again_before": missing,
                      "changed_cpu_s": cpu_changed, "changed_wall_s": wall_changed,
+                     "before_as_it_was_cpu_s": cpu_was, "before_as_it_was_wall_s": wall_was,
                      "before_cpu_s": cpu_old, "before_wall_s": wall_old,
                      "now_cpu_s": cpu_new, "now_wall_s": wall_new,
                      "pane_pickled_bytes": len(blob), "pickle_cpu_s": cpu_pickle,
@@ -149,13 +167,23 @@ def per_window(args, ref) -> Dict:
         "frame_rows": int(len(previous)),
         "median_vehicles_ranked_per_window": statistics.median(
             r["vehicles_ranked"] for r in measured),
-        "median_cpu_s_per_window": {"before_one_key_with_state": median("before_cpu_s"),
-                                    "now_pairs_rank_both": median("now_cpu_s"),
-                                    "changed_segments": median("changed_cpu_s")},
-        "median_wall_s_per_window": {"before_one_key_with_state": median("before_wall_s"),
-                                     "now_pairs_rank_both": median("now_wall_s")},
-        "total_cpu_s": {"before": total("before_cpu_s"), "now": total("now_cpu_s")},
-        "total_wall_s": {"before": total("before_wall_s"), "now": total("now_wall_s")},
+        "median_cpu_s_per_window": {
+            "before_as_it_was": median("before_as_it_was_cpu_s"),
+            "before_reuse_with_vectorised_lookup": median("before_cpu_s"),
+            "now_pairs_rank_both": median("now_cpu_s"),
+            "changed_segments": median("changed_cpu_s")},
+        "median_wall_s_per_window": {
+            "before_as_it_was": median("before_as_it_was_wall_s"),
+            "before_reuse_with_vectorised_lookup": median("before_wall_s"),
+            "now_pairs_rank_both": median("now_wall_s")},
+        "total_cpu_s": {"before_as_it_was": total("before_as_it_was_cpu_s"),
+                        "before_reuse_with_vectorised_lookup": total("before_cpu_s"),
+                        "now": total("now_cpu_s")},
+        "total_wall_s": {"before_as_it_was": total("before_as_it_was_wall_s"),
+                         "before_reuse_with_vectorised_lookup": total("before_wall_s"),
+                         "now": total("now_wall_s")},
+        "median_previous_ranked_again_before": statistics.median(
+            r["previous_ranked_again_before"] for r in measured),
         "pane_pickled_mb": round(statistics.median(r["pane_pickled_bytes"]
                                                    for r in measured) / 2**20, 2),
         "median_pickle_cpu_s": median("pickle_cpu_s"),
