@@ -96,8 +96,9 @@ class VehiclePicksFn(CachedSignatures, beam.DoFn):
     changed between two consecutive windows, never that it differs from some
     older ranking. When the previous window held no stream orders (no pane
     was emitted for it), its popularity is the history's alone at its end. A
-    group without this window's pane (this window held no stream orders)
-    ranks nothing: nothing moved.
+    group without this window's pane (this window held no stream orders, so
+    no pane exists for it) ranks nothing, as before the pairs: the next window
+    with orders is compared with the history alone.
 
     No state: each group holds at most two panes, and both windows are ranked
     here (the previous window's picks are not kept from the group before;
@@ -119,7 +120,7 @@ class VehiclePicksFn(CachedSignatures, beam.DoFn):
         # reference_version: Optional[ReferenceVersion]; unannotated (see CheckSkusFn).
         end_us, entries = element
         this, previous = notice_rule.split_pair(entries)
-        if this is not None:    # else this window held no stream orders: nothing changed in it
+        if this is not None:    # else this window held no stream orders: no pane to compare
             yield from self._picks(end_us, this, previous, pane_info, reference_version)
 
     def _picks(self, end_us: int, this: WindowPopularity, previous: Optional[WindowPopularity],
