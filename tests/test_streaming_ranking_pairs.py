@@ -224,3 +224,11 @@ def test_the_ranking_and_the_notices_read_the_reference_version_side_input(tmp_p
     expected = ["U1", "U2", "U5"]
     run(True)
     assert "U5" in reference.current().vehicle_users[MUSTANG]
+
+
+def test_a_pane_is_keyed_by_its_window_end_and_the_next_and_a_group_splits_by_role():
+    assert rule.pair_keys(20 * US, 10 * US) == ((20 * US, rule.THIS), (30 * US, rule.PREVIOUS))
+    assert rule.split_pair([]) == (None, None)
+    assert rule.split_pair([(rule.THIS, "t")]) == ("t", None)
+    assert rule.split_pair([(rule.PREVIOUS, "p"), (rule.THIS, "t"), (rule.THIS, "t2")]) == (
+        "t", "p")      # a redelivered copy is ignored
