@@ -279,6 +279,8 @@ READERS = {   # step → the side inputs it must read on Dataflow (a ranker, ban
     "RollingPopularity/SegmentWeights": {"ReferenceVersions/CheckVersion"},
     "RollingPopularity/PopularityAtWindowEnd": {"ReferenceVersions/CheckVersion"},
     "RollingBanditState/SegmentOfUser": {"ReferenceVersions/CheckVersion"},
+    "RankingChanges/VehiclePicks": {"ReferenceVersions/CheckVersion"},
+    "RankingChanges/NotifyUsers": {"ReferenceVersions/CheckVersion"},
     "RefreshRecommendations/RefreshShard": {"ReferenceVersions/CheckVersion",
                                             "RankerVersions/CheckVersion"},
 }
