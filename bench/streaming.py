@@ -34,6 +34,13 @@ harness (``sdk_worker_main``; state cache off, Beam's default), whose CPU is
 reported apart from the runner's, with the same and a 100 MB state cache, and
 in-process as before (``--throughput_modes``).
 Parsing and deduplication ("ingest") run on the bundle-based DirectRunner.
+
+Reference delivery (``--reference_delivery_cost``): the production-window core
+run with the reference version polled by each worker (the local seam) and
+delivered as Dataflow's windowed side input (a bounded PeriodicImpulse every
+``--reference_delivery_refresh_seconds`` over the run's event-time span, read
+by ``SegmentWeights`` per order line and ``PopularityAtWindowEnd`` per window),
+N and 2N events each, the two deliveries alternating.
 """
 from __future__ import annotations
 
@@ -335,8 +342,11 @@ def _marginal(first: Dict[str, float], second: Dict[str, float], n: int) -> Dict
     return row
 
 
-def _core(orders, treatments, spec, reference):
-    """The windowed composites of the job over bounded, timestamped records."""
+def _core(orders, treatments, spec, reference, versions=None):
+    """The windowed composites of the job over bounded, timestamped records.
+
+    ``versions``: p → the reference's versions PCollection (side-input delivery), or None.
+    """
     def build(p):
         stamped_orders = p | "Orders" >> beam.Create(
             [beam.window.TimestampedValue(r, r["event_time_us"] / 1e6) for r in orders]
@@ -344,7 +354,8 @@ def _core(orders, treatments, spec, reference):
         stamped_treatments = p | "Treatments" >> beam.Create(
             [beam.window.TimestampedValue(r, r["event_time_us"] / 1e6) for r in treatments]
         ).with_output_types(dict)
-        stamped_orders | "Popularity" >> WindowedPopularity(spec, reference, DEFAULT_CONFIG)
+        stamped_orders | "Popularity" >> WindowedPopularity(
+            spec, reference, DEFAULT_CONFIG, versions(p) if versions is not None else None)
         stamped_orders | "AuditOrders" >> LateDataAudit("orders", spec)
         stamped_treatments | "Bandit" >> StreamingBandit(BanditConfig(draws=2_000), spec)
         (stamped_treatments | beam.Map(treatment_counts)
@@ -485,6 +496,76 @@ def throughput(args) -> Dict:
     timing["messages_per_second"] = round(len(messages) / timing["wall_seconds"], 1)
     out["ingest_parse_and_dedupe"] = timing
     out["sdk_per_element_isolated"] = sdk_per_element(args.isolated_elements, modes)
+    return out
+
+
+def reference_delivery(args) -> Dict:
+    """The production-window core with the reference version polled vs as a side input.
+
+    Same records, same mode; the side-input run adds the impulses (one per
+    refresh interval over the span the windows cover, each a fingerprint check
+    of the reference files) and the windowed side-input reads of the two
+    popularity steps. Runs alternate (poll N, side N, poll 2N, side 2N, twice)
+    so the machine's noise falls on both alike; the best of each pair is kept.
+    """
+    from apache_beam.utils.timestamp import Timestamp
+    from transforms.streaming import ReferenceVersions
+    from transforms.streaming.reference import SIDE_INPUT
+    world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
+                   args.preset)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    refresh = args.reference_delivery_refresh_seconds
+    polled = FileReference(world, DEFAULT_CONFIG, 3600, "events")
+    side = FileReference(world, DEFAULT_CONFIG, refresh, "events")
+    side.delivery = SIDE_INPUT
+    polled.current(), side.current()
+    spec = model.WindowSpec.of_seconds(7 * 86_400, 3_600, 6 * 3_600)
+    n_orders, n_treatments = args.throughput_orders, args.throughput_treatments
+    small = _records(n_orders, n_treatments, args.throughput_days, world)
+    large = _records(2 * n_orders, 2 * n_treatments, args.throughput_days, world)
+    n = n_orders + n_treatments
+    times = [r["event_time_us"] for r in large[0] + large[1]]
+    first = Timestamp(micros=min(times)) - refresh
+    last = Timestamp(micros=max(times)) + spec.size.total_seconds() + refresh
+    impulses = int((last - first).micros // (refresh * 1_000_000))
+
+    def versions(p):
+        return p | "ReferenceVersions" >> ReferenceVersions(side, first, last)
+    mode = args.reference_delivery_mode
+    runs = {"poll": {"n": [], "2n": []}, "side_input": {"n": [], "2n": []}}
+    load = list(os.getloadavg())
+    for _ in range(args.reference_delivery_repeats):
+        for size, records in (("n", small), ("2n", large)):
+            for name, build in (("poll", _core(*records, spec, polled)),
+                                ("side_input", _core(*records, spec, side, versions))):
+                timing = _timed(build, mode=mode)
+                timing["loadavg_after"] = list(os.getloadavg())
+                runs[name][size].append(timing)
+                print("reference_delivery", name, size, json.dumps(timing), flush=True)
+    out = {"measured_at": _now_iso(), "mode": mode, "mode_means": THROUGHPUT_MODES[mode][1],
+           "windows": "production: 7 days every hour, 6 h lateness",
+           "events_n": n, "event_time_span_days": args.throughput_days,
+           "side_input_refresh_seconds": refresh, "impulses_per_run": impulses,
+           "readers_measured": ["RollingPopularity/SegmentWeights (per order line)",
+                                "RollingPopularity/PopularityAtWindowEnd (per window)"],
+           "loadavg_before": load, "runs": runs}
+    for name in runs:
+        best = {size: min(runs[name][size], key=lambda t: t["cpu_seconds"]) for size in runs[name]}
+        row = _marginal(best["n"], best["2n"], n)
+        for kind in ("cpu", "sdk_cpu", "runner_cpu", "wall"):   # 2N no slower than N: noise
+            if kind + "_seconds" in best["n"] and (
+                    best["2n"][kind + "_seconds"] <= best["n"][kind + "_seconds"]):
+                row[f"events_per_second_marginal_{kind}"] = None
+                row[f"fixed_{kind}_seconds"] = None
+        out[name] = {**row, "best_run_n": best["n"], "best_run_2n": best["2n"]}
+    for kind in ("cpu_seconds", "wall_seconds", "sdk_cpu_seconds"):
+        if kind in out["poll"]["best_run_n"]:
+            out[f"side_input_minus_poll_{kind}_run_n"] = round(
+                out["side_input"]["best_run_n"][kind] - out["poll"]["best_run_n"][kind], 2)
+            out[f"side_input_minus_poll_{kind}_run_2n"] = round(
+                out["side_input"]["best_run_2n"][kind] - out["poll"]["best_run_2n"][kind], 2)
+    out["loadavg_after"] = list(os.getloadavg())
     return out
 
 
@@ -664,6 +745,15 @@ def main(argv=None) -> int:
                         help="Also measure the DirectRunner's CPU per bundle and step.")
     parser.add_argument("--bundle_keys", type=int, default=300)
     parser.add_argument("--skip_freshness", action="store_true")
+    parser.add_argument("--reference_delivery_cost", action="store_true",
+                        help="Also measure the core with the reference version polled vs "
+                             "delivered as a windowed side input (FnApiRunner).")
+    parser.add_argument("--reference_delivery_refresh_seconds", type=int, default=600,
+                        help="The side input's refresh interval in that measure (the job's "
+                             "--reference_refresh_seconds default).")
+    parser.add_argument("--reference_delivery_mode", default="subprocess_sdk",
+                        choices=tuple(THROUGHPUT_MODES))
+    parser.add_argument("--reference_delivery_repeats", type=int, default=2)
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args(argv)
     previous = previous_results()
@@ -684,6 +774,11 @@ def main(argv=None) -> int:
                 "measured_at": previous.get("measured_at"),
                 "commit": previous.get("code", {}).get("commit"), **earlier}
         print(json.dumps(result["throughput"], indent=1), flush=True)
+    if args.reference_delivery_cost:
+        result["reference_delivery"] = {"commit": result["code"]["commit"],
+                                        **reference_delivery(args)}
+        print(json.dumps({k: v for k, v in result["reference_delivery"].items() if k != "runs"},
+                         indent=1), flush=True)
     if args.bundle_overhead:
         result["bundle_overhead"] = {"measured_at": _now_iso(), "commit": result["code"]["commit"],
                                      "loadavg_before": list(os.getloadavg()),

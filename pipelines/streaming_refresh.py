@@ -51,14 +51,15 @@ from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are thi
                                 WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                   BigQueryReference, CheckFunnel, CheckSkus, DropDuplicates,
-                                  FileReference, LateDataAudit, ModelReference, ParseMessages,
+                                  FileReference, LateDataAudit, ModelReference, ModelVersions,
+                                  ParseMessages,
                                   Reference, ReferenceVersions,
                                   PeriodCounters, RankingChanges, RefreshRecommendations,
                                   StreamingBandit, TouchedUsers, WindowedPopularity,
                                   WindowOrderLines, WriteRows,
                                   frames_to_rows, recommendation_fields, stamp, to_bigquery_row,
                                   to_global_window, treatment_counts)
-from transforms.streaming.reference import (DELIVERIES, POLLING_RUNNERS, SIDE_INPUT,
+from transforms.streaming.reference import (DELIVERIES, POLL, POLLING_RUNNERS, SIDE_INPUT,
                                             delivery_for)
 
 JOB = "streaming_refresh"
@@ -125,16 +126,18 @@ class StreamingOptions(PipelineOptions):
                                  "keep bandit arms per segment, as bandit_report --segment_by; "
                                  "empty: per treatment only.")
         parser.add_argument("--reference_delivery", default="auto", choices=DELIVERIES,
-                            help="How reference versions reach the steps that use them: "
-                                 "side_input (a PeriodicImpulse every --reference_refresh_seconds, "
-                                 "read as a windowed side input), poll (each worker checks), auto: "
+                            help="How reference (and ranker artifact) versions reach the "
+                                 "steps that use them: side_input (a PeriodicImpulse every "
+                                 "--reference_refresh_seconds / --ranker_refresh_seconds, read "
+                                 "as a windowed side input), poll (each worker checks), auto: "
                                  "poll on the local DirectRunner, side_input elsewhere.")
         parser.add_argument("--insert_retry_seconds", type=int, default=INSERT_RETRY_SECONDS,
                             help="How long a bundle retries BigQuery inserts through an "
                                  "outage before the rows not written become dead letters.")
         parser.add_argument("--ranker_refresh_seconds", type=int, default=300,
-                            help="Check the ranker artifact for a new version at most this "
-                                 "often per worker process.")
+                            help="Check the ranker artifact for a new version this often: "
+                                 "once for the job as a side input (--reference_delivery), or at "
+                                 "most this often per worker process when polling.")
 
 
 class StreamingContext(NamedTuple):
@@ -286,13 +289,15 @@ def _bigquery_reference(options: PipelineOptions, ctx: StreamingContext) -> BigQ
     return reference
 
 
-def ranker_of(options: PipelineOptions, config: RecsConfig) -> Optional[ModelReference]:
+def ranker_of(options: PipelineOptions, config: RecsConfig,
+              delivery: str = POLL) -> Optional[ModelReference]:
     """The watched ranker artifact of a run (None without ``--ranker_model``), checked now.
 
     As in the batch job, a missing or unreadable artifact, or one trained on other
     sources than this configuration's mix, fails the launch in one line; one that
     did not beat the blend is reported and not served (the plain mix serves until
-    a better artifact appears).
+    a better artifact appears). ``delivery`` is the reference data's
+    (`delivery_for`): the model's versions reach the scoring step the same way.
     """
     opts = options.view_as(StreamingOptions)
     model_path = options.view_as(RankerOptions).ranker_model
@@ -300,11 +305,15 @@ def ranker_of(options: PipelineOptions, config: RecsConfig) -> Optional[ModelRef
         return None
     if opts.ranker_refresh_seconds < 0:
         raise UsageError("--ranker_refresh_seconds must be >= 0")
+    if delivery == SIDE_INPUT and opts.ranker_refresh_seconds < 1:
+        raise UsageError("--ranker_refresh_seconds must be >= 1 when versions are a side "
+                         "input (--reference_delivery side_input, or auto on Dataflow)")
     if config.candidates.popularity_only:
         raise UsageError("--ranker_model: the stream serves union rankers over a "
                          "candidates.mix; this configuration's mix is segment_popularity "
                          "alone (re-ranking popularity's pools is the batch job's)")
     ranker = ModelReference(model_path, config, opts.ranker_refresh_seconds)
+    ranker.delivery = delivery
     try:
         _, refused = ranker.check()
     except (FileNotFoundError, ValueError) as err:
@@ -339,10 +348,13 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
                   | "ReadTreatmentEvents" >> ReadFromPubSub(
                       subscription=opts.treatments_subscription, with_attributes=True)
                   | "ParseTreatmentEvents" >> ParseMessages("treatment_events", config.inputs))
-    # The reference's versions, once per refresh interval for the whole job (docs/streaming.md
-    # "Reference data"); None where each worker polls (the local DirectRunner).
+    # The reference's versions, once per refresh interval for the whole job
+    # (docs/streaming-reference.md); None where each worker polls (the local DirectRunner).
     versions = (pipeline | "ReferenceVersions" >> ReferenceVersions(reference)
                 if reference.delivery == SIDE_INPUT else None)
+    # The ranker artifact's versions, the same way (one mechanism: reference.Watched).
+    ranker_versions = (pipeline | "RankerVersions" >> ModelVersions(ranker)
+                       if ranker is not None and ranker.delivery == SIDE_INPUT else None)
     # As in the batch job: unknown SKUs refused before deduplication, the funnel after it.
     known_events = events.rows | "CheckEventSkus" >> CheckSkus("events", reference, versions)
     unique_events = known_events.rows | "DedupeEvents" >> DropDuplicates("events",
@@ -355,7 +367,8 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         spec.size + spec.lateness)
 
     orders = unique_events.rows | "OrderEvents" >> beam.Filter(model.is_order)
-    popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config)
+    popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config,
+                                                                    versions)
     order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
     if opts.ranking_refresh == "on":
         ranking = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config,
@@ -370,11 +383,12 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
              else orders | "WindowOrderLines" >> WindowOrderLines(spec))
     recs = requests | "RefreshRecommendations" >> RefreshRecommendations(
         reference, popularity.first_panes, config, spec, common.num_shards, ctx.run_id,
-        MODEL_VERSION, lines=lines, ranker=ranker)
+        MODEL_VERSION, lines=lines, ranker=ranker, versions=versions,
+        ranker_versions=ranker_versions)
 
     treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
     bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(
-        ctx.bandit, spec, reference, bandit_segments(options))
+        ctx.bandit, spec, reference, bandit_segments(options), versions)
     treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
         "treatment_events", spec)
 
@@ -502,7 +516,7 @@ def launch(argv: Optional[List[str]] = None) -> Launched:
         standard.runner = "BundleBasedDirectRunner"
     ctx = context_from(options)
     reference = reference_of(options, ctx)
-    ranker = ranker_of(options, ctx.config)
+    ranker = ranker_of(options, ctx.config, reference.delivery)
     bigquery.apply_options(options)
     prepare_bigquery(ctx, ctx.config)
     pipeline = beam.Pipeline(options=options)

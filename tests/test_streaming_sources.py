@@ -488,3 +488,113 @@ def test_window_order_lines_gather_each_line_once_per_sliding_window():
         got = (p | stream | WindowOrderLines(spec)
                | beam.Map(lambda w: (w.window_end_us // us, w.cells)))
         assert_that(got, equal_to(want))
+
+
+# --- the model's versions as a side input (Dataflow's delivery; FnApiRunner, bounded impulses) ---
+
+def _fnapi():
+    return TestPipeline(runner="FnApiRunner", options=PipelineOptions([]))
+
+
+class _Versions(beam.DoFn):
+    def process(self, frame):
+        for end, version in zip(frame["popularity_as_of"], frame["model_version"]):
+            yield int(end.value // 1000), version
+
+
+def _scored_periods(p, world, config, ranker, ranker_versions, periods):
+    """Refresh periods (end_us, events) of one shard through the refresh DoFn on the FnApiRunner,
+    in time order, each in its weekly refresh window; their (period end, model_version)."""
+    from apache_beam.transforms.window import FixedWindows
+    from apache_beam.utils.timestamp import Timestamp
+    from transforms.streaming.reference import RANKER_VERSION_ARG, version_side_input
+    elements = [((0, end), [list(model.requests_of_events(events).items())])
+                for end, events in periods]
+    gathered = (p | "Periods" >> beam.Create(elements, reshuffle=False)
+                | "AtPeriodEnd" >> beam.Map(
+                    lambda e: TimestampedValue(e, Timestamp(micros=e[0][1] - 1)))
+                | "RefreshPeriods" >> beam.WindowInto(FixedWindows(7 * 86_400)))
+    none = p | "NoSideInput" >> beam.Create([])
+    fn = RefreshMixShardFn(FileReference(world.dir, config, 0, "events"), config, "run",
+                           "unused", clock=lambda: 0.0, ranker=ranker)
+    scored = gathered | "RefreshShard" >> beam.ParDo(
+        fn, beam.pvalue.AsSingleton(none, default_value=None),
+        beam.pvalue.AsSingleton(none, default_value=None),
+        **version_side_input(ranker_versions, RANKER_VERSION_ARG)).with_outputs(
+        "dead_letter", "counts", main="rows")
+    return scored.rows | "ModelVersions" >> beam.ParDo(_Versions())
+
+
+def _week_after(world):
+    times = model.micros(world.stream["event_time"])
+    return world.stream.loc[(times >= world.end_us) & (times < world.end_us + WEEK_US)]
+
+
+def test_the_model_swapped_mid_run_through_the_side_input(world, union_model, tmp_path):
+    """Two weekly refresh periods in one FnApiRunner run; the model's side input holds union-v1's
+    fingerprint for the first week and union-v2's for the second (v2 saved before the run, the
+    process already holding v1 and polling hourly): week 1 is scored by v1, week 2 by v2."""
+    from transforms.streaming.reference import SIDE_INPUT, ReferenceVersion
+    config = _config(TUNED)
+    models_dir = str(tmp_path / "models")
+    save_model(_versioned(union_model, "union-v1"), models_dir)
+    ranker = ModelReference(models_dir, config, 7 * 86_400)
+    ranker.delivery = SIDE_INPUT
+    v1 = ranker.polled()
+    assert ranker.current(v1).version == "union-v1"
+    save_model(_versioned(union_model, "union-v2"), models_dir)
+    v2 = ReferenceVersion(v1.checked_at + 1, ranker.fingerprint())
+    assert v2.fingerprint != v1.fingerprint and ranker.current().version == "union-v1"
+    first, second = world.end_us, world.end_us + WEEK_US
+    with _fnapi() as p:
+        versions = (p | "Versions" >> beam.Create(
+            [TimestampedValue(v1, (first - WEEK_US) / 1e6), TimestampedValue(v2, first / 1e6)],
+            reshuffle=False) | "VersionWindows" >> beam.WindowInto(
+            beam.window.FixedWindows(7 * 86_400)))
+        got = _scored_periods(p, world, config, ranker, versions,
+                              [(first, world.window), (second, _week_after(world))])
+        assert_that(got | beam.Distinct(), equal_to([(first, "union-v1"),
+                                                     (second, "union-v2")]))
+
+
+def test_model_versions_checked_by_the_impulse_swap_the_model_and_refuse_a_half_written_one(
+        world, union_model, tmp_path):
+    """`ModelVersions` (a bounded PeriodicImpulse) checks the artifact for the job: v2, saved
+    after the process loaded v1, serves although the hourly poll still has v1 (the control
+    run); then a half-written v3 is refused, counted, and v2 stays."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.utils.timestamp import Timestamp
+    from transforms.streaming import ModelVersions
+    from transforms.streaming.reference import SIDE_INPUT
+    config = _config(TUNED)
+    models_dir = str(tmp_path / "models")
+    save_model(_versioned(union_model, "union-v1"), models_dir)
+    ranker = ModelReference(models_dir, config, 3600)
+    ranker.delivery = SIDE_INPUT
+    assert ranker.current().version == "union-v1"          # held; polled hourly
+    save_model(_versioned(union_model, "union-v2"), models_dir)
+    period = [(world.end_us, world.window)]
+    # Hourly checks over the last three hours of the week: the period's end reads the last.
+    start = Timestamp(micros=world.end_us) - 3 * 3600
+
+    for with_side_input, want in ((False, "union-v1"), (True, "union-v2")):
+        p = _fnapi()
+        versions = (p | "Versions" >> ModelVersions(ranker, start, start + 3 * 3600)
+                    if with_side_input else None)
+        got = _scored_periods(p, world, config, ranker, versions, period) | beam.Distinct()
+        assert_that(got, equal_to([(world.end_us, want)]))
+        p.run().wait_until_finish()
+    with open(os.path.join(models_dir, "union-v3.json"), "w") as handle:
+        handle.write('{"format": "segment-recs-ranker", "form')    # a copy still being written
+    with open(os.path.join(models_dir, LATEST), "w") as handle:
+        handle.write("union-v3.json\n")
+    p = _fnapi()
+    versions = p | "Versions" >> ModelVersions(ranker, start, start + 3 * 3600)
+    got = _scored_periods(p, world, config, ranker, versions, period) | beam.Distinct()
+    assert_that(got, equal_to([(world.end_us, "union-v2")]))
+    result = p.run()
+    result.wait_until_finish()
+    refused = result.metrics().query(MetricsFilter().with_name("ranker.artifacts_refused"))
+    assert sum(c.committed for c in refused["counters"]) == 1
+    checks = result.metrics().query(MetricsFilter().with_name("ranker.checks"))
+    assert sum(c.committed for c in checks["counters"]) == 3     # once per interval, per job

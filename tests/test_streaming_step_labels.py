@@ -34,7 +34,7 @@ from pipelines import streaming_refresh as job  # noqa: E402
 from transforms import schemas  # noqa: E402
 from transforms.campaign import BANDIT_STATE  # noqa: E402
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,  # noqa: E402
-                                  FileReference, dead_letter, delivery_for,
+                                  FileReference, ModelReference, dead_letter, delivery_for,
                                   recommendation_fields, stamp)
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "streaming_step_labels.json")
@@ -46,14 +46,20 @@ VARIANTS = {"ranking_on_with_topic": ["--dead_letter_topic",
             "ranking_off": ["--ranking_refresh", "off"],
             # Dataflow's graph: reference versions as a side input (docs/streaming.md).
             "reference_side_input": ["--reference_delivery", "side_input"],
-            "tuned_mix": []}
+            "tuned_mix": [],
+            # Dataflow's graph with every version reader: the bandit's segments and the
+            # ranker artifact's versions as a side input too.
+            "side_input_ranker_bandit_segments": ["--reference_delivery", "side_input",
+                                                  "--bandit_segment_by", "make,model"]}
 # A configuration whose candidates.mix is more than segment popularity adds the window's
 # order lines (WindowOrderLines) and the mix's refresh DoFn (docs/streaming.md).
 VARIANT_CONFIGS = {"tuned_mix": DEFAULT_CONFIG.replace(candidates=CandidatesConfig(mix=(
     ("buy_again", 2), ("also_bought", 1), ("segment_popularity", 1))))}
+VARIANT_CONFIGS["side_input_ranker_bandit_segments"] = VARIANT_CONFIGS["tuned_mix"]
+VARIANT_RANKED = {"side_input_ranker_bandit_segments"}   # built with a (never read) ranker
 
 
-def graph_labels(extra: List[str], config=DEFAULT_CONFIG) -> List[str]:
+def graph_labels(extra: List[str], config=DEFAULT_CONFIG, ranked: bool = False) -> List[str]:
     """Full labels of every step (composite or primitive) of the streaming graph."""
     options = PipelineOptions(["--events_subscription", SUBSCRIPTIONS[0],
                                "--treatments_subscription", SUBSCRIPTIONS[1],
@@ -66,7 +72,11 @@ def graph_labels(extra: List[str], config=DEFAULT_CONFIG) -> List[str]:
     pipeline = beam.Pipeline(options=options)   # built, never run: nothing is read
     reference = FileReference("unused", config, 60)
     reference.delivery = delivery_for(None, options.view_as(job.StreamingOptions).reference_delivery)
-    job.build(pipeline, options, ctx, reference)
+    ranker = None
+    if ranked:
+        ranker = ModelReference("unused", config, 60)
+        ranker.delivery = reference.delivery
+    job.build(pipeline, options, ctx, reference, ranker)
     labels = set()
 
     class Labels(beam.pipeline.PipelineVisitor):
@@ -82,7 +92,8 @@ def graph_labels(extra: List[str], config=DEFAULT_CONFIG) -> List[str]:
 
 def current() -> Dict[str, object]:
     """Labels per variant and the BigQuery field lists, as the golden file holds them."""
-    return {"labels": {name: graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG))
+    return {"labels": {name: graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG),
+                                          name in VARIANT_RANKED)
                        for name, extra in VARIANTS.items()},
             "fields": {"recommendation_updates_4": recommendation_fields(4),
                        "recommendation_updates_2": recommendation_fields(2),
@@ -98,7 +109,8 @@ def _golden() -> Dict[str, object]:
 def test_every_step_label_of_the_streaming_graph_is_unchanged():
     golden = _golden()["labels"]
     for name, extra in VARIANTS.items():
-        now = set(graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG)))
+        now = set(graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG),
+                               name in VARIANT_RANKED))
         pinned = set(golden[name])
         assert now == pinned, (f"{name}: steps added {sorted(now - pinned)}, "
                                f"steps gone {sorted(pinned - now)}")

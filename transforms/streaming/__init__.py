@@ -20,11 +20,11 @@ Nothing a message holds can stop the job: every refusal is a dead letter with
 a reason (storable: escaped, bounded), and every keyed step refuses a key
 Beam could not encode instead of failing its bundle.
 
-Slowly changing inputs (catalogue, fitment, users, order history) come from a
-`FileReference`: every DoFn that needs them asks it for the current version,
-and it re-reads the files when their fingerprint changes (checked at most
-every refresh interval). docs/streaming.md explains why this is not a
-PeriodicImpulse side input on the DirectRunner.
+Slowly changing inputs (catalogue, fitment, users, order history; the ranker
+artifact) are watched sources (`reference.Watched`): every DoFn that needs them
+asks for the version in force, a windowed side input of a PeriodicImpulse on
+Dataflow and polled on the local DirectRunner (docs/streaming.md, "Reference
+data"), and the data is re-read once per process when the fingerprint changes.
 
 One module per concern; this package re-exports every public name, so
 ``from transforms.streaming import X`` keeps working:
@@ -63,8 +63,9 @@ from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, M
 from transforms.streaming.ranking import (Notice, NotifyUsersFn, PicksChangedFn, RankingChanges,
                                           VehiclePicksFn)
 from transforms.streaming.reference import (BigQueryReference, FileReference, Reference,
-                                            ReferenceVersion, ReferenceVersions, cached,
-                                            delivery_for, version_side_input)
+                                            ReferenceVersion, ReferenceVersions, Watched,
+                                            WatchedVersions, cached, delivery_for,
+                                            version_side_input)
 from transforms.streaming.refresh import (GatherPeriodFn, RefreshRecommendations, Refreshed,
                                           RefreshShardFn,
                                           Touch, TouchedUsers, UserSignalsFn, event_touch,
@@ -72,8 +73,8 @@ from transforms.streaming.refresh import (GatherPeriodFn, RefreshRecommendations
 from transforms.streaming.refusals import (Checked, DeadLetter, KeyOrRefuseFn, Record,
                                            RowsAndCounts, dead_letter, record_text,
                                            refusal_counts)
-from transforms.streaming.sources import (EarliestLinesFn, ModelReference, WindowLines,
-                                          WindowOrderLines)
+from transforms.streaming.sources import (EarliestLinesFn, ModelReference, ModelVersions,
+                                          WindowLines, WindowOrderLines)
 from transforms.streaming.tables import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
                                          WriteRows, frames_to_rows, recommendation_fields,
                                          stamp, to_bigquery_row)
@@ -99,3 +100,4 @@ __all__ = [
     "to_global_window", "treatment_counts", "version_side_input", "windowed",
 ]
 __all__ += ["EarliestLinesFn", "ModelReference", "WindowLines", "WindowOrderLines"]
+__all__ += ["ModelVersions", "Watched", "WatchedVersions"]

@@ -4,9 +4,9 @@ The windowed computation is the batch job's own `transforms.bandit.BanditState`;
 this module only turns treatment events into its keyed funnel counts per period.
 With segment attributes (``--bandit_segment_by``, the batch ``--segment_by``),
 each event is keyed by its user's segment, looked up in the job's reference
-``users`` (reloaded when the file changes), and `campaign.window_state` then
-publishes the overall ``*`` arms and each segment's arms shrunk toward them,
-exactly as the batch job does.
+``users`` (of the version in force: a side input on Dataflow), and
+`campaign.window_state` then publishes the overall ``*`` arms and each
+segment's arms shrunk toward them, exactly as the batch job does.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from models.popularity import segment_keys
 from models.streaming import WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
 from transforms.signatures import CachedSignatures
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (Reference, cached, into_version_windows,
+                                            version_side_input)
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import period_buckets
 
@@ -57,15 +58,19 @@ def segment_of_users(users: pd.DataFrame, attributes: Sequence[str]) -> Dict[str
 @typehints.with_input_types(Record)
 @typehints.with_output_types(Record)
 class SegmentOfUserFn(CachedSignatures, beam.DoFn):
-    """Adds ``segment`` to a treatment record from the reference users (built once per version)."""
+    """Adds ``segment`` to a treatment record from the reference users (built once per version).
 
-    def __init__(self, reference: FileReference, attributes: Sequence[str]):
+    ``reference_version`` is the version side input where the job has one (the
+    record in the versions' window of its time); None polls.
+    """
+
+    def __init__(self, reference: Reference, attributes: Sequence[str]):
         self._reference = reference
         self._attributes = tuple(attributes)
         self._key = uuid.uuid4().hex
 
-    def process(self, record: Record) -> Iterator[Record]:
-        ref = self._reference.current()
+    def process(self, record: Record, reference_version=None) -> Iterator[Record]:
+        ref = self._reference.current(reference_version)
         segments = cached(self._key, ref.version,
                           lambda: segment_of_users(ref.users, self._attributes))
         yield {**record, "segment": segments.get(record["user_id"], NO_SEGMENT)}
@@ -79,12 +84,16 @@ class StreamingBandit(beam.PTransform):
     sums are a streaming combine, so late messages add late deltas); late
     panes restate a window, and its latest row wins. With ``segment_by`` (and
     the ``reference`` whose users name the segments) arms are kept per
-    segment too.
+    segment too; with ``versions`` (`ReferenceVersions`, the job's side input
+    on Dataflow) each event's segment comes from the users of the version
+    checked for its time's interval, without from each worker's poll.
     """
 
     def __init__(self, config: BanditConfig, spec: WindowSpec,
-                 reference: Optional[FileReference] = None, segment_by: Sequence[str] = ()):
+                 reference: Optional[Reference] = None, segment_by: Sequence[str] = (),
+                 versions: Optional[beam.PCollection] = None):
         super().__init__()
+        self._versions = versions
         if segment_by and reference is None:
             raise ValueError("segment_by needs the reference whose users name the segments")
         self._config = config
@@ -94,8 +103,12 @@ class StreamingBandit(beam.PTransform):
 
     def expand(self, treatments: beam.PCollection):
         if self._segment_by:
+            if self._versions is not None:   # the next step re-windows into periods anyway
+                treatments = into_version_windows(self._reference, "IntoReferenceWindows",
+                                                  treatments)
             treatments = treatments | "SegmentOfUser" >> beam.ParDo(
-                SegmentOfUserFn(self._reference, self._segment_by))
+                SegmentOfUserFn(self._reference, self._segment_by),
+                **version_side_input(self._versions))
         return (treatments
                 | "CountsPerMessage" >> beam.Map(treatment_counts).with_output_types(KeyedCounts)
                 | "PeriodBuckets" >> period_buckets(self._spec)

@@ -81,7 +81,9 @@ class PeriodSumsFn(CachedSignatures, beam.DoFn):
     @on_timer(FLUSH)
     def release(self, fired=beam.DoFn.TimestampParam, sums=beam.DoFn.StateParam(SUMS),
                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator[dict]:
-        now = fired.micros + 1
+        # The end of the period the timer fired in (portable runners keep timer times in
+        # whole milliseconds: end - 1 us fires at end - 1 ms; see GatherPeriodFn).
+        now = period_end_of(fired, self._period_us)
         held = list(sums.read())
         due: Dict[int, Dict[str, int]] = {}
         later = []

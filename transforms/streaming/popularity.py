@@ -44,7 +44,8 @@ from models.stream_popularity import CellBlock, CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (FileReference, cached, into_version_windows,
+                                            version_side_input)
 from transforms.streaming.refusals import Record, RowsAndCounts
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
@@ -110,16 +111,18 @@ class SegmentWeightsFn(CachedSignatures, beam.DoFn):
     The segment is the buyer's in the reference users at the time the line
     arrives (the batch job joins today's users; a buyer who changes vehicle
     keeps past orders where they were made). A line the history already holds
-    is skipped: the history counts it.
+    is skipped: the history counts it. ``reference_version`` is the version side
+    input where the job has one (the line in the versions' window of its time);
+    None polls.
     """
 
     def __init__(self, reference: FileReference, config: RecsConfig):
         self._reference = reference
         self._config = config
 
-    def process(self, element: CountedLine) -> Iterator:
+    def process(self, element: CountedLine, reference_version=None) -> Iterator:
         order_id, sku, line, sign = element
-        ref = self._reference.current()
+        ref = self._reference.current(reference_version)
         if (order_id, sku) in ref.history_keys:
             if sign > 0:
                 yield count("popularity.order_lines.in_history", 1)
@@ -283,6 +286,8 @@ class PopularityAtWindowEndFn(CachedSignatures, beam.DoFn):
     pane is counted with the cells it restates (`LateDataAudit` counts its
     elements), never scored and thrown away. The cells arrive as columns
     (`CellBlock`), so the window's arithmetic runs on arrays, not per cell.
+    ``reference_version`` is the version side input where the job has one (that
+    of the interval the sliding window ends in); None polls.
     """
 
     def __init__(self, reference: FileReference, config: RecsConfig):
@@ -290,14 +295,14 @@ class PopularityAtWindowEndFn(CachedSignatures, beam.DoFn):
         self._config = config
 
     def process(self, block: CellBlock, win=beam.DoFn.WindowParam,
-                pane=beam.DoFn.PaneInfoParam) -> Iterator:
+                pane=beam.DoFn.PaneInfoParam, reference_version=None) -> Iterator:
         if not pane.is_first:
             yield count("popularity.late_panes", 1)
             yield count("popularity.late_cells", len(block.keys))
             return
         end = utc_of(win.end)
-        frame = cells.window_popularity(block, self._reference.current(), win.end.micros,
-                                        self._config)
+        frame = cells.window_popularity(block, self._reference.current(reference_version),
+                                        win.end.micros, self._config)
         yield count("popularity.panes", 1)
         yield count("popularity.cells", len(block.keys))
         yield WindowPopularity(utc_of(win.start), end, PaneInfoTiming.to_string(pane.timing),
@@ -319,13 +324,19 @@ class WindowedPopularity(beam.PTransform):
     Trigger: one pane when the watermark passes a window's end, then one per
     late element within the allowed lateness; panes accumulate per key. The
     first pane is scored at the window's end; late panes are counted.
+    With ``versions`` (`ReferenceVersions`, the job's side input on Dataflow)
+    ``SegmentWeights`` and ``PopularityAtWindowEnd`` read the reference data of
+    the version checked for the interval of the line's time / the window's end;
+    without, each worker polls.
     """
 
-    def __init__(self, spec: WindowSpec, reference: FileReference, config: RecsConfig):
+    def __init__(self, spec: WindowSpec, reference: FileReference, config: RecsConfig,
+                 versions: Optional[beam.PCollection] = None):
         super().__init__()
         self._spec = spec
         self._reference = reference
         self._config = config
+        self._versions = versions
 
     def expand(self, orders: beam.PCollection) -> PopularityOut:
         half_life = self._config.scoring.half_life_days
@@ -334,10 +345,18 @@ class WindowedPopularity(beam.PTransform):
                      Tuple[OrderLineKey, Record])
                  | "FirstOrderLine" >> beam.ParDo(FirstOrderLineFn(self._spec)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
-        weights = (lines[Tag.ROWS.value]
+        counted = lines[Tag.ROWS.value]
+        if self._versions is not None:   # lines read the version of their time's interval
+            counted = into_version_windows(self._reference, "IntoReferenceWindows", counted)
+        weights = (counted
                    | "SegmentWeights" >> beam.ParDo(
-                       SegmentWeightsFn(self._reference, self._config)).with_outputs(
+                       SegmentWeightsFn(self._reference, self._config),
+                       **version_side_input(self._versions)).with_outputs(
                        Tag.COUNTS.value, main=Tag.ROWS.value))
+        weight_counts = weights[Tag.COUNTS.value]
+        if self._versions is not None:
+            weight_counts = weight_counts | "WeightCountsToGlobalWindow" >> beam.WindowInto(
+                window.GlobalWindows())
         panes = (weights[Tag.ROWS.value]
                  | "PeriodBuckets" >> period_buckets(self._spec)
                  | "SumPerPeriod" >> beam.CombinePerKey(
@@ -349,9 +368,10 @@ class WindowedPopularity(beam.PTransform):
                  | "CellsPerWindow" >> beam.CombineGlobally(
                      MergeCellsFn(half_life)).without_defaults()
                  | "PopularityAtWindowEnd" >> beam.ParDo(
-                     PopularityAtWindowEndFn(self._reference, self._config)).with_outputs(
+                     PopularityAtWindowEndFn(self._reference, self._config),
+                     **version_side_input(self._versions)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
-        counts = ((lines[Tag.COUNTS.value], weights[Tag.COUNTS.value])
+        counts = ((lines[Tag.COUNTS.value], weight_counts)
                   | "FlattenLineCounts" >> beam.Flatten()
                   | "LineCountsToGlobalWindow" >> beam.WindowInto(window.GlobalWindows()))
         pane_counts = panes[Tag.COUNTS.value] | "PaneCountsToGlobalWindow" >> beam.WindowInto(

@@ -9,7 +9,7 @@ modification time and row count. Every DoFn that needs the data asks
 version.
 
 How a consumer learns the version is chosen in one place,
-`delivery_for(runner)` (docs/streaming.md "Reference data"):
+`delivery_for(runner)` (docs/streaming-reference.md):
 
 * ``side_input`` (Dataflow, portable runners): `ReferenceVersions` checks the
   version once per ``--reference_refresh_seconds`` for the whole job
@@ -27,6 +27,11 @@ How a consumer learns the version is chosen in one place,
 Either way a process only ever moves forward: it holds the data of the most
 recently checked version, and a request carrying an older check (an element
 of an earlier window) is served the newer data rather than a reload.
+
+The mechanism is `Watched`'s, shared with the ranker artifact
+(`transforms.streaming.sources.ModelReference`): a subclass says how to
+fingerprint and load its source, and `WatchedVersions` / `version_side_input`
+/ ``current(version)`` deliver its versions the same way.
 """
 from __future__ import annotations
 
@@ -59,12 +64,13 @@ DELIVERIES = ("auto", POLL, SIDE_INPUT)
 # Runners that cannot run the side-input pattern in streaming (docs/streaming.md, measured).
 POLLING_RUNNERS = (None, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 VERSION_ARG = "reference_version"   # the keyword a consumer's process() takes the version as
+RANKER_VERSION_ARG = "ranker_version"   # ... and the ranker artifact's version
 
 # Per worker process: what each source (by key) last fingerprinted (fingerprint, monotonic
 # time, wall time), and objects built per (key, tag) by `cached`.
 _VERSIONS: Dict[str, Tuple[str, float, float]] = {}
 _LOADED: Dict[str, Tuple[str, object]] = {}
-_HELD: Dict[str, "_Held"] = {}      # the poll seam's reference data per source
+_HELD: Dict[str, "_Held"] = {}      # the poll seam's data per watched source (reference, model)
 _CACHE_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
 
@@ -114,7 +120,7 @@ class ReferenceVersion(NamedTuple):
 
 
 class _Held:
-    """The reference data one process holds for one source: the newest checked version.
+    """What one process holds of one watched source: the newest checked version and its data.
 
     Weak-referenceable (``shared.Shared`` keeps it per process on Dataflow).
     A load holds the lock, so concurrent callers wait for it and reuse it; a
@@ -124,10 +130,9 @@ class _Held:
     def __init__(self):
         self.lock = threading.Lock()
         self.version: Optional[ReferenceVersion] = None
-        self.data: Optional[model.ReferenceData] = None
+        self.data: Optional[object] = None
 
-    def get(self, version: ReferenceVersion,
-            load: Callable[[str], model.ReferenceData]) -> model.ReferenceData:
+    def get(self, version: ReferenceVersion, load: Callable[[str], object]) -> object:
         with self.lock:   # one load at a time: a second caller waits and reuses it
             held = self.version
             if held is not None and (version.fingerprint == held.fingerprint
@@ -136,29 +141,27 @@ class _Held:
                     self.version = version
                 return self.data
             # The old copy goes before the new one is built: every caller waits on the lock
-            # anyway, and a process never holds two (docs/streaming.md "Reference data").
+            # anyway, and a process never holds two (docs/streaming-reference.md).
             self.data = self.version = None
             self.data = load(version.fingerprint)
             self.version = version
             return self.data
 
 
-class Reference:
-    """Catalogue, fitment, users and order history, reloaded when their version changes.
+class Watched:
+    """A slowly changing source a stream watches: versioned by fingerprint, held once per process.
 
-    Subclasses say where the tables are (`check`, `fingerprint`, `read`).
-    ``key`` identifies the source across pickling (per-process caches use it);
-    ``delivery`` is set by the job from `delivery_for`. Every DoFn handed the
-    same instance shares the data.
+    Subclasses say what the source is (`fingerprint`, `_load`, `where`). The
+    version reaches consumers as `delivery_for` chose: a side input of
+    `WatchedVersions` (``current(version)``), or polled by each process at most
+    every ``refresh_seconds`` (``current()``). Either way a process holds one
+    copy, of the most recently checked version, and never goes back to an older
+    one. ``key`` identifies the source across pickling (per-process caches use
+    it); every DoFn handed the same instance shares the data.
     """
 
-    def __init__(self, config: RecsConfig, refresh_seconds: float, history_table: str = "events"):
-        self.config = config
+    def __init__(self, refresh_seconds: float):
         self.refresh_seconds = float(refresh_seconds)
-        self.history_table = history_table
-        self.tables = ("catalog", "users") + (
-            ("fitment",) if config.fitment_attributes else ()) + (
-            (history_table,) if history_table else ())
         self.key = uuid.uuid4().hex
         self._delivery = POLL
         self._shared = shared.Shared()
@@ -182,26 +185,26 @@ class Reference:
     # --- what a source says about itself
 
     def where(self) -> str:
-        """Where the tables are, for logs and messages."""
-        raise NotImplementedError
-
-    def check(self) -> None:
-        """Fails fast (at start-up) when an input is missing."""
+        """Where the source is, for logs and messages."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """A string that changes whenever a table is replaced."""
+        """A string that changes whenever the source is replaced."""
         raise NotImplementedError
 
-    def read(self, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
-        """A whole table, validated against its contract, with rejected rows by reason."""
+    def _load(self, fingerprint: str) -> object:
+        """The source's data, read now (``fingerprint`` is what was checked before)."""
         raise NotImplementedError
+
+    def _fingerprint_now(self) -> str:
+        """`fingerprint`, or what a source says when it cannot be read this instant."""
+        return self.fingerprint()
 
     # --- versions
 
     def checked(self) -> ReferenceVersion:
         """The version now (fingerprinted this instant)."""
-        return ReferenceVersion(time.time(), self.fingerprint())
+        return ReferenceVersion(time.time(), self._fingerprint_now())
 
     def polled(self) -> ReferenceVersion:
         """The version as this process last polled it, re-checked every ``refresh_seconds``."""
@@ -209,17 +212,17 @@ class Reference:
         with _CACHE_LOCK:
             known = _VERSIONS.get(self.key)
         if known is None or now - known[1] >= self.refresh_seconds:
-            known = (self.fingerprint(), now, time.time())
+            known = (self._fingerprint_now(), now, time.time())
             with _CACHE_LOCK:
                 _VERSIONS[self.key] = known
         return ReferenceVersion(known[2], known[0])
 
     def version(self) -> str:
-        """The inputs' fingerprint, re-checked at most every ``refresh_seconds`` per process."""
+        """The fingerprint, re-checked at most every ``refresh_seconds`` per process."""
         return self.polled().fingerprint
 
-    def current(self, version: Optional[ReferenceVersion] = None) -> model.ReferenceData:
-        """The reference data in force: of ``version`` (a side input) or of the polled one.
+    def current(self, version: Optional[ReferenceVersion] = None) -> object:
+        """The data in force: of ``version`` (a side input) or of the polled one.
 
         Loaded once per process and version; a version checked before the one
         held is served the held (newer) data.
@@ -236,6 +239,37 @@ class Reference:
             with _CACHE_LOCK:
                 self._held = _HELD.setdefault(self.key, _Held())
         return self._held
+
+
+class Reference(Watched):
+    """Catalogue, fitment, users and order history, reloaded when their version changes.
+
+    Subclasses say where the tables are (`check`, `fingerprint`, `read`).
+    ``delivery`` is set by the job from `delivery_for`. Every DoFn handed the
+    same instance shares the data.
+    """
+
+    def __init__(self, config: RecsConfig, refresh_seconds: float, history_table: str = "events"):
+        super().__init__(refresh_seconds)
+        self.config = config
+        self.history_table = history_table
+        self.tables = ("catalog", "users") + (
+            ("fitment",) if config.fitment_attributes else ()) + (
+            (history_table,) if history_table else ())
+
+    # --- what a source says about itself
+
+    def check(self) -> None:
+        """Fails fast (at start-up) when an input is missing."""
+        raise NotImplementedError
+
+    def read(self, table: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
+        """A whole table, validated against its contract, with rejected rows by reason."""
+        raise NotImplementedError
+
+    def current(self, version: Optional[ReferenceVersion] = None) -> model.ReferenceData:
+        """The reference data in force: of ``version`` (a side input) or of the polled one."""
+        return super().current(version)
 
     def _load(self, fingerprint: str) -> model.ReferenceData:
         started = time.perf_counter()
@@ -288,7 +322,7 @@ class BigQueryReference(Reference):
     The version is each table's last modification time and row count: a
     load job, ``CREATE OR REPLACE TABLE`` or a copy changes it on BigQuery
     and on bqemulator, as does DML on BigQuery (bqemulator does not update the
-    modification time on DML; docs/streaming.md). A table is read whole with
+    modification time on DML; docs/streaming-reference.md). A table is read whole with
     ``tabledata.list`` (no query cost) and validated as the batch source
     validates it (`transforms.bigquery_io.read_table_frame`).
 
@@ -361,40 +395,45 @@ class BigQueryReference(Reference):
 
 @beam.typehints.with_output_types(ReferenceVersion)
 class CheckVersionFn(CachedSignatures, beam.DoFn):
-    """Each impulse → the reference's version at that moment (once for the whole job)."""
+    """Each impulse → the watched source's version at that moment (once for the whole job)."""
 
-    def __init__(self, reference: Reference):
-        self._reference = reference
+    def __init__(self, source: Watched, counter: str = "reference.checks"):
+        self._source = source
+        self._counter = counter
 
     def process(self, _impulse) -> Iterator[ReferenceVersion]:
-        Metrics.counter(NAMESPACE, "reference.checks").inc()
-        yield self._reference.checked()
+        Metrics.counter(NAMESPACE, self._counter).inc()
+        yield self._source.checked()
 
 
-class ReferenceVersions(beam.PTransform):
-    """The slowly-changing side input: the reference's version once per refresh interval.
+class WatchedVersions(beam.PTransform):
+    """The slowly-changing side input: a watched source's version once per refresh interval.
 
     ``PeriodicImpulse(apply_windowing=True)`` fires every
-    ``reference.refresh_seconds`` and puts each impulse in its own fixed
+    ``source.refresh_seconds`` and puts each impulse in its own fixed
     window of that length; the version checked then is the window's single
     element, read by consumers with ``AsSingleton`` (`version_side_input`).
+    The reference data (`ReferenceVersions`) and the ranker artifact
+    (`transforms.streaming.sources.ModelVersions`) are both delivered this way.
 
     Args:
-        reference: whose version to check.
+        source: whose version to check.
         start, stop: the impulses' first timestamp and the bound after which
             none fire (tests run a bounded sequence); default: from when the
             job starts, for ever.
+        counter: the counter of checks (``reference.checks``, ``ranker.checks``).
     """
 
-    def __init__(self, reference: Reference, start: Optional[Timestamp] = None,
-                 stop: Optional[Timestamp] = None):
+    def __init__(self, source: Watched, start: Optional[Timestamp] = None,
+                 stop: Optional[Timestamp] = None, counter: str = "reference.checks"):
         super().__init__()
-        if reference.refresh_seconds < 1:
-            raise ValueError("reference versions as a side input need a refresh interval of "
+        if source.refresh_seconds < 1:
+            raise ValueError("versions as a side input need a refresh interval of "
                              "at least 1 second")
-        self._reference = reference
+        self._source = source
         self._start = start
         self._stop = stop
+        self._counter = counter
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         start = self._start if self._start is not None else Timestamp.now()
@@ -402,23 +441,34 @@ class ReferenceVersions(beam.PTransform):
                 | "EveryRefreshInterval" >> PeriodicImpulse(
                     start_timestamp=start,
                     stop_timestamp=self._stop if self._stop is not None else MAX_TIMESTAMP,
-                    fire_interval=self._reference.refresh_seconds, apply_windowing=True)
-                | "CheckVersion" >> beam.ParDo(CheckVersionFn(self._reference)))
+                    fire_interval=self._source.refresh_seconds, apply_windowing=True)
+                | "CheckVersion" >> beam.ParDo(CheckVersionFn(self._source, self._counter)))
 
 
-def version_side_input(versions: Optional[beam.PCollection]) -> Dict[str, object]:
+class ReferenceVersions(WatchedVersions):
+    """The reference data's versions, once per ``--reference_refresh_seconds``."""
+
+    def __init__(self, reference: Reference, start: Optional[Timestamp] = None,
+                 stop: Optional[Timestamp] = None):
+        super().__init__(reference, start, stop, "reference.checks")
+
+
+def version_side_input(versions: Optional[beam.PCollection],
+                       arg: str = VERSION_ARG) -> Dict[str, object]:
     """The keyword side input a consumer's ParDo takes (``reference_version=``), or none.
 
     Windowed ``AsSingleton``: an element reads the version of the interval its
     window ends in; a window no impulse covered (an element older than the
-    job) reads None, and ``current(None)`` then polls.
+    job) reads None, and ``current(None)`` then polls. ``arg`` names the
+    keyword (``ranker_version`` for the model's versions).
     """
     if versions is None:
         return {}
-    return {VERSION_ARG: beam.pvalue.AsSingleton(versions, default_value=None)}
+    return {arg: beam.pvalue.AsSingleton(versions, default_value=None)}
 
 
-def into_version_windows(reference: Reference, label: str,
+def into_version_windows(source: Watched, label: str,
                          pcoll: beam.PCollection) -> beam.PCollection:
     """A global-window collection in the versions' fixed windows, so it can read them."""
-    return pcoll | label >> beam.WindowInto(beam.window.FixedWindows(reference.refresh_seconds))
+    return pcoll | label >> beam.WindowInto(beam.window.FixedWindows(source.refresh_seconds))
+

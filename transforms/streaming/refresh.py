@@ -31,7 +31,8 @@ from models.streaming import RefreshRequest, WindowSpec
 from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
 from transforms.streaming.popularity import WindowPopularity
-from transforms.streaming.reference import FileReference, cached
+from transforms.streaming.reference import (RANKER_VERSION_ARG, Reference, cached,
+                                            version_side_input)
 from transforms.streaming.refusals import Record, dead_letter
 from transforms.streaming.sources import ModelReference, WindowLines
 from transforms.streaming.windows import MICROS, seconds_of, utc_of
@@ -129,9 +130,14 @@ class RefreshShardFn(CachedSignatures, beam.DoFn):
     window's order lines (`WindowOrderLines`, `models.stream_sources`). What a
     window needs is built once per window, reference version and model, per
     worker process, and reused by every shard.
+
+    The reference data's and the model's versions are the keyword side inputs
+    ``reference_version`` and ``ranker_version`` where the job has them (on
+    Dataflow: `version_side_input`, each the version of the interval the
+    refresh period ends in); None polls.
     """
 
-    def __init__(self, reference: FileReference, config: RecsConfig, run_id: str,
+    def __init__(self, reference: Reference, config: RecsConfig, run_id: str,
                  model_version: str, clock: Callable[[], float] = time.time,
                  ranker: Optional[ModelReference] = None):
         self._reference = reference
@@ -181,17 +187,21 @@ class RefreshShardFn(CachedSignatures, beam.DoFn):
         serving, sources = cached(self._key, tag, build)
         return serving, sources, bool(built)
 
+    # The versions are unannotated: Beam's type check takes a side input's NamedTuple for a
+    # mismatch with Optional of it (as in CheckSkusFn).
     def process(self, element, pop: Optional[WindowPopularity],
-                win=beam.DoFn.WindowParam) -> Iterator:
-        return self._refresh(element, pop, None, win)
+                win=beam.DoFn.WindowParam, reference_version=None,
+                ranker_version=None) -> Iterator:
+        return self._refresh(element, pop, None, win, reference_version, ranker_version)
 
     def _refresh(self, element, pop: Optional[WindowPopularity], lines: Optional[WindowLines],
-                 win) -> Iterator:
+                 win, reference_version=None, ranker_version=None) -> Iterator:
         _, batches = element
         requests = model.merge_requests(r for batch in batches for r in batch)
         end = utc_of(win.end)
-        ref = self._reference.current()
-        ranker = self._ranker.current() if self._ranker is not None else None
+        ref = self._reference.current(reference_version)
+        ranker = (self._ranker.current(ranker_version) if self._ranker is not None
+                  else None)
         serving, sources, built = self._serving(ref, pop, lines, end, ranker)
         out = model.refresh_users(requests, ref, serving, end, self._config)
         yield count("refresh.requests", len(requests))
@@ -236,8 +246,9 @@ class RefreshMixShardFn(RefreshShardFn):
     """`RefreshShardFn` with the window's order lines as a second side input (the slot mix)."""
 
     def process(self, element, pop: Optional[WindowPopularity], lines: Optional[WindowLines],
-                win=beam.DoFn.WindowParam) -> Iterator:
-        return self._refresh(element, pop, lines, win)
+                win=beam.DoFn.WindowParam, reference_version=None,
+                ranker_version=None) -> Iterator:
+        return self._refresh(element, pop, lines, win, reference_version, ranker_version)
 
     def default_label(self) -> str:
         # The step keeps its label whatever the configuration (update in place matches it).
@@ -298,7 +309,11 @@ class GatherPeriodFn(CachedSignatures, beam.DoFn):
                 pending=beam.DoFn.StateParam(PENDING), next_end=beam.DoFn.StateParam(NEXT),
                 released=beam.DoFn.StateParam(RELEASED),
                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
-        now = fired.micros + 1
+        # The end of the period the timer fired in: portable runners (the FnApiRunner,
+        # Dataflow's runner v2) keep timer times in whole milliseconds, so a timer set at
+        # end - 1 us fires at end - 1 ms there; taken as end - 1 us + 1, its period's own
+        # requests were never due and the timer was set again at the same instant, for ever.
+        now = (fired.micros // self._period_us + 1) * self._period_us
         held = list(pending.read())
         due = [r for end, r in held if end <= now]
         later = [(end, r) for end, r in held if end > now]
@@ -341,14 +356,24 @@ class RefreshRecommendations(beam.PTransform):
     'max_timestamp'``, Beam 2.77), which a GroupByKey never emits. It never
     drops anything (the global window never expires) and costs one shuffle
     of what is already grouped.
+
+    With ``versions`` (`ReferenceVersions`) and ``ranker_versions``
+    (`ModelVersions`), the job's side inputs on Dataflow, the scoring reads
+    the reference data and the model of the version checked for the interval
+    its refresh period ends in (the period's fixed window maps onto it as it
+    is); without, each worker polls.
     """
 
-    def __init__(self, reference: FileReference, popularity: beam.PCollection,
+    def __init__(self, reference: Reference, popularity: beam.PCollection,
                  config: RecsConfig, spec: WindowSpec, num_shards: int, run_id: str,
                  model_version: str, clock: Callable[[], float] = time.time,
                  lines: Optional[beam.PCollection] = None,
-                 ranker: Optional[ModelReference] = None):
+                 ranker: Optional[ModelReference] = None,
+                 versions: Optional[beam.PCollection] = None,
+                 ranker_versions: Optional[beam.PCollection] = None):
         super().__init__()
+        self._versions = versions
+        self._ranker_versions = ranker_versions
         self._reference = reference
         self._popularity = popularity
         self._lines = lines
@@ -383,7 +408,8 @@ class RefreshRecommendations(beam.PTransform):
             fn = RefreshMixShardFn
         scored = periods | "RefreshShard" >> beam.ParDo(
             fn(self._reference, self._config, self._run_id, self._model_version,
-               self._clock, self._ranker), *side).with_outputs(
+               self._clock, self._ranker), *side, **version_side_input(self._versions),
+            **version_side_input(self._ranker_versions, RANKER_VERSION_ARG)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
         counts = ((out[Tag.COUNTS.value] | "HeldCountsToGlobalWindow" >> beam.WindowInto(
                       window.GlobalWindows()),

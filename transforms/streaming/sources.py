@@ -4,15 +4,14 @@
 side input the refresh builds the sources' shared tables from, with
 `models.stream_sources`); `ModelReference` watches the ranker artifact and
 swaps a new one in without a restart, as Beam's RunInference does with
-``WatchFilePattern`` (here by polling its fingerprint on use, the way
-`FileReference` polls the reference data; docs/streaming.md says why).
+``WatchFilePattern``: its fingerprint is a side input on Dataflow
+(`ModelVersions`) and polled on the local DirectRunner, the reference data's
+mechanism (`transforms.streaming.reference.Watched`; docs/streaming.md).
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
-import uuid
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -20,6 +19,7 @@ from apache_beam import typehints
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
 
 from models.config import RecsConfig
 from models.ranker import RankerModel, refusal
@@ -27,7 +27,7 @@ from models.streaming import WindowSpec
 from transforms.health import NAMESPACE
 from transforms.ranker import load_model, resolve_model_path
 from transforms.signatures import CachedSignatures
-from transforms.streaming.reference import cached
+from transforms.streaming.reference import ReferenceVersion, Watched, WatchedVersions
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import seconds_of
 
@@ -151,32 +151,39 @@ class WindowOrderLines(beam.PTransform):
 
 # --- the watched ranker artifact ------------------------------------------------------------
 
-_POLLED: Dict[str, Tuple[str, float]] = {}     # key → (fingerprint, when polled)
-_SERVED: Dict[str, Optional[RankerModel]] = {}  # key → the model last accepted
+_SERVED: Dict[str, Optional[RankerModel]] = {}  # key → the model last accepted in this process
 _LOCK = threading.Lock()
 
 
-class ModelReference:
+class ModelReference(Watched):
     """The ranker artifact a stream serves, swapped in when a new one appears.
 
     ``path`` is what ``--ranker_model`` takes in the batch job: a ``.json``
     artifact, or a model directory whose ``LATEST`` names the artifact (write
     the new artifact first, then ``LATEST``: the swap is the pointer's change).
-    `current` fingerprints the resolved artifact (path, size, modification time)
-    at most every ``refresh_seconds`` per worker process and loads it once per
-    process when the fingerprint changed. A new artifact that does not fit this
-    configuration (trained on other sources, unreadable, half written) is
-    refused with one logged line and counted (``ranker.artifacts_refused``); the
-    model in force stays. An artifact that did not beat the blend on validation
-    (`models.ranker.refusal`) is not served: the plain mix serves until a better
-    one appears, as the batch job does.
+    Its version is the resolved artifact's fingerprint (path, size,
+    modification time), delivered as the reference data's is (`Watched`, one
+    mechanism): on Dataflow checked once per ``refresh_seconds`` for the whole
+    job by `ModelVersions` and read by the scoring step as a windowed side
+    input, as Beam's RunInference reads ``WatchFilePattern``'s; under the poll
+    seam (the local DirectRunner) fingerprinted at most every
+    ``refresh_seconds`` per worker process. The model is loaded once per
+    process and version. A new artifact that does not fit this configuration
+    (trained on other sources, unreadable, half written) is refused with one
+    logged line per version and process and counted
+    (``ranker.artifacts_refused``); the model in force stays. An artifact that
+    did not beat the blend on validation (`models.ranker.refusal`) is not
+    served: the plain mix serves until a better one appears, as the batch job
+    does.
     """
 
     def __init__(self, path: str, config: RecsConfig, refresh_seconds: float):
+        super().__init__(refresh_seconds)
         self.path = path
         self.config = config
-        self.refresh_seconds = float(refresh_seconds)
-        self.key = uuid.uuid4().hex
+
+    def where(self) -> str:
+        return self.path
 
     def check(self) -> Tuple[RankerModel, Optional[str]]:
         """At start-up: the model and why it is not served (None: served); one-line errors.
@@ -197,26 +204,19 @@ class ModelReference:
         meta = FileSystems.match([resolved])[0].metadata_list[0]
         return f"{resolved}:{meta.size_in_bytes}:{meta.last_updated_in_seconds}"
 
-    def version(self) -> str:
-        """The fingerprint, re-checked at most every ``refresh_seconds`` per process."""
-        now = time.monotonic()
-        with _LOCK:
-            known = _POLLED.get(self.key)
-        if known is None or now - known[1] >= self.refresh_seconds:
-            try:
-                known = (self.fingerprint(), now)
-            except (OSError, ValueError, IndexError) as err:   # a pointer mid-swap
-                _LOG.warning("ranker artifact %s not readable now (%s); keeping the model in "
-                             "force", self.path, err)
-                known = (known[0] if known else "", now)
-            with _LOCK:
-                _POLLED[self.key] = known
-        return known[0]
+    def _fingerprint_now(self) -> str:
+        """The fingerprint; while the pointer is mid-swap, the one this process last saw."""
+        try:
+            return self.fingerprint()
+        except (OSError, ValueError, IndexError) as err:
+            held = self._holder().version
+            _LOG.warning("ranker artifact %s not readable now (%s); keeping the model in "
+                         "force", self.path, err)
+            return held.fingerprint if held is not None else ""
 
-    def current(self) -> Optional[RankerModel]:
-        """The model in force now (None: the plain mix serves)."""
-        fingerprint = self.version()
-        return cached(self.key, fingerprint, lambda: self._load(fingerprint))
+    def current(self, version: Optional[ReferenceVersion] = None) -> Optional[RankerModel]:
+        """The model in force (None: the plain mix serves): of ``version`` or the polled one."""
+        return super().current(version)
 
     def _load(self, fingerprint: str) -> Optional[RankerModel]:
         with _LOCK:
@@ -240,3 +240,16 @@ class ModelReference:
         with _LOCK:
             _SERVED[self.key] = model
         return model
+
+
+class ModelVersions(WatchedVersions):
+    """The ranker artifact's versions, once per ``--ranker_refresh_seconds`` (`WatchedVersions`).
+
+    The scoring step reads them with ``version_side_input(versions,
+    RANKER_VERSION_ARG)``; only the fingerprint travels, the model is loaded
+    per worker process.
+    """
+
+    def __init__(self, ranker: ModelReference, start: Optional[Timestamp] = None,
+                 stop: Optional[Timestamp] = None):
+        super().__init__(ranker, start, stop, "ranker.checks")
