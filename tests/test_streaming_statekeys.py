@@ -163,6 +163,8 @@ def dedupe_stream():
               .add_elements([order(i, i) for i in range(1, 6)])               # expired: pass
               .add_elements([order(i, i) for i in range(15, 21)])             # within: dropped
               .add_elements([order(21, 71), order(22, 71.5), order(21, 71)])  # one dropped
+              .advance_watermark_to(BASE + 74)          # E1, admitted again already expired,
+              .add_elements([order(1, 1)])              # is removed by a timer moved earlier
               .advance_watermark_to(BASE + 200)                               # all expired
               .add_elements([order(21, 71), order(20, 20)]))                  # pass again
     return finish(stream)
@@ -171,7 +173,7 @@ def dedupe_stream():
 @pytest.mark.parametrize("keys", KEYINGS, ids=KEYING_IDS)
 def test_dedupe_gives_the_same_records_and_counts_under_every_keying(keys):
     expected = ([f"E{i}" for i in range(1, 21)] + [f"E{i}" for i in range(1, 6)]
-                + ["E21", "E22", "E21", "E20"])
+                + ["E21", "E22", "E1", "E21", "E20"])
     with streaming_pipeline() as p:
         out = p | dedupe_stream() | DropDuplicates("events", pd.Timedelta(seconds=60), keys)
         assert_that(out.rows | beam.Map(lambda r: r["event_id"]), equal_to(expected),
