@@ -1,6 +1,7 @@
 """When a vehicle's users are told that its default picks moved (the stream's ranking notices).
 
-A stream order re-ranks its vehicle (`transforms.streaming.popularity.VehiclePicksFn`);
+A stream order re-ranks its vehicle (`transforms.streaming.ranking.VehiclePicksFn`,
+with `picks_between` below: each pair of consecutive windows, joined per window end);
 at short refresh periods the picks flip back and forth or only reorder, and a
 notice for each flip re-scores every user of the vehicle for nothing they
 would see. The rule here keeps only what a user would notice, at a mail's
@@ -13,15 +14,19 @@ cadence:
   visible change inside the interval is *held*, and re-checked when the
   interval ends: still there, it is noticed then (once); flipped back, never.
 
-`transforms.streaming.popularity.PicksChangedFn` keeps one `NoticeState` per
+`transforms.streaming.ranking.PicksChangedFn` keeps one `NoticeState` per
 vehicle in keyed state and sets an event-time timer at `recheck_at`. Nothing
 here imports Beam.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from models.config import RankingNoticesConfig
+import pandas as pd
+
+from models import stream_popularity as cells
+from models import streaming as model
+from models.config import RankingNoticesConfig, RecsConfig
 
 Picks = Tuple[str, ...]         # (source, rec_part_1, ...), as VehiclePicksFn emits them
 
@@ -116,3 +121,73 @@ def recheck(state: NoticeState, at_us: int, min_changed: int) -> Tuple[NoticeSta
     if not visible_change(state.told, state.latest, min_changed):
         return state, False
     return NoticeState(state.latest, at_us, state.latest_end_us, state.latest), True
+
+
+# --- pairing consecutive windows without state ---------------------------------------------
+
+THIS, PREVIOUS = "this", "previous"
+
+
+def pair_keys(end_us: int, period_us: int) -> Tuple[Tuple[int, str], Tuple[int, str]]:
+    """Where a window's popularity goes: as ``this`` under its own end, as ``previous`` one later.
+
+    The window ending ``end_us`` is the one before the window ending one
+    period later, so grouping by window end brings each window together with
+    the one before it, without any state carried from window to window.
+
+    >>> pair_keys(20, 10)
+    ((20, 'this'), (30, 'previous'))
+    """
+    return (end_us, THIS), (end_us + period_us, PREVIOUS)
+
+
+def split_pair(entries: Iterable[Tuple[str, object]]) -> Tuple[Optional[object], Optional[object]]:
+    """A window end's group → (this window's popularity, the previous window's), each or None.
+
+    A window has one first pane, so each role appears at most once; should a
+    runner deliver one twice (a retried bundle), the copies are equal and the
+    first is kept.
+
+    >>> split_pair([(PREVIOUS, "p"), (THIS, "t")])
+    ('t', 'p')
+    >>> split_pair([(PREVIOUS, "p")])
+    (None, 'p')
+    """
+    this = previous = None
+    for role, value in entries:
+        if role == THIS and this is None:
+            this = value
+        elif role == PREVIOUS and previous is None:
+            previous = value
+    return this, previous
+
+
+def ranked_vehicles(previous: pd.DataFrame, current: pd.DataFrame,
+                    by_segment: Mapping[Tuple[str, str], Sequence[str]],
+                    levels: Sequence[str]) -> List[str]:
+    """The vehicles whose own segments (``levels``) gained or lost orders between two windows."""
+    changed = cells.changed_segments(previous, current, levels)
+    return sorted({v for segment in changed for v in by_segment.get(segment, ())})
+
+
+def picks_between(reference, previous: pd.DataFrame, current: pd.DataFrame,
+                  vehicles: Sequence[str], config: RecsConfig
+                  ) -> Dict[str, Tuple[Picks, Optional[Picks]]]:
+    """Each vehicle's default picks under the current window and under the previous one.
+
+    Both windows are ranked here: with no state carried between windows the
+    previous window's picks are not at hand (ranking them again costs one more
+    `default_picks` over the same vehicles; bench/streaming_ranking.py measures it).
+    """
+    if not vehicles:
+        return {}
+    now = model.default_picks(model.scorer(reference, current, config), reference, vehicles,
+                              config)
+    before = model.default_picks(model.scorer(reference, previous, config), reference, vehicles,
+                                 config)
+    out = {}
+    for vehicle, chosen in now.items():
+        base = before.get(vehicle)
+        out[vehicle] = (tuple(str(p) for p in chosen),
+                        tuple(str(p) for p in base) if base is not None else None)
+    return out

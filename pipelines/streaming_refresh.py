@@ -359,7 +359,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
     if opts.ranking_refresh == "on":
         ranking = popularity.first_panes | "RankingChanges" >> RankingChanges(reference, config,
-                                                                              spec)
+                                                                              spec, versions)
         notices, notice_counts = ranking.rows, [ranking.counts]
     else:
         notices, notice_counts = pipeline | "NoRankingNotices" >> beam.Create([]), []

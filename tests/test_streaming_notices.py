@@ -15,7 +15,7 @@ from models.config import RankingNoticesConfig
 from models.config_file import ConfigError, config_from_dict
 from tests.test_streaming_transforms import BASE, US, streaming_pipeline, summed
 from transforms.health import Tag
-from transforms.streaming.popularity import PicksChangedFn
+from transforms.streaming.ranking import PicksChangedFn
 
 HOUR = 3_600 * US
 INTERVAL = 6 * HOUR

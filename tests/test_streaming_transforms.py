@@ -453,7 +453,8 @@ def test_a_vehicle_whose_top_picks_change_notifies_its_users(tmp_path):
                     label="Notices")
         assert_that(summed("Counts", notices.counts), equal_to([{
             "ranking.vehicles_ranked": 2, "ranking.vehicles_changed": 1,
-            "ranking.users_notified": 2}]), label="Counts")
+            "ranking.users_notified": 2,
+            "ranking.previous_from_history": 1}]), label="Counts")   # [-10, 0): no orders
 
 
 # --- bandit ----------------------------------------------------------------------------------------------

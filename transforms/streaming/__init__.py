@@ -7,7 +7,8 @@ Reading order of the graph (pipelines/streaming_refresh.py wires it):
       → DropDuplicates (stateful per event_id, TTL timer)
       → orders → WindowedPopularity (order lines once, keyed; decayed cells per (level, segment,
                  sku) summed per period, slid, summed per window, scored at the window's end)
-               → RankingChanges (keyed per vehicle: users of vehicles whose top picks moved)
+               → RankingChanges (consecutive windows paired per window end; keyed per
+                 vehicle: users of vehicles whose top picks moved)
       → events + notices → TouchedUsers (stateful per user: recent stream events)
       → RefreshRecommendations (keyed per user shard, held until the period ends in event
                  time by a timer; scored like the batch job)
@@ -35,7 +36,8 @@ One module per concern; this package re-exports every public name, so
     dedupe      `DropDuplicates`: keyed state per event id
     statekeys   per-event state keys per runner: natural keys, or buckets locally
     checks      `CheckSkus`, `CheckFunnel`: the batch job's checks, event by event
-    popularity  `WindowedPopularity`, `RankingChanges`
+    popularity  `WindowedPopularity`
+    ranking     `RankingChanges`: vehicles whose picks moved between consecutive windows
     audit       `LateDataAudit`
     refresh     `TouchedUsers`, `RefreshRecommendations`
     sources     `WindowOrderLines` (the mix's window lines), `ModelReference` (watched ranker)
@@ -56,10 +58,11 @@ from transforms.streaming.dedupe import DropDuplicateIdsFn, DropDuplicates
 from transforms.streaming.health import PeriodCounters, PeriodSumsFn, PreSumPerBundleFn
 from transforms.streaming.parse import ParseMessages, ParseMessagesFn, Parsed
 from transforms.streaming.popularity import (DecayedCountFn, FirstOrderLineFn, MergeCellsFn,
-                                             Notice, NotifyUsersFn, PicksChangedFn,
                                              PopularityAtWindowEndFn, PopularityOut,
-                                             RankingChanges, SegmentWeightsFn, VehiclePicksFn,
+                                             SegmentWeightsFn,
                                              WindowedPopularity, WindowPopularity)
+from transforms.streaming.ranking import (Notice, NotifyUsersFn, PicksChangedFn, RankingChanges,
+                                          VehiclePicksFn)
 from transforms.streaming.reference import (BigQueryReference, FileReference, Reference,
                                             ReferenceVersion, ReferenceVersions, cached,
                                             delivery_for, version_side_input)
