@@ -708,11 +708,11 @@ def state_sizes(args) -> Dict:
     return out
 
 
-def previous_results() -> Dict:
+def previous_results(path: str = RESULTS) -> Dict:
     """The results file as it is (a run of some scenarios keeps the others' figures)."""
-    if not os.path.exists(RESULTS):
+    if not os.path.exists(path):
         return {}
-    with open(RESULTS) as handle:
+    with open(path) as handle:
         return json.load(handle)
 
 
@@ -754,9 +754,16 @@ def main(argv=None) -> int:
     parser.add_argument("--reference_delivery_mode", default="subprocess_sdk",
                         choices=tuple(THROUGHPUT_MODES))
     parser.add_argument("--reference_delivery_repeats", type=int, default=2)
+    parser.add_argument("--freshness_key", default="freshness",
+                        help="Top-level key of the results file the freshness scenarios are "
+                             "merged into (e.g. one per same-hour comparison); earlier "
+                             "scenarios under it are kept.")
+    parser.add_argument("--results", default=RESULTS,
+                        help="Results file to merge into (another worktree's, to run one "
+                             "code's bench into the file of the comparison).")
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args(argv)
-    previous = previous_results()
+    previous = previous_results(args.results)
     result = {
         "measured_at": _now_iso(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -785,23 +792,32 @@ def main(argv=None) -> int:
                                      **bundle_overhead(args)}
         print(json.dumps(result["bundle_overhead"], indent=1), flush=True)
     if not args.skip_freshness:
-        result["freshness"] = dict(previous.get("freshness", {}))
+        fresh = result[args.freshness_key] = dict(previous.get(args.freshness_key, {}))
         for scenario in args.scenarios.split(","):
             name, rate, traffic, ranking, *rest = scenario.split(":")
             orders = int(rest[0]) if rest else args.orders
             period = int(rest[1]) if len(rest) > 1 else args.period_seconds
             # Scenarios of earlier runs stay in the file: each says when and at what commit.
-            result["freshness"][name] = {
+            fresh[name] = {
                 "measured_at": _now_iso(), "commit": result["code"]["commit"],
                 **freshness(args, float(rate), float(traffic), ranking, orders, period)}
-            print(json.dumps(result["freshness"][name], indent=1), flush=True)
+            print(json.dumps(fresh[name], indent=1), flush=True)
     result["machine"]["loadavg_after"] = list(os.getloadavg())
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    previous = previous_results(args.results)   # as it is now: another run may have merged
+    if args.freshness_key in result:
+        result[args.freshness_key] = {**previous.get(args.freshness_key, {}),
+                                      **result[args.freshness_key]}
     merged = {**previous, **result}
-    with open(RESULTS, "w") as handle:
+    if args.freshness_key != "freshness":
+        # A same-hour comparison keeps the file's headline (measured_at, code, machine).
+        for key in ("measured_at", "code", "machine"):
+            if key in previous:
+                merged[key] = previous[key]
+    with open(args.results, "w") as handle:
         json.dump(merged, handle, indent=1)
         handle.write("\n")
-    print(f"wrote {os.path.relpath(RESULTS, ROOT)}")
+    print(f"wrote {args.results}")
     return 0
 
 

@@ -34,6 +34,7 @@ One module per concern; this package re-exports every public name, so
     reference   `Reference` (files, BigQuery), its versions side input, the per-process cache
     parse       `ParseMessages`: Pub/Sub messages → timestamped records
     dedupe      `DropDuplicates`: keyed state per event id
+    statekeys   per-event state keys per runner: natural keys, or buckets locally
     checks      `CheckSkus`, `CheckFunnel`: the batch job's checks, event by event
     popularity  `WindowedPopularity`
     ranking     `RankingChanges`: vehicles whose picks moved between consecutive windows

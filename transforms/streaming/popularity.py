@@ -10,9 +10,10 @@ and `transforms.streaming.ranking.RankingChanges`.
 
 State and accumulators, and what bounds them (docs/streaming.md):
 
-- ``FirstOrderLine``: one (time, event id, user) per order line, cleared by an
+- ``FirstOrderLine``: one (time, event id, user) per order line, removed by an
   event-time timer ``size + lateness`` after the line: bounded by the order
-  rate over a window, never by the stream's total.
+  rate over a window, never by the stream's total (per order line on Dataflow,
+  per bucket of them on the local runner: `statekeys`).
 - ``SumPerPeriod``: one `Decayed` (an int, a float, an int) per
   (level, segment, sku) key and period: bounded by the catalogue times the
   segments, whatever the volume.
@@ -37,6 +38,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
+from models import expiring_entries as entries_of
 from models import stream_popularity as cells
 from models import streaming as model
 from models.config import RecsConfig
@@ -47,6 +49,7 @@ from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import (FileReference, cached, into_version_windows,
                                             version_side_input)
 from transforms.streaming.refusals import Record, RowsAndCounts
+from transforms.streaming.statekeys import NATURAL, StateKeys, state_keys_of
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
 OrderLineKey = Tuple[str, str]                      # (order_id, sku)
@@ -54,12 +57,18 @@ CountedLine = Tuple[str, str, LineState, int]       # (order_id, sku, line, +1 /
 Cell = Tuple[CellKey, Decayed]
 
 
-def order_line_key(record: Record) -> Tuple[OrderLineKey, Record]:
-    """An order record keyed by its order line (the contract makes order_id required here)."""
-    return (record["order_id"], record["sku"]), record
+def order_line_key(record: Record, keys: StateKeys = NATURAL
+                   ) -> Tuple[OrderLineKey, Tuple[OrderLineKey, Record]]:
+    """An order record keyed for `FirstOrderLineFn`: ``(state key, ((order_id, sku), record))``.
+
+    The contract makes order_id required here; the state key is the line on
+    Dataflow and a bucket of it on the local runner (`statekeys`).
+    """
+    line = (record["order_id"], record["sku"])
+    return keys.key_of(line), (line, record)
 
 
-@typehints.with_input_types(Tuple[OrderLineKey, Record])
+@typehints.with_input_types(Tuple[OrderLineKey, Tuple[OrderLineKey, Record]])
 @typehints.with_output_types(CountedLine)
 class FirstOrderLineFn(CachedSignatures, beam.DoFn):
     """Counts each order line (order_id, sku) once, at its earliest event, in keyed state.
@@ -68,39 +77,57 @@ class FirstOrderLineFn(CachedSignatures, beam.DoFn):
     copy counts (+1); a later copy that is earlier in event time takes it back
     (-1, at the first copy's time) and counts itself (+1), so the line ends up
     where the batch job's `order_lines` puts it whatever the arrival order.
-    State: one `LineState` per line, cleared by an event-time timer at the
-    line's time + window size + allowed lateness, the last moment any window
-    holding it can still change; a copy after that could only be too late.
+    State per key: each line's `LineState` with its expiry, the first copy's
+    time + window size + allowed lateness (the last moment any window holding
+    it can still change; a copy after that could only be too late), in a
+    `models.expiring_entries.Expiring`, and one event-time timer at the
+    earliest expiry (rounded up to the key's grid) that removes every line
+    due by then. A natural key (Dataflow) holds one line; a bucket (the local
+    runner) the lines of ``order rate x (size + lateness + grid) / buckets``.
     """
 
-    LINE = ReadModifyWriteStateSpec("line", PickleCoder())
+    LINES = ReadModifyWriteStateSpec("lines", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, spec: WindowSpec):
-        self._ttl = duration_of(spec.size + spec.lateness)
+    def __init__(self, spec: WindowSpec, keys: StateKeys = NATURAL):
+        self.keys = keys
+        self._ttl_us = duration_of(spec.size + spec.lateness).micros
+        self._grid_us = keys.grid_us(self._ttl_us)
 
-    def process(self, element: Tuple[OrderLineKey, Record], timestamp=beam.DoFn.TimestampParam,
-                line=beam.DoFn.StateParam(LINE),
+    def process(self, element: Tuple[OrderLineKey, Tuple[OrderLineKey, Record]],
+                timestamp=beam.DoFn.TimestampParam,
+                lines=beam.DoFn.StateParam(LINES),
                 expiry=beam.DoFn.TimerParam(EXPIRY)) -> Iterator:
-        (order_id, sku), record = element
-        kept = line.read()
+        _, ((order_id, sku), record) = element
+        held = lines.read()
+        kept = entries_of.get(held, (order_id, sku))
         arriving = LineState(int(record["event_time_us"]), str(record["event_id"]),
                              str(record["user_id"]))
         state, changes = cells.line_update(kept, arriving)
-        if kept is None:
-            expiry.set(timestamp + self._ttl)
         if not changes:
             yield count("popularity.order_lines.repeated", 1)
             return
-        line.write(state)
-        if kept is not None:
+        if kept is None:
+            held, timer = entries_of.admit(held, (order_id, sku), state,
+                                           timestamp.micros + self._ttl_us, self._grid_us)
+            if timer is not None:
+                expiry.set(Timestamp(micros=timer))
+        else:
+            held = entries_of.restate(held, (order_id, sku), state)
             yield count("popularity.order_lines.restated", 1)
+        lines.write(held)
         for counted, sign in changes:
             yield window.TimestampedValue((order_id, sku, counted, sign), counted.at_us / MICROS)
 
     @on_timer(EXPIRY)
-    def expire(self, line=beam.DoFn.StateParam(LINE)) -> None:
-        line.clear()
+    def expire(self, fired=beam.DoFn.TimestampParam, lines=beam.DoFn.StateParam(LINES),
+               expiry=beam.DoFn.TimerParam(EXPIRY)) -> None:
+        held, timer, _ = entries_of.expire(lines.read(), fired.micros, self._grid_us)
+        if held is None:
+            lines.clear()
+            return
+        lines.write(held)
+        expiry.set(Timestamp(micros=timer))
 
 
 @typehints.with_input_types(CountedLine)
@@ -340,10 +367,11 @@ class WindowedPopularity(beam.PTransform):
 
     def expand(self, orders: beam.PCollection) -> PopularityOut:
         half_life = self._config.scoring.half_life_days
+        keys = state_keys_of(orders.pipeline)   # order lines, or buckets of them locally
         lines = (orders
-                 | "KeyByOrderLine" >> beam.Map(order_line_key).with_output_types(
-                     Tuple[OrderLineKey, Record])
-                 | "FirstOrderLine" >> beam.ParDo(FirstOrderLineFn(self._spec)).with_outputs(
+                 | "KeyByOrderLine" >> beam.Map(order_line_key, keys).with_output_types(
+                     Tuple[OrderLineKey, Tuple[OrderLineKey, Record]])
+                 | "FirstOrderLine" >> beam.ParDo(FirstOrderLineFn(self._spec, keys)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
         counted = lines[Tag.ROWS.value]
         if self._versions is not None:   # lines read the version of their time's interval

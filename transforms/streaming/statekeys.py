@@ -1,0 +1,84 @@
+"""The state key of the per-event stateful steps, per runner: the one place that chooses.
+
+`DropDuplicates` (per event id) and `FirstOrderLine` (per order line) keep
+state per natural key on Dataflow: a key per id spreads over every worker,
+and Dataflow drops a key's state once it is cleared. The bundle-based
+DirectRunner does neither: it keeps an entry for every key it has ever seen
+(``EvaluationContext._transform_keyed_states`` is never pruned), scans all of
+them for timers after every bundle, and runs a stateful step as one bundle
+per key. Per-event keys therefore make a long local run slower minute by
+minute (docs/streaming-directrunner.md, measured). On that runner the same
+steps key their state by ``LOCAL_BUCKETS`` buckets of the natural key
+(``crc32``), each bucket holding its entries with their own expiries and one
+timer (`models.expiring_entries`); the DoFns are the same, a natural key
+being a bucket of one.
+
+`state_keys_for(runner)` is the only place the choice is made (as
+`reference.delivery_for` chooses how reference versions travel); composites
+ask `state_keys_of(pipeline)` when they are applied.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Hashable, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
+
+from models import expiring_entries
+
+# The local runners: the bundle-based DirectRunner, which the job selects for "DirectRunner"
+# or no runner, and the switching DirectRunner tests run on.
+BUCKETED_RUNNERS = (None, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+# Buckets per step on the local runner: at most this many state keys ever, and at most this
+# many per-key bundles per input bundle (a Pub/Sub pull there is up to 10 messages).
+LOCAL_BUCKETS = 4
+# Timer grid steps per TTL in a bucket: one timer firing per bucket per ttl / 16 at most; an
+# entry outlives its expiry by less than that.
+BUCKET_GRID_STEPS = 16
+
+
+class StateKeys(NamedTuple):
+    """How a per-event stateful step keys its state: natural keys (``buckets == 0``) or buckets."""
+
+    buckets: int = 0
+
+    @property
+    def natural(self) -> bool:
+        return self.buckets == 0
+
+    def key_of(self, natural_key: Hashable) -> Hashable:
+        """The state key of a natural key (a str, or a tuple of str): itself, or its bucket.
+
+        A bucket key has the natural key's type (``"#3"``, or ``("#3", "")`` for
+        a pair), so the step's key coder is the same under both keyings (only
+        one keying runs in a pipeline, so the two never meet).
+        """
+        if self.natural:
+            return natural_key
+        parts = natural_key if isinstance(natural_key, tuple) else (natural_key,)
+        text = "\x1f".join(str(p) for p in parts).encode("utf-8", "surrogatepass")
+        bucket = f"#{zlib.crc32(text) % self.buckets}"
+        return (bucket,) + ("",) * (len(parts) - 1) if isinstance(natural_key, tuple) else bucket
+
+    def grid_us(self, ttl_us: int) -> int:
+        """The timer grid (`models.expiring_entries.grid_of`): 1 ms for natural keys."""
+        return expiring_entries.grid_of(ttl_us, 0 if self.natural else BUCKET_GRID_STEPS)
+
+
+NATURAL = StateKeys(0)
+
+
+def state_keys_for(runner: Optional[str]) -> StateKeys:
+    """The state keys of the per-event stateful steps on ``runner``: the one place that chooses.
+
+    Buckets on the local bundle-based DirectRunner (its keyed state and timer
+    scans grow with every key ever seen), natural keys on Dataflow and every
+    other runner (they scale out by key and drop cleared state).
+    """
+    return StateKeys(LOCAL_BUCKETS) if runner in BUCKETED_RUNNERS else NATURAL
+
+
+def state_keys_of(pipeline: beam.Pipeline) -> StateKeys:
+    """`state_keys_for` the runner named in ``pipeline``'s options."""
+    return state_keys_for(pipeline.options.view_as(StandardOptions).runner)
