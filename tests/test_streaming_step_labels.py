@@ -7,7 +7,7 @@ windows. The BigQuery field lists are pinned for the same reason: the tables
 already exist and are kept. ``tests/golden/streaming_step_labels.json`` was
 generated from the graph as it was before ``transforms/streaming.py`` became a
 package (issue #16) and regenerated once for the keyed-state graph of #16
-(docs/streaming.md lists the steps that changed: a job launched before it is
+(docs/streaming-update.md lists the steps that changed: a job launched before it is
 drained and relaunched); a change to it must be deliberate (and come with a
 Dataflow transform-name mapping), so this test fails on any difference.
 Regenerate with ``python tests/test_streaming_step_labels.py --write``.

@@ -40,7 +40,6 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from models import expiring_entries as entries_of
 from models import stream_popularity as cells
-from models import streaming as model
 from models.config import RecsConfig
 from models.stream_popularity import CellBlock, CellKey, Decayed, LineState
 from models.streaming import WindowSpec
@@ -48,7 +47,7 @@ from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import (FileReference, cached, into_version_windows,
                                             version_side_input)
-from transforms.streaming.refusals import Record, RowsAndCounts
+from transforms.streaming.refusals import Record
 from transforms.streaming.statekeys import NATURAL, StateKeys, state_keys_of
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
