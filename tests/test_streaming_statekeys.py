@@ -16,15 +16,14 @@ import pandas as pd
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pipeline import PipelineVisitor
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms import trigger, window
 from apache_beam.transforms.window import TimestampedValue
 
 from models import expiring_entries as entries
 from models.config import DEFAULT_CONFIG
 from models.streaming import WindowSpec
+from tests.test_streaming_transforms import streaming_pipeline, summed
 from transforms.streaming import DropDuplicates, FileReference, WindowedPopularity
 from transforms.streaming.popularity import FirstOrderLineFn, order_line_key
 from transforms.streaming.statekeys import (BUCKET_GRID_STEPS, LOCAL_BUCKETS, NATURAL,
@@ -43,24 +42,6 @@ def order(i, seconds, order_id=None, sku="S01", event_id=None):
                              "event_name": "Placed Order", "sku": sku,
                              "order_id": order_id or f"O{i}", "quantity": 1, "price": 100.0,
                              "event_time_us": int((BASE + seconds) * US)}, BASE + seconds)
-
-
-def streaming_pipeline():
-    options = PipelineOptions()
-    options.view_as(StandardOptions).streaming = True
-    return TestPipeline(options=options)
-
-
-def summed(label, counts):
-    """Counter elements of an unbounded test stream summed per name, once the stream ends."""
-    return (counts
-            | f"{label}Global" >> beam.WindowInto(
-                window.GlobalWindows(), trigger=trigger.AfterWatermark(),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING)
-            | f"{label}Sum" >> beam.CombinePerKey(sum)
-            | f"{label}OneKey" >> beam.Map(lambda kv: (0, kv))
-            | f"{label}Gather" >> beam.GroupByKey()
-            | f"{label}Dict" >> beam.MapTuple(lambda _, kvs: dict(kvs)))
 
 
 def finish(stream):

@@ -20,7 +20,7 @@ from models import expiring_entries as entries_of
 from transforms.health import Tag, count
 from transforms.signatures import CachedSignatures
 from transforms.streaming.refusals import Checked, KeyOrRefuseFn, Record
-from transforms.streaming.statekeys import NATURAL, StateKeys, state_keys_of
+from transforms.streaming.statekeys import NATURAL, StateKeys, expire_held, state_keys_of
 from transforms.streaming.windows import duration_of
 
 IdRecord = Tuple[str, Record]           # (event_id, record)
@@ -94,12 +94,7 @@ class DropDuplicateIdsFn(CachedSignatures, beam.DoFn):
     @on_timer(EXPIRY)
     def expire(self, fired=beam.DoFn.TimestampParam, ids=beam.DoFn.StateParam(ENTRIES),
                expiry=beam.DoFn.TimerParam(EXPIRY)) -> None:
-        held, timer, _ = entries_of.expire(ids.read(), fired.micros, self._grid_us)
-        if held is None:
-            ids.clear()
-            return
-        ids.write(held)
-        expiry.set(Timestamp(micros=timer))
+        expire_held(ids, expiry, fired.micros, self._grid_us)
 
 
 class DropDuplicates(beam.PTransform):

@@ -48,7 +48,7 @@ from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import (FileReference, cached, into_version_windows,
                                             version_side_input)
 from transforms.streaming.refusals import Record
-from transforms.streaming.statekeys import NATURAL, StateKeys, state_keys_of
+from transforms.streaming.statekeys import NATURAL, StateKeys, expire_held, state_keys_of
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
 OrderLineKey = Tuple[str, str]                      # (order_id, sku)
@@ -121,12 +121,7 @@ class FirstOrderLineFn(CachedSignatures, beam.DoFn):
     @on_timer(EXPIRY)
     def expire(self, fired=beam.DoFn.TimestampParam, lines=beam.DoFn.StateParam(LINES),
                expiry=beam.DoFn.TimerParam(EXPIRY)) -> None:
-        held, timer, _ = entries_of.expire(lines.read(), fired.micros, self._grid_us)
-        if held is None:
-            lines.clear()
-            return
-        lines.write(held)
-        expiry.set(Timestamp(micros=timer))
+        expire_held(lines, expiry, fired.micros, self._grid_us)
 
 
 @typehints.with_input_types(CountedLine)

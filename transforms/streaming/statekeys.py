@@ -24,6 +24,7 @@ from typing import Hashable, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.utils.timestamp import Timestamp
 
 from models import expiring_entries
 
@@ -82,3 +83,18 @@ def state_keys_for(runner: Optional[str]) -> StateKeys:
 def state_keys_of(pipeline: beam.Pipeline) -> StateKeys:
     """`state_keys_for` the runner named in ``pipeline``'s options."""
     return state_keys_for(pipeline.options.view_as(StandardOptions).runner)
+
+
+def expire_held(state, timer, fired_us: int, grid_us: int) -> None:
+    """A per-event step's expiry timer fired: drop the entries due, re-arm at the next expiry.
+
+    ``state`` is the step's `Expiring` cell and ``timer`` its event-time timer
+    (`DropDuplicateIdsFn`, `FirstOrderLineFn`); the cell is cleared when nothing
+    is left, so an idle key holds nothing.
+    """
+    held, next_us, _ = expiring_entries.expire(state.read(), fired_us, grid_us)
+    if held is None:
+        state.clear()
+        return
+    state.write(held)
+    timer.set(Timestamp(micros=next_us))
