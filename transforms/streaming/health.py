@@ -24,14 +24,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.health import Count
 from transforms.signatures import CachedSignatures
-from transforms.streaming.windows import utc_of
+from transforms.streaming.windows import period_end_of, utc_of
 
 PeriodSums = Tuple[int, Dict[str, int]]       # (period end us, counter name → sum)
-
-
-def period_end_of(at: Timestamp, period_us: int) -> int:
-    """The end (exclusive, microseconds) of the period holding an instant."""
-    return (at.micros // period_us + 1) * period_us
 
 
 @typehints.with_input_types(Count)

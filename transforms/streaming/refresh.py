@@ -35,7 +35,7 @@ from transforms.streaming.reference import (RANKER_VERSION_ARG, Reference, cache
                                             version_side_input)
 from transforms.streaming.refusals import Record, dead_letter
 from transforms.streaming.sources import ModelReference, WindowLines
-from transforms.streaming.windows import MICROS, seconds_of, utc_of
+from transforms.streaming.windows import MICROS, period_end_of, seconds_of, utc_of
 
 # (user_id, ("event", event tuple) | ("notice", reason))
 Touch = Tuple[str, Tuple[str, object]]
@@ -293,7 +293,7 @@ class GatherPeriodFn(CachedSignatures, beam.DoFn):
                 released=beam.DoFn.StateParam(RELEASED),
                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
         _, request = element
-        end = (timestamp.micros // self._period_us + 1) * self._period_us
+        end = period_end_of(timestamp, self._period_us)
         last = released.read()
         if last is not None and end <= last:
             end = last + self._period_us
@@ -313,7 +313,7 @@ class GatherPeriodFn(CachedSignatures, beam.DoFn):
         # Dataflow's runner v2) keep timer times in whole milliseconds, so a timer set at
         # end - 1 us fires at end - 1 ms there; taken as end - 1 us + 1, its period's own
         # requests were never due and the timer was set again at the same instant, for ever.
-        now = (fired.micros // self._period_us + 1) * self._period_us
+        now = period_end_of(fired, self._period_us)
         held = list(pending.read())
         due = [r for end, r in held if end <= now]
         later = [(end, r) for end, r in held if end > now]

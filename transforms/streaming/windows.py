@@ -76,3 +76,13 @@ def in_global_window(value, at: Timestamp) -> WindowedValue:
 def to_global_window(label: str, pcoll: beam.PCollection) -> beam.PCollection:
     """Re-window into the global window so side outputs of any windowing can be flattened."""
     return pcoll | label >> beam.WindowInto(window.GlobalWindows())
+
+
+def period_end_of(at: Timestamp, period_us: int) -> int:
+    """The end (exclusive, microseconds) of the period holding an instant.
+
+    Period timers release the period they fire in through this: portable
+    runners keep timer times in whole milliseconds, so a timer set at
+    ``end - 1 µs`` fires at ``end - 1 ms``, still inside its period.
+    """
+    return (at.micros // period_us + 1) * period_us
