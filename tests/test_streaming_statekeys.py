@@ -27,7 +27,7 @@ from tests.test_streaming_transforms import streaming_pipeline, summed
 from transforms.streaming import DropDuplicates, FileReference, WindowedPopularity
 from transforms.streaming.popularity import FirstOrderLineFn, order_line_key
 from transforms.streaming.statekeys import (BUCKET_GRID_STEPS, LOCAL_BUCKETS, NATURAL,
-                                            StateKeys, state_keys_for)
+                                            StateKeys, state_keys_for, sums_per_cell_for)
 
 BASE = 1_800_000_000            # seconds; a multiple of every grid step used here
 US = 1_000_000
@@ -57,6 +57,8 @@ def finish(stream):
 def test_buckets_only_on_the_local_runner(runner, buckets):
     assert state_keys_for(runner) == StateKeys(buckets)
     assert state_keys_for(runner).natural == (buckets == 0)
+    # Popularity's per-cell SumPerPeriod: everywhere but on the local runner.
+    assert sums_per_cell_for(runner) is (buckets == 0)
 
 
 def test_a_natural_key_is_itself_and_a_bucket_is_stable_and_bounded():
@@ -93,6 +95,8 @@ def _key_choices(runner):
                 found[name] = transform.fn.keys
             elif name == "KeyByOrderLine":
                 found[name] = transform.args[0]
+            elif name in ("SumPerPeriod", "CellsPerPeriod"):
+                found[name] = True
 
         enter_composite_transform = visit_transform
 
@@ -103,12 +107,18 @@ def _key_choices(runner):
 @pytest.mark.parametrize("runner", [None, "BundleBasedDirectRunner", "DataflowRunner"])
 def test_the_job_composites_take_their_keys_from_the_seam(runner):
     found = _key_choices(runner)
-    assert found == {name: state_keys_for(runner) for name in
-                     ("KeyByEventId", "FirstCopyOnly", "KeyByOrderLine", "FirstOrderLine")}
+    sums = {"CellsPerPeriod": True}
+    if sums_per_cell_for(runner):
+        sums["SumPerPeriod"] = True
+    assert found == {**{name: state_keys_for(runner) for name in
+                        ("KeyByEventId", "FirstCopyOnly", "KeyByOrderLine", "FirstOrderLine")},
+                     **sums}
+    assert ("SumPerPeriod" in found) is (runner == "DataflowRunner")
 
 
 def test_only_the_seam_constructs_state_keys():
-    """The choice is made in one function: nothing else in the job builds a `StateKeys`."""
+    """The choice is made in one place: nothing else in the job builds a `StateKeys`, names
+    the local runners or asks for popularity's per-cell sums by runner name."""
     offenders = []
     for package in ("transforms", "pipelines", "models"):
         for directory, _, files in os.walk(os.path.join(ROOT, package)):
@@ -119,7 +129,8 @@ def test_only_the_seam_constructs_state_keys():
                     continue
                 with open(path) as handle:
                     text = handle.read()
-                if re.search(r"\bStateKeys\(|\bLOCAL_BUCKETS\b|\bBUCKETED_RUNNERS\b", text):
+                if re.search(r"\bStateKeys\(|\bLOCAL_BUCKETS\b|\bBUCKETED_RUNNERS\b"
+                             r"|\bsums_per_cell_for\(", text):
                     offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
 
@@ -266,3 +277,88 @@ def test_with_natural_keys_the_timer_is_the_expiry_to_the_millisecond():
     held, timer = entries.admit(None, "E1", True, 5_000_400, NATURAL.grid_us(60 * US))
     assert timer == 5_001_000 and held.timer_us == 5_001_000
     assert entries.expire(held, timer, 1_000) == (None, None, 1)
+
+
+# --- popularity's period sums: per cell key (Dataflow) or straight into the period (local) ----------
+
+POPULARITY_SPEC = WindowSpec(pd.Timedelta(seconds=20), pd.Timedelta(seconds=5),
+                             pd.Timedelta(seconds=10))
+
+
+def popularity_stream():
+    """Orders of four users over 12 periods: repeated and restated lines, late and too late.
+
+    Windows of 20 s every 5 s, 10 s lateness. O3/S03 comes first at +9 s, then
+    under another event name at +3 s (restated: -1 at 9, +1 at 3), then at
+    +11 s (repeated); after the windows ending at +15 and +20 fired, an order at
+    +12 s is late but allowed (late panes), one at +4 s after +35 too late.
+    """
+    from tests.test_streaming_transforms import order as line
+    users, skus = ["U1", "U2", "U3", "U4"], [f"S{i:02d}" for i in range(1, 13)]
+    first = [line(i, i, users[i % 4], skus[(i * 5) % 12]) for i in range(1, 21) if i != 3]
+    return finish(TestStream()
+                  .advance_watermark_to(BASE)
+                  .add_elements([line(3, 9, "U3", "S03")] + first[:10])
+                  .add_elements([line(30, 3, "U3", "S03", "Ordered Product", "O3")]
+                                + first[10:])
+                  .add_elements([line(31, 11, "U3", "S03", "Consumer Website Order", "O3")])
+                  .advance_watermark_to(BASE + 22)
+                  .add_elements([line(32, 12, "U2", "S07"), line(33, 24, "U1", "S02")])
+                  .advance_watermark_to(BASE + 36)
+                  .add_elements([line(34, 4, "U4", "S09")]                 # too late
+                                + [line(40 + i, 36 + i, users[i % 4], skus[i % 12])
+                                   for i in range(24)])
+                  .advance_watermark_to(BASE + 61))
+
+
+class _PaneFacts(beam.DoFn):
+    """A pane as comparable facts, tagged by graph: rows rounded where float sums may differ."""
+
+    def __init__(self, graph):
+        self._graph = graph
+
+    def process(self, pane):
+        rows = sorted((r.level, r.segment, r.sku, float(r.weight), int(r.orders))
+                      for r in pane.popularity.itertuples(index=False))
+        yield (self._graph, int(pane.window_end.timestamp()) - BASE, pane.timing, pane.cells,
+               pane.lines, tuple(rows))
+
+
+def _same_panes_in_both_graphs(actual):
+    by_graph = {"per_cell": {}, "per_period": {}}
+    for graph, end, timing, cells, lines, rows in actual:
+        assert (end, timing) not in by_graph[graph], (graph, end, timing)
+        by_graph[graph][(end, timing)] = (cells, lines, rows)
+    per_cell, per_period = by_graph["per_cell"], by_graph["per_period"]
+    assert sorted(per_cell) == sorted(per_period)
+    assert len(per_cell) >= 10 and all(lines > 0 for _, lines, _ in per_cell.values())
+    for window, (cells, lines, rows) in per_cell.items():
+        other_cells, other_lines, other_rows = per_period[window]
+        assert (cells, lines, len(rows)) == (other_cells, other_lines, len(other_rows)), window
+        for row, other in zip(rows, other_rows):
+            assert row[:3] == other[:3] and row[4] == other[4], (window, row, other)
+            assert other[3] == pytest.approx(row[3], rel=1e-9, abs=1e-12), (window, row, other)
+
+
+def test_both_period_sums_give_the_same_window_popularity_and_counts(tmp_path):
+    """The same stream through the per-cell graph (Dataflow's) and the local one, side by side."""
+    from tests.test_streaming_transforms import small_world
+    reference = FileReference(small_world(tmp_path / "w"), DEFAULT_CONFIG, 0, "")
+    with streaming_pipeline() as p:
+        orders = p | popularity_stream()
+        graphs = {graph: orders | f"Popularity_{graph}" >> WindowedPopularity(
+            POPULARITY_SPEC, reference, DEFAULT_CONFIG, sums_per_cell=(graph == "per_cell"))
+            for graph in ("per_cell", "per_period")}
+        facts = ([out.panes | f"Facts_{graph}" >> beam.ParDo(_PaneFacts(graph))
+                  for graph, out in graphs.items()]
+                 | "AllFacts" >> beam.Flatten())
+        assert_that(facts, _same_panes_in_both_graphs, label="Panes")
+        # Counters are integers: equal exactly. Lines 20 + 2 + 1 + 24 (O3's restatement
+        # nets to 0); 15 windows; the late order restates the windows ending at +15 and +20.
+        for graph, out in graphs.items():
+            assert_that(summed(f"Counts_{graph}", out.counts), equal_to([{
+                "popularity.order_lines": 20 + 2 + 1 + 24,
+                "popularity.order_lines.restated": 1, "popularity.order_lines.repeated": 1,
+                "popularity.panes": 15, "popularity.cells": 574,
+                "popularity.late_panes": 2, "popularity.late_cells": 98}]),
+                label=f"Counts_{graph}")

@@ -9,7 +9,9 @@ generated from the graph as it was before ``transforms/streaming.py`` became a
 package (issue #16) and regenerated once for the keyed-state graph of #16
 (docs/streaming-update.md lists the steps that changed: a job launched before it is
 drained and relaunched); a change to it must be deliberate (and come with a
-Dataflow transform-name mapping), so this test fails on any difference.
+Dataflow transform-name mapping), so this test fails on any difference. It pins
+Dataflow's graph (update in place is Dataflow's); the local runner's graph lacks
+the per-cell ``SumPerPeriod`` (`LOCAL_ONLY_GONE`, checked here too).
 Regenerate with ``python tests/test_streaming_step_labels.py --write``.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import apache_beam as beam
 import pandas as pd
@@ -59,17 +61,23 @@ VARIANT_CONFIGS["side_input_ranker_bandit_segments"] = VARIANT_CONFIGS["tuned_mi
 VARIANT_RANKED = {"side_input_ranker_bandit_segments"}   # built with a (never read) ranker
 
 
-def graph_labels(extra: List[str], config=DEFAULT_CONFIG, ranked: bool = False) -> List[str]:
-    """Full labels of every step (composite or primitive) of the streaming graph."""
+def graph_labels(extra: List[str], config=DEFAULT_CONFIG, ranked: bool = False,
+                 runner: Optional[str] = "DataflowRunner") -> List[str]:
+    """Full labels of every step (composite or primitive) of the streaming graph.
+
+    The graph is the one built for ``runner`` (Dataflow's by default: update in
+    place is Dataflow's; the local runner's graph differs by `LOCAL_ONLY_GONE`).
+    """
     options = PipelineOptions(["--events_subscription", SUBSCRIPTIONS[0],
                                "--treatments_subscription", SUBSCRIPTIONS[1],
                                "--streaming_dataset", "test-project.recs",
                                "--input_dir", "unused"] + extra)
     options.view_as(StandardOptions).streaming = True
+    options.view_as(StandardOptions).runner = runner   # what the graph is built for
     ctx = job.StreamingContext("run", pd.Timestamp("2026-01-01", tz="UTC"), "test-project",
                                "test-project.recs", model.WindowSpec.of_seconds(3600, 60, 600),
                                config, BanditConfig(), pd.Timedelta(seconds=600))
-    pipeline = beam.Pipeline(options=options)   # built, never run: nothing is read
+    pipeline = beam.Pipeline(runner="DirectRunner", options=options)   # built, never run
     reference = FileReference("unused", config, 60)
     reference.delivery = delivery_for(None, options.view_as(job.StreamingOptions).reference_delivery)
     ranker = None
@@ -114,6 +122,33 @@ def test_every_step_label_of_the_streaming_graph_is_unchanged():
         pinned = set(golden[name])
         assert now == pinned, (f"{name}: steps added {sorted(now - pinned)}, "
                                f"steps gone {sorted(pinned - now)}")
+
+
+# The local runner's graph has no per-cell SumPerPeriod (`statekeys.sums_per_cell_for`): its
+# period cells go straight into CellsPerPeriod. Nothing else differs, and nothing is added.
+LOCAL_ONLY_GONE = {"RollingPopularity/SumPerPeriod", "RollingPopularity/SumPerPeriod/GroupByKey",
+                   "RollingPopularity/SumPerPeriod/Combine",
+                   "RollingPopularity/SumPerPeriod/Combine/ParDo(CombineValuesDoFn)"}
+
+
+def test_the_local_graph_is_the_pinned_graph_without_the_per_cell_sums():
+    golden = _golden()["labels"]
+    for name, extra in VARIANTS.items():
+        local = set(graph_labels(extra, VARIANT_CONFIGS.get(name, DEFAULT_CONFIG),
+                                 name in VARIANT_RANKED, runner=None))
+        pinned = set(golden[name])
+        assert LOCAL_ONLY_GONE <= pinned, name
+        assert local == pinned - LOCAL_ONLY_GONE, (f"{name}: local adds {sorted(local - pinned)}"
+                                                   f", lacks {sorted(pinned - local)}")
+
+
+def test_every_local_runner_name_builds_the_local_graph_and_others_the_pinned_one():
+    extra = VARIANTS["ranking_off"]
+    pinned = set(_golden()["labels"]["ranking_off"])
+    for runner in ("BundleBasedDirectRunner",):
+        assert set(graph_labels(extra, runner=runner)) == pinned - LOCAL_ONLY_GONE, runner
+    for runner in ("PortableRunner",):
+        assert set(graph_labels(extra, runner=runner)) == pinned, runner
 
 
 def test_the_graph_has_the_steps_update_in_place_matches_on():

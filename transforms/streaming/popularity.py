@@ -14,9 +14,10 @@ State and accumulators, and what bounds them (docs/streaming.md):
   event-time timer ``size + lateness`` after the line: bounded by the order
   rate over a window, never by the stream's total (per order line on Dataflow,
   per bucket of them on the local runner: `statekeys`).
-- ``SumPerPeriod``: one `Decayed` (an int, a float, an int) per
+- ``SumPerPeriod`` (Dataflow and every runner but the local one:
+  `statekeys.sums_per_cell_for`): one `Decayed` (an int, a float, an int) per
   (level, segment, sku) key and period: bounded by the catalogue times the
-  segments, whatever the volume.
+  segments, whatever the volume. The local runner has no such step.
 - ``CellsPerPeriod``: per period, one `Decayed` per key it holds: bounded by
   the same key count; emitted as one `CellBlock` (columns).
 - ``CellsPerWindow``: per window, its periods' blocks, summed per key when
@@ -48,7 +49,8 @@ from transforms.signatures import CachedSignatures
 from transforms.streaming.reference import (FileReference, cached, into_version_windows,
                                             version_side_input)
 from transforms.streaming.refusals import Record
-from transforms.streaming.statekeys import NATURAL, StateKeys, expire_held, state_keys_of
+from transforms.streaming.statekeys import (NATURAL, StateKeys, expire_held, state_keys_of,
+                                            sums_per_cell_of)
 from transforms.streaming.windows import MICROS, duration_of, period_buckets, utc_of, windowed
 
 OrderLineKey = Tuple[str, str]                      # (order_id, sku)
@@ -198,8 +200,9 @@ class WindowCellsFn(beam.CombineFn):
 
     Accumulator: ``{(level, segment, sku): Decayed}``, one `Decayed` (three
     numbers) per key the period holds: bounded by the catalogue times the
-    segments, never by the number of orders (each period arrives already
-    summed per key by ``SumPerPeriod``). Merging adds cells key by key
+    segments, never by the number of orders (a period arrives summed per key
+    by ``SumPerPeriod``, or, on the local runner, as its cells, which add into
+    the map as they come). Merging adds cells key by key
     (`models.stream_popularity.add`: associative and commutative). The output
     is the map as columns (`models.stream_popularity.CellBlock`), which is what
     slides into the windows.
@@ -345,6 +348,11 @@ class WindowedPopularity(beam.PTransform):
     Trigger: one pane when the watermark passes a window's end, then one per
     late element within the allowed lateness; panes accumulate per key. The
     first pane is scored at the window's end; late panes are counted.
+    ``SumPerPeriod`` sums each period per (level, segment, sku) key before
+    ``CellsPerPeriod`` gathers it on Dataflow; on the local runner the cells go
+    straight into ``CellsPerPeriod`` (`statekeys.sums_per_cell_for`; the same
+    popularity, without a key per cell that runner would keep for ever).
+    ``sums_per_cell`` overrides the runner's choice (tests compare both graphs).
     With ``versions`` (`ReferenceVersions`, the job's side input on Dataflow)
     ``SegmentWeights`` and ``PopularityAtWindowEnd`` read the reference data of
     the version checked for the interval of the line's time / the window's end;
@@ -352,12 +360,18 @@ class WindowedPopularity(beam.PTransform):
     """
 
     def __init__(self, spec: WindowSpec, reference: FileReference, config: RecsConfig,
-                 versions: Optional[beam.PCollection] = None):
+                 versions: Optional[beam.PCollection] = None,
+                 sums_per_cell: Optional[bool] = None):
         super().__init__()
         self._spec = spec
         self._reference = reference
         self._config = config
         self._versions = versions
+        self._per_cell = sums_per_cell
+
+    def _sums_per_cell(self, pipeline: beam.Pipeline) -> bool:
+        """`SumPerPeriod` per cell key or not: the runner's choice (`statekeys`) unless given."""
+        return sums_per_cell_of(pipeline) if self._per_cell is None else self._per_cell
 
     def expand(self, orders: beam.PCollection) -> PopularityOut:
         half_life = self._config.scoring.half_life_days
@@ -379,10 +393,11 @@ class WindowedPopularity(beam.PTransform):
         if self._versions is not None:
             weight_counts = weight_counts | "WeightCountsToGlobalWindow" >> beam.WindowInto(
                 window.GlobalWindows())
-        panes = (weights[Tag.ROWS.value]
-                 | "PeriodBuckets" >> period_buckets(self._spec)
-                 | "SumPerPeriod" >> beam.CombinePerKey(
-                     DecayedCountFn(half_life, "SumPerPeriod")).with_output_types(Cell)
+        period_cells = weights[Tag.ROWS.value] | "PeriodBuckets" >> period_buckets(self._spec)
+        if self._sums_per_cell(orders.pipeline):   # Dataflow: per cell key, over workers
+            period_cells = period_cells | "SumPerPeriod" >> beam.CombinePerKey(
+                DecayedCountFn(half_life, "SumPerPeriod")).with_output_types(Cell)
+        panes = (period_cells
                  | "CellsPerPeriod" >> beam.CombineGlobally(
                      WindowCellsFn(half_life)).without_defaults()
                  | "SlidingWindows" >> windowed(self._spec,

@@ -13,9 +13,19 @@ steps key their state by ``LOCAL_BUCKETS`` buckets of the natural key
 timer (`models.expiring_entries`); the DoFns are the same, a natural key
 being a bucket of one.
 
-`state_keys_for(runner)` is the only place the choice is made (as
-`reference.delivery_for` chooses how reference versions travel); composites
-ask `state_keys_of(pipeline)` when they are applied.
+Rolling popularity's per-period sums are chosen here too, for the same
+reason: on Dataflow `SumPerPeriod` sums each period per (level, segment,
+sku) cell key (a `CombinePerKey`, which spreads the sums over workers)
+before `CellsPerPeriod` gathers the period; on the local runner every cell
+key would be one more entry it keeps and scans for ever (catalogue x
+segments of them, growing through a run), so the cells go straight into
+`CellsPerPeriod`, whose accumulator is already the per-key map
+(`sums_per_cell_for`).
+
+`state_keys_for(runner)` and `sums_per_cell_for(runner)` are the only places
+the choice is made (as `reference.delivery_for` chooses how reference
+versions travel); composites ask `state_keys_of(pipeline)` and
+`sums_per_cell_of(pipeline)` when they are applied.
 """
 from __future__ import annotations
 
@@ -83,6 +93,26 @@ def state_keys_for(runner: Optional[str]) -> StateKeys:
 def state_keys_of(pipeline: beam.Pipeline) -> StateKeys:
     """`state_keys_for` the runner named in ``pipeline``'s options."""
     return state_keys_for(pipeline.options.view_as(StandardOptions).runner)
+
+
+def sums_per_cell_for(runner: Optional[str]) -> bool:
+    """Whether popularity sums each period per (level, segment, sku) key on ``runner``.
+
+    True on Dataflow and every other runner (`SumPerPeriod`, a `CombinePerKey`
+    per cell key, spreads the per-cell sums over workers, and a key's state is
+    dropped once its window closes); False on the local bundle-based
+    DirectRunner, where each cell key would stay in its keyed states and timer
+    scans for the rest of the run: there a period's cells go straight into
+    `CellsPerPeriod` (one key per period), which sums them per key in its
+    accumulator, pre-summed per bundle by combiner lifting. The window
+    popularity is the same either way, up to float rounding of the decayed sums.
+    """
+    return runner not in BUCKETED_RUNNERS
+
+
+def sums_per_cell_of(pipeline: beam.Pipeline) -> bool:
+    """`sums_per_cell_for` the runner named in ``pipeline``'s options."""
+    return sums_per_cell_for(pipeline.options.view_as(StandardOptions).runner)
 
 
 def expire_held(state, timer, fired_us: int, grid_us: int) -> None:
