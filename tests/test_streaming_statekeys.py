@@ -279,7 +279,7 @@ def test_with_natural_keys_the_timer_is_the_expiry_to_the_millisecond():
     assert entries.expire(held, timer, 1_000) == (None, None, 1)
 
 
-# --- popularity's period sums: per cell key (Dataflow) or straight into the period (local) ----------
+# --- popularity's period sums: per cell key (Dataflow) or straight into the period (local) ------
 
 POPULARITY_SPEC = WindowSpec(pd.Timedelta(seconds=20), pd.Timedelta(seconds=5),
                              pd.Timedelta(seconds=10))
