@@ -103,8 +103,8 @@ def sums_per_cell_for(runner: Optional[str]) -> bool:
     dropped once its window closes); False on the local bundle-based
     DirectRunner, where each cell key would stay in its keyed states and timer
     scans for the rest of the run: there a period's cells go straight into
-    `CellsPerPeriod` (one key per period), which sums them per key in its
-    accumulator, pre-summed per bundle by combiner lifting. The window
+    `CellsPerPeriod` (one key, state per period window), which sums them per
+    key in its accumulator, pre-summed per bundle by combiner lifting. The window
     popularity is the same either way, up to float rounding of the decayed sums.
     """
     return runner not in BUCKETED_RUNNERS
