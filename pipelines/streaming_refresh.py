@@ -525,7 +525,7 @@ def launch(argv: Optional[List[str]] = None) -> Launched:
 
 
 def runner_api_round_trip(runner: Optional[str]) -> Union[bool, str]:
-    """Whether ``Pipeline.run`` rebuilds the graph from its runner-API form first ('AUTO': Beam decides).
+    """Whether ``Pipeline.run`` first rebuilds the graph from its runner-API form.
 
     Beam does that round trip before a non-portable runner such as the
     bundle-based DirectRunner, and the rebuilt graph holds Beam's own
@@ -534,6 +534,9 @@ def runner_api_round_trip(runner: Optional[str]) -> Union[bool, str]:
     job runs the graph it built; Dataflow and the portable runners translate
     the same graph to the same protos (tests/test_signatures.py checks the
     WindowInto URN and payload) and never run these DoFns themselves.
+
+    Returns:
+        False on the bundle-based DirectRunner, else 'AUTO' (Beam's default).
     """
     return False if runner == "BundleBasedDirectRunner" else "AUTO"
 

@@ -193,7 +193,7 @@ class FlatMapFn(MapFn):
 
 
 class FilterFn(MapFn):
-    """``beam.Filter(fn, *args)`` as ``beam.ParDo(FilterFn(fn), *args)``: the inputs ``fn`` keeps."""
+    """``beam.Filter(fn, *args)`` as ``beam.ParDo(FilterFn(fn), *args)``: inputs ``fn`` keeps."""
 
     _BEAM = staticmethod(beam.Filter)
 

@@ -110,7 +110,8 @@ class StreamingBandit(beam.PTransform):
                 SegmentOfUserFn(self._reference, self._segment_by),
                 **version_side_input(self._versions))
         return (treatments
-                | "CountsPerMessage" >> beam.ParDo(MapFn(treatment_counts)).with_output_types(KeyedCounts)
+                | "CountsPerMessage" >> beam.ParDo(MapFn(treatment_counts)).with_output_types(
+                    KeyedCounts)
                 | "PeriodBuckets" >> period_buckets(self._spec)
                 | "SumPerPeriod" >> beam.CombinePerKey(TreatmentCountsFn()).with_output_types(
                     KeyedCounts)

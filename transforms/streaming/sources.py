@@ -139,7 +139,8 @@ class WindowOrderLines(beam.PTransform):
 
     def expand(self, orders: beam.PCollection) -> beam.PCollection:
         return (orders
-                | "LineOfOrder" >> beam.ParDo(MapFn(line_of)).with_output_types(Tuple[LineKey, LineCell])
+                | "LineOfOrder" >> beam.ParDo(MapFn(line_of)).with_output_types(
+                    Tuple[LineKey, LineCell])
                 | "SourcePeriods" >> WindowInto(window.FixedWindows(
                     seconds_of(self._spec.period)))
                 | "LinesPerPeriod" >> beam.CombineGlobally(EarliestLinesFn()).without_defaults()

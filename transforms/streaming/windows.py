@@ -7,7 +7,6 @@ the same period boundaries of one `models.streaming.WindowSpec`.
 from __future__ import annotations
 
 
-import apache_beam as beam
 import pandas as pd
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Duration, Timestamp
