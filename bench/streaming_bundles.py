@@ -23,6 +23,7 @@ Usage::
 
     python bench/streaming_bundles.py --label after            # this tree
     python bench/streaming_bundles.py --tree ../base --label before
+    python bench/streaming_bundles.py --per_step --runs 3 --label per_step
 """
 from __future__ import annotations
 
@@ -134,6 +135,86 @@ def run_once(tree: str, label: str, python: str) -> Dict:
     return result
 
 
+def per_step(bundles: int, repeats: int) -> Dict:
+    """CPU milliseconds per bundle and step, per kind of step, on a fixed TestStream pipeline.
+
+    A TestStream releases ``bundles`` elements one bundle each (own key and
+    watermark step, as a live stream's pulls produce them) through a stateful
+    step and then five steps of one kind; the CPU of a run without the five
+    steps is subtracted. Every run skips the runner-API round trip as the job
+    does locally (``run(test_runner_api=False)``), except ``window_into_cached_round_trip``,
+    which shows what the round trip does to the job's WindowInto. Kinds are
+    run in turn, ``repeats`` times, and each figure is the median.
+    """
+    import statistics
+
+    import apache_beam as beam
+    from apache_beam.coders import PickleCoder
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+    sys.path.insert(0, ROOT)
+    from transforms.signatures import CachedSignatures, FilterFn, MapFn, WindowInto
+
+    class PerKeyFn(CachedSignatures, beam.DoFn):
+        SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
+
+        def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
+            seen.write(1)
+            yield element
+
+    def same(x):
+        return x
+
+    def keep(x):
+        return True
+
+    glob = beam.window.GlobalWindows
+    steps = {"none": lambda pc, i: pc,
+             "beam_map": lambda pc, i: pc | f"S{i}" >> beam.Map(same),
+             "map_fn": lambda pc, i: pc | f"S{i}" >> beam.ParDo(MapFn(same)),
+             "beam_filter": lambda pc, i: pc | f"S{i}" >> beam.Filter(keep),
+             "filter_fn": lambda pc, i: pc | f"S{i}" >> beam.ParDo(FilterFn(keep)),
+             "beam_window_into": lambda pc, i: pc | f"S{i}" >> beam.WindowInto(glob()),
+             "window_into_cached": lambda pc, i: pc | f"S{i}" >> WindowInto(glob()),
+             "window_into_cached_round_trip": lambda pc, i: pc | f"S{i}" >> WindowInto(glob())}
+    depth = 5
+
+    def stream() -> TestStream:
+        events = TestStream()
+        for i in range(bundles):
+            events = events.add_elements([beam.window.TimestampedValue((i, i), i)]) \
+                .advance_watermark_to(i + 0.5)
+        return events.advance_watermark_to_infinity()
+
+    cpu = collections.defaultdict(list)
+    wall = collections.defaultdict(list)
+    for _ in range(repeats):
+        for kind, step in steps.items():
+            options = PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"])
+            p = beam.Pipeline(options=options)
+            pc = p | stream() | "Keyed" >> beam.ParDo(PerKeyFn())
+            for i in range(depth):
+                pc = step(pc, i)
+            before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            p.run(test_runner_api=kind.endswith("round_trip")).wait_until_finish()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            wall[kind].append(time.perf_counter() - started)
+            cpu[kind].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    out = {"runner": "BundleBasedDirectRunner, streaming, TestStream", "bundles": bundles,
+           "steps": depth, "repeats": repeats,
+           "loadavg_1min": round(os.getloadavg()[0], 2)}
+    base = statistics.median(cpu["none"])
+    for kind in steps:
+        out[kind] = {"cpu_seconds": round(statistics.median(cpu[kind]), 2),
+                     "wall_seconds": round(statistics.median(wall[kind]), 2)}
+        if kind != "none":
+            out[kind]["cpu_ms_per_bundle_step"] = round(
+                1000 * (statistics.median(cpu[kind]) - base) / (bundles * depth), 2)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", default=ROOT, help="checkout to run (default: this one)")
@@ -141,11 +222,25 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--per_step", action="store_true",
+                        help="Measure CPU per bundle and step of each kind of step instead "
+                             "(a fixed TestStream pipeline; this tree only).")
+    parser.add_argument("--bundles", type=int, default=300)
     args = parser.parse_args(argv)
     previous = {"runs": []}
     if os.path.exists(args.results):
         with open(args.results, encoding="utf-8") as f:
             previous = json.load(f)
+    if args.per_step:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+        previous["per_step"] = {"commit": commit, "label": args.label,
+                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                **per_step(args.bundles, max(args.runs, 1))}
+        print(json.dumps(previous["per_step"], indent=1), flush=True)
+        with open(args.results, "w", encoding="utf-8") as f:
+            json.dump(previous, f, indent=1)
+        return 0
     for _ in range(args.runs):
         result = run_once(os.path.abspath(args.tree), args.label, args.python)
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_top")
