@@ -334,6 +334,8 @@ def test_the_local_runner_runs_the_cached_window_into_fn(monkeypatch):
 def _inside_beam(node) -> bool:
     """A step of one of Beam's own composites (a combine, GroupByKey, Create, Pub/Sub I/O)."""
     parent = node.parent
+    if parent is not None and isinstance(parent.transform, core._MultiParDo):
+        parent = parent.parent   # ParDo(...).with_outputs(...): Beam's wrapper, the job's step
     return (parent is not None and parent.transform is not None
             and type(parent.transform).__module__.startswith("apache_beam."))
 

@@ -26,7 +26,7 @@ from models.bandit import BanditConfig
 from models.campaign import EPOCH, FunnelCounts
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames
 from transforms.health import Tag, count, dead_letters
-from transforms.signatures import MapFn, WindowInto
+from transforms.signatures import CachedSignatures, MapFn, WindowInto
 
 Key = Tuple[str, str]                  # (treatment_id, segment)
 KeyedCounts = Tuple[Key, FunnelCounts]
@@ -176,7 +176,7 @@ def _window_bounds(win: window.IntervalWindow) -> Tuple[pd.Timestamp, pd.Timesta
 
 @typehints.with_input_types(Tuple[int, Iterable[KeyedCounts]])
 @typehints.with_output_types(pd.DataFrame)
-class WindowStateFn(beam.DoFn):
+class WindowStateFn(CachedSignatures, beam.DoFn):
     """All keys of one window → its `bandit_state` rows; impossible counts are dead-lettered."""
 
     def __init__(self, config: BanditConfig):
@@ -242,7 +242,7 @@ class AttributeToSends(beam.PTransform):
 
 @typehints.with_input_types(KeyedCounts)
 @typehints.with_output_types(Tuple[Key, FunnelCounts, int])
-class WithTimestampFn(beam.DoFn):
+class WithTimestampFn(CachedSignatures, beam.DoFn):
     """Keeps each count element's bucket start (its timestamp, in seconds) beside it."""
 
     def process(self, kv: KeyedCounts, at=beam.DoFn.TimestampParam) -> Iterator:
@@ -251,7 +251,7 @@ class WithTimestampFn(beam.DoFn):
 
 @typehints.with_input_types(List[Tuple[Key, FunnelCounts, int]])
 @typehints.with_output_types(pd.DataFrame)
-class OverallStateFn(beam.DoFn):
+class OverallStateFn(CachedSignatures, beam.DoFn):
     """Every key's counts over the whole input → the ``overall`` `bandit_state` rows.
 
     The span is the first bucket's start to the last bucket's end. Impossible
