@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 import pandas as pd
@@ -46,7 +46,7 @@ from transforms.bigquery_io import (INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS,
                                     settings_from)
 from transforms.health import NAMESPACE
 from transforms.warehouse import bigquery_dataset, bigquery_project, parse_table, table_name
-from transforms.signatures import MapFn
+from transforms.signatures import FilterFn, MapFn
 from transforms.serving import (ServingOptions,  # noqa: F401 (its flags are this job's)
                                 WriteServingUpdates, store_from)
 from transforms.streaming import (BANDIT_FIELDS, DEAD_LETTER_FIELDS, HEALTH_FIELDS,
@@ -366,7 +366,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     funnel = unique_treatments.rows | "CheckTreatmentFunnel" >> CheckFunnel(
         spec.size + spec.lateness)
 
-    orders = unique_events.rows | "OrderEvents" >> beam.Filter(model.is_order)
+    orders = unique_events.rows | "OrderEvents" >> beam.ParDo(FilterFn(model.is_order))
     popularity = orders | "RollingPopularity" >> WindowedPopularity(spec, reference, config,
                                                                     versions)
     order_audit = orders | "AuditOrderLateness" >> LateDataAudit("orders", spec)
@@ -386,7 +386,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
         MODEL_VERSION, lines=lines, ranker=ranker, versions=versions,
         ranker_versions=ranker_versions)
 
-    treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.Map(treatment_counts)
+    treatment_keyed = funnel.rows | "TreatmentCounts" >> beam.ParDo(MapFn(treatment_counts))
     bandit = funnel.rows | "RollingBanditState" >> StreamingBandit(
         ctx.bandit, spec, reference, bandit_segments(options), versions)
     treatment_audit = treatment_keyed | "AuditTreatmentLateness" >> LateDataAudit(
@@ -406,9 +406,9 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
               | "FlattenHealth" >> beam.Flatten()
               | "StampHealth" >> beam.ParDo(MapFn(stamp), ctx.run_id, "emitted_at"))
     bandit_rows = (frames_to_rows("BanditRows", bandit.rows)
-                   | "StampBandit" >> beam.Map(stamp, ctx.run_id, "generated_at"))
+                   | "StampBandit" >> beam.ParDo(MapFn(stamp), ctx.run_id, "generated_at"))
     bandit_dead = frames_to_rows("BanditDeadLetterRows", bandit.dead_letters) | (
-        "BanditDeadLetterRecords" >> beam.Map(lambda r: {**r, "attributes": None}))
+        "BanditDeadLetterRecords" >> beam.ParDo(MapFn(lambda r: {**r, "attributes": None})))
     refreshed = to_global_window("RecommendationsToGlobalWindow", recs.rows)
     if ctx.serving is not None:  # each refreshed user, served at once (docs/serving.md)
         refreshed | "WriteServingStore" >> WriteServingUpdates(ctx.serving)
@@ -441,7 +441,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, ctx: StreamingConte
     unwritable | "LogUnwritableDeadLetters" >> beam.ParDo(MapFn(_log_unwritable))
     if opts.dead_letter_topic:
         (dead
-         | "DeadLetterMessages" >> beam.Map(_dead_letter_message)
+         | "DeadLetterMessages" >> beam.ParDo(MapFn(_dead_letter_message))
          | "PublishDeadLetters" >> WriteToPubSub(opts.dead_letter_topic, with_attributes=True))
     rows["streaming_dead_letter"] = dead
     return rows
@@ -521,7 +521,24 @@ def launch(argv: Optional[List[str]] = None) -> Launched:
     prepare_bigquery(ctx, ctx.config)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, options, ctx, reference, ranker)
-    return Launched(pipeline.run(), ctx)
+    return Launched(pipeline.run(test_runner_api=runner_api_round_trip(standard.runner)), ctx)
+
+
+def runner_api_round_trip(runner: Optional[str]) -> Union[bool, str]:
+    """Whether ``Pipeline.run`` first rebuilds the graph from its runner-API form.
+
+    Beam does that round trip before a non-portable runner such as the
+    bundle-based DirectRunner, and the rebuilt graph holds Beam's own
+    `WindowInto` (its DoFn re-inspected for every bundle) instead of the job's
+    (`transforms.signatures.WindowInto`). On that runner, and only there, the
+    job runs the graph it built; Dataflow and the portable runners translate
+    the same graph to the same protos (tests/test_signatures.py checks the
+    WindowInto URN and payload) and never run these DoFns themselves.
+
+    Returns:
+        False on the bundle-based DirectRunner, else 'AUTO' (Beam's default).
+    """
+    return False if runner == "BundleBasedDirectRunner" else "AUTO"
 
 
 def wait(result, seconds: float) -> None:

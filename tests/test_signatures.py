@@ -10,9 +10,11 @@ works, and that the cache is what answers (a plain DoFn is inspected again).
 """
 import importlib
 import inspect
+import os
 import pickle
 import pkgutil
 import types
+from typing import Iterable
 
 import apache_beam as beam
 import pytest
@@ -23,11 +25,14 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import core, userstate
 from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms import trigger, window
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Duration
 
 import transforms.streaming
 from transforms import bigquery_io, signatures
-from transforms.signatures import CachedSignatures, FlatMapFn, MapFn
+from transforms.signatures import (CachedSignatures, FilterFn, FlatMapFn, MapFn, WindowInto,
+                                  WindowIntoFn)
 
 
 class _Counting(beam.DoFn):
@@ -207,3 +212,157 @@ def test_insert_rows_makes_no_client_for_an_empty_bundle(monkeypatch):
     fn.setup()
     fn.start_bundle()
     assert list(fn.finish_bundle()) == []
+
+
+# ---- Map, FlatMap, Filter and WindowInto of the streaming graph ----------------------------
+
+def _shout(word: str) -> int:
+    return len(word)
+
+
+def _letters(word: str) -> Iterable[str]:
+    return list(word)
+
+
+@pytest.mark.parametrize("beam_kind, ours, fn", [
+    (beam.Map, MapFn, _shout),                              # annotated
+    (beam.Map, MapFn, lambda _: 1),                         # inferred from the bytecode: int
+    (beam.Map, MapFn, lambda kv: (0, kv)),                  # Tuple[int, str]: a GroupByKey key
+    (beam.FlatMap, FlatMapFn, _letters),
+    (beam.Filter, FilterFn, lambda w: len(w) > 1),          # keeps the input's type
+])
+def test_map_flat_map_and_filter_fns_give_the_element_type_beam_gives(beam_kind, ours, fn):
+    """Coders follow element types: replacing beam.Map must not change them."""
+    p = beam.Pipeline()
+    words = p | beam.Create(["a", "bb"]).with_output_types(str)
+    theirs = words | "Beam" >> beam_kind(fn)
+    mine = words | "Ours" >> beam.ParDo(ours(fn))
+    assert mine.element_type == theirs.element_type
+    assert str(mine.element_type) != "Any"
+
+
+def test_map_fn_checks_its_input_type_as_beam_map_does():
+    p = beam.Pipeline()
+    numbers = p | beam.Create([1, 2]).with_output_types(int)
+    with pytest.raises(Exception, match="[Tt]ype"):
+        numbers | "Beam" >> beam.Map(_shout)
+    with pytest.raises(Exception, match="[Tt]ype"):
+        numbers | "Ours" >> beam.ParDo(MapFn(_shout))
+
+
+def test_filter_fn_keeps_what_the_function_accepts():
+    with TestPipeline("DirectRunner") as p:
+        words = p | beam.Create(["a", "bb", "ccc"])
+        kept = words | beam.ParDo(FilterFn(lambda w, n: len(w) >= n), 2)
+        assert_that(kept, equal_to(["bb", "ccc"]))
+    assert FilterFn(len).default_label() == "FilterFn(len)"
+
+
+WINDOWINGS = [
+    lambda kind: kind(window.GlobalWindows()),
+    lambda kind: kind(window.FixedWindows(60)),
+    lambda kind: kind(window.SlidingWindows(3600, 60),
+                      trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                      accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                      allowed_lateness=Duration(seconds=600)),
+    lambda kind: kind(window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterCount(1)),
+                      accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                      timestamp_combiner=window.TimestampCombiner.OUTPUT_AT_EARLIEST),
+]
+
+
+def _window_into_proto(make):
+    """The WindowInto step's URN and payload, and its output's windowing strategy."""
+    p = beam.Pipeline()
+    (p | beam.Create([("k", 1)]) | "Win" >> make())
+    proto = p.to_runner_api()
+    comps = proto.components
+    (step,) = [t for t in comps.transforms.values() if t.unique_name == "Win"]
+    strategy = comps.windowing_strategies[
+        comps.pcollections[list(step.outputs.values())[0]].windowing_strategy_id]
+    return step.spec.urn, step.spec.payload, strategy.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("windowing", WINDOWINGS)
+def test_window_into_translates_to_the_runner_api_exactly_as_beams(windowing):
+    """Dataflow translates WindowInto by URN and payload and never runs its DoFn."""
+    theirs = _window_into_proto(lambda: windowing(beam.WindowInto))
+    mine = _window_into_proto(lambda: windowing(WindowInto))
+    assert mine == theirs
+    assert theirs[0] == "beam:transform:window_into:v1"
+    ours = windowing(WindowInto)
+    assert isinstance(ours.fn, CachedSignatures)
+    assert ours.default_label() == windowing(beam.WindowInto).default_label()
+
+
+def _windowed_run(monkeypatch, test_runner_api):
+    """Fixed windows summed per key on the bundle-based DirectRunner: the WindowInto DoFns run."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.direct import transform_evaluator
+    ran = set()
+    evaluator = transform_evaluator._ParDoEvaluator
+    original = evaluator.start_bundle
+
+    def seen(self):   # the DoFn of every ParDo bundle the runner starts
+        ran.add(type(self._applied_ptransform.transform.dofn))
+        return original(self)
+
+    monkeypatch.setattr(evaluator, "start_bundle", seen)
+    p = beam.Pipeline("BundleBasedDirectRunner", options=PipelineOptions([]))
+    out = (p | beam.Create([("a", 1), ("a", 2), ("b", 5)])
+           | beam.ParDo(MapFn(lambda kv: window.TimestampedValue(kv, 1)))
+           | WindowInto(window.FixedWindows(60))
+           | beam.CombinePerKey(sum))
+    assert_that(out, equal_to([("a", 3), ("b", 5)]))
+    p.run(test_runner_api=test_runner_api).wait_until_finish()
+    return {cls for cls in ran if issubclass(cls, beam.WindowInto.WindowIntoFn)}
+
+
+def test_the_local_runner_runs_the_cached_window_into_fn(monkeypatch):
+    """Beam's runner-API round trip would rebuild Beam's own WindowInto; the job skips it there."""
+    from pipelines.streaming_refresh import runner_api_round_trip
+    assert runner_api_round_trip("BundleBasedDirectRunner") is False
+    assert runner_api_round_trip("DataflowRunner") == "AUTO"
+    assert runner_api_round_trip(None) == "AUTO"
+    # (assert_that has a WindowInto of its own: Beam's.)
+    assert WindowIntoFn in _windowed_run(monkeypatch,
+                                         runner_api_round_trip("BundleBasedDirectRunner"))
+    # With the round trip the runner gets Beam's own DoFn back (why the job skips it locally).
+    assert _windowed_run(monkeypatch, True) == {beam.WindowInto.WindowIntoFn}
+
+
+def _inside_beam(node) -> bool:
+    """A step of one of Beam's own composites (a combine, GroupByKey, Create, Pub/Sub I/O)."""
+    parent = node.parent
+    if parent is not None and isinstance(parent.transform, core._MultiParDo):
+        parent = parent.parent   # ParDo(...).with_outputs(...): Beam's wrapper, the job's step
+    return (parent is not None and parent.transform is not None
+            and type(parent.transform).__module__.startswith("apache_beam."))
+
+
+def test_no_beam_map_filter_or_window_into_is_left_in_the_streaming_graph(monkeypatch):
+    """Every ParDo of the job's own steps answers signature questions from the cache."""
+    sys_path_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(sys_path_root, "tests"))
+    import test_streaming_step_labels as labels
+    built = []
+    original = labels.job.build
+    monkeypatch.setattr(labels.job, "build",
+                        lambda pipeline, *a, **k: (built.append(pipeline),
+                                                   original(pipeline, *a, **k)))
+    for name, extra in labels.VARIANTS.items():
+        labels.graph_labels(extra, labels.VARIANT_CONFIGS.get(name, labels.DEFAULT_CONFIG),
+                            name in labels.VARIANT_RANKED)
+    uncached = set()
+
+    class Visit(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            fn = getattr(node.transform, "fn", None)
+            if (isinstance(node.transform, beam.ParDo) and not isinstance(fn, CachedSignatures)
+                    and not _inside_beam(node)):
+                uncached.add((node.full_label, type(fn).__name__))
+
+    for pipeline in built:
+        pipeline.visit(Visit())
+    assert len(built) == len(labels.VARIANTS)
+    assert sorted(uncached) == []

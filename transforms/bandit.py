@@ -26,6 +26,7 @@ from models.bandit import BanditConfig
 from models.campaign import EPOCH, FunnelCounts
 from transforms.frames import DEFAULT_SHARDS, CoGroupFrames
 from transforms.health import Tag, count, dead_letters
+from transforms.signatures import CachedSignatures, MapFn, WindowInto
 
 Key = Tuple[str, str]                  # (treatment_id, segment)
 KeyedCounts = Tuple[Key, FunnelCounts]
@@ -158,7 +159,7 @@ class SlidingTreatmentCounts(beam.PTransform):
 
     def expand(self, counts: beam.PCollection) -> beam.PCollection:
         return (counts
-                | "SlidingWindows" >> beam.WindowInto(
+                | "SlidingWindows" >> WindowInto(
                     window.SlidingWindows(self._size / _ONE_SECOND, self._period / _ONE_SECOND),
                     trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                     accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
@@ -175,7 +176,7 @@ def _window_bounds(win: window.IntervalWindow) -> Tuple[pd.Timestamp, pd.Timesta
 
 @typehints.with_input_types(Tuple[int, Iterable[KeyedCounts]])
 @typehints.with_output_types(pd.DataFrame)
-class WindowStateFn(beam.DoFn):
+class WindowStateFn(CachedSignatures, beam.DoFn):
     """All keys of one window → its `bandit_state` rows; impossible counts are dead-lettered."""
 
     def __init__(self, config: BanditConfig):
@@ -241,7 +242,7 @@ class AttributeToSends(beam.PTransform):
 
 @typehints.with_input_types(KeyedCounts)
 @typehints.with_output_types(Tuple[Key, FunnelCounts, int])
-class WithTimestampFn(beam.DoFn):
+class WithTimestampFn(CachedSignatures, beam.DoFn):
     """Keeps each count element's bucket start (its timestamp, in seconds) beside it."""
 
     def process(self, kv: KeyedCounts, at=beam.DoFn.TimestampParam) -> Iterator:
@@ -250,7 +251,7 @@ class WithTimestampFn(beam.DoFn):
 
 @typehints.with_input_types(List[Tuple[Key, FunnelCounts, int]])
 @typehints.with_output_types(pd.DataFrame)
-class OverallStateFn(beam.DoFn):
+class OverallStateFn(CachedSignatures, beam.DoFn):
     """Every key's counts over the whole input → the ``overall`` `bandit_state` rows.
 
     The span is the first bucket's start to the last bucket's end. Impossible
@@ -300,19 +301,19 @@ class BanditState(beam.PTransform):
         state = (counts
                  | "SlidingTreatmentCounts" >> SlidingTreatmentCounts(
                      self._size, self._period, self._lateness)
-                 | "OneKeyPerWindow" >> beam.Map(lambda kv: (0, kv)).with_output_types(
+                 | "OneKeyPerWindow" >> beam.ParDo(MapFn(lambda kv: (0, kv))).with_output_types(
                      Tuple[int, KeyedCounts])
                  | "GatherWindow" >> beam.GroupByKey()
                  | "PosteriorPerWindow" >> beam.ParDo(WindowStateFn(self._config)).with_outputs(
                      Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value))
-        rows = state[Tag.ROWS.value] | "StateToGlobalWindow" >> beam.WindowInto(
+        rows = state[Tag.ROWS.value] | "StateToGlobalWindow" >> WindowInto(
             window.GlobalWindows())
-        counters = state[Tag.COUNTS.value] | "CountsToGlobalWindow" >> beam.WindowInto(
+        counters = state[Tag.COUNTS.value] | "CountsToGlobalWindow" >> WindowInto(
             window.GlobalWindows())
         if self._overall_bucket is not None:
             overall = (counts
                        | "KeepBucketStart" >> beam.ParDo(WithTimestampFn())
-                       | "OverallToGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                       | "OverallToGlobalWindow" >> WindowInto(window.GlobalWindows())
                        | "GatherOverall" >> beam.combiners.ToList()
                        | "OverallState" >> beam.ParDo(OverallStateFn(
                            self._config, self._overall_bucket)).with_outputs(
@@ -322,6 +323,6 @@ class BanditState(beam.PTransform):
                         | "WithOverallCounts" >> beam.Flatten())
         return BanditStateOut(
             rows,
-            state[Tag.DEAD_LETTER.value] | "DeadLettersToGlobalWindow" >> beam.WindowInto(
+            state[Tag.DEAD_LETTER.value] | "DeadLettersToGlobalWindow" >> WindowInto(
                 window.GlobalWindows()),
             counters)

@@ -21,7 +21,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 from models import streaming as model
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, MapFn
 from transforms.streaming.windows import (duration_of, in_global_window, period_buckets,
                                           to_global_window, windowed)
 
@@ -150,7 +150,7 @@ class LateDataAudit(beam.PTransform):
         seen = elements | "SeenPerWindow" >> beam.ParDo(
             SeenPerWindowFn(self._stream, self._spec))
         included = (elements
-                    | "OnePerElement" >> beam.Map(lambda _: 1)
+                    | "OnePerElement" >> beam.ParDo(MapFn(lambda _: 1))
                     | "AuditPeriodBuckets" >> period_buckets(self._spec)
                     | "CountPerPeriod" >> beam.CombineGlobally(sum).without_defaults()
                     | "AuditWindows" >> windowed(self._spec,

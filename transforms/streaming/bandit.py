@@ -22,7 +22,7 @@ from models.campaign import ALL, KIND_FIELDS, NO_SEGMENT, FunnelCounts
 from models.popularity import segment_keys
 from models.streaming import WindowSpec
 from transforms.bandit import BanditState, KeyedCounts, TreatmentCountsFn
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, MapFn
 from transforms.streaming.reference import (Reference, cached, into_version_windows,
                                             version_side_input)
 from transforms.streaming.refusals import Record
@@ -110,7 +110,8 @@ class StreamingBandit(beam.PTransform):
                 SegmentOfUserFn(self._reference, self._segment_by),
                 **version_side_input(self._versions))
         return (treatments
-                | "CountsPerMessage" >> beam.Map(treatment_counts).with_output_types(KeyedCounts)
+                | "CountsPerMessage" >> beam.ParDo(MapFn(treatment_counts)).with_output_types(
+                    KeyedCounts)
                 | "PeriodBuckets" >> period_buckets(self._spec)
                 | "SumPerPeriod" >> beam.CombinePerKey(TreatmentCountsFn()).with_output_types(
                     KeyedCounts)

@@ -19,7 +19,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from models import streaming as model
 from transforms.health import Tag, count
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, WindowInto
 from transforms.streaming.reference import (Reference, cached,
                                             into_version_windows, version_side_input)
 from transforms.streaming.refusals import (Checked, KeyOrRefuseFn, Record, dead_letter,
@@ -87,7 +87,7 @@ class CheckSkus(beam.PTransform):
                               out[Tag.COUNTS.value])
         if self._versions is not None:   # the job's keyed steps after this are global-window
             rows, dead, counts = (
-                pcoll | f"{name}ToGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+                pcoll | f"{name}ToGlobalWindow" >> WindowInto(beam.window.GlobalWindows())
                 for name, pcoll in (("Rows", rows), ("DeadLetters", dead), ("Counts", counts)))
         return Checked(rows, dead, counts)
 

@@ -45,7 +45,7 @@ from models.config import RecsConfig
 from models.stream_popularity import CellBlock, CellKey, Decayed, LineState
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, FilterFn, MapFn, WindowInto
 from transforms.streaming.reference import (FileReference, cached, into_version_windows,
                                             version_side_input)
 from transforms.streaming.refusals import Record
@@ -377,7 +377,7 @@ class WindowedPopularity(beam.PTransform):
         half_life = self._config.scoring.half_life_days
         keys = state_keys_of(orders.pipeline)   # order lines, or buckets of them locally
         lines = (orders
-                 | "KeyByOrderLine" >> beam.Map(order_line_key, keys).with_output_types(
+                 | "KeyByOrderLine" >> beam.ParDo(MapFn(order_line_key), keys).with_output_types(
                      Tuple[OrderLineKey, Tuple[OrderLineKey, Record]])
                  | "FirstOrderLine" >> beam.ParDo(FirstOrderLineFn(self._spec, keys)).with_outputs(
                      Tag.COUNTS.value, main=Tag.ROWS.value))
@@ -391,7 +391,7 @@ class WindowedPopularity(beam.PTransform):
                        Tag.COUNTS.value, main=Tag.ROWS.value))
         weight_counts = weights[Tag.COUNTS.value]
         if self._versions is not None:
-            weight_counts = weight_counts | "WeightCountsToGlobalWindow" >> beam.WindowInto(
+            weight_counts = weight_counts | "WeightCountsToGlobalWindow" >> WindowInto(
                 window.GlobalWindows())
         period_cells = weights[Tag.ROWS.value] | "PeriodBuckets" >> period_buckets(self._spec)
         if self._sums_per_cell(orders.pipeline):   # Dataflow: per cell key, over workers
@@ -410,12 +410,12 @@ class WindowedPopularity(beam.PTransform):
                      Tag.COUNTS.value, main=Tag.ROWS.value))
         counts = ((lines[Tag.COUNTS.value], weight_counts)
                   | "FlattenLineCounts" >> beam.Flatten()
-                  | "LineCountsToGlobalWindow" >> beam.WindowInto(window.GlobalWindows()))
-        pane_counts = panes[Tag.COUNTS.value] | "PaneCountsToGlobalWindow" >> beam.WindowInto(
+                  | "LineCountsToGlobalWindow" >> WindowInto(window.GlobalWindows()))
+        pane_counts = panes[Tag.COUNTS.value] | "PaneCountsToGlobalWindow" >> WindowInto(
             window.GlobalWindows())
         rows = panes[Tag.ROWS.value]
         # A step of its own: the DirectRunner's side-input view of a multi-output ParDo's main
         # output also holds the ParDo's tagged outputs (Beam 2.77), and refreshes read this one.
-        first = rows | "FirstPaneOfWindow" >> beam.Filter(lambda p: p.is_first)
+        first = rows | "FirstPaneOfWindow" >> beam.ParDo(FilterFn(lambda p: p.is_first))
         return PopularityOut(rows, first, (counts, pane_counts)
                              | "FlattenPopularityCounts" >> beam.Flatten())

@@ -43,7 +43,7 @@ from models import streaming as model
 from models.config import RankingNoticesConfig, RecsConfig
 from models.streaming import WindowSpec
 from transforms.health import Tag, count
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, WindowInto
 from transforms.streaming.popularity import WindowPopularity
 from transforms.streaming.reference import (Reference, cached, into_version_windows,
                                             version_side_input)
@@ -219,7 +219,7 @@ def paired_picks(first_panes: beam.PCollection, reference: Reference, config: Re
     period_us = int(spec.period.value // 1_000)
     return (first_panes
             | "PairWithNextWindow" >> beam.ParDo(PairWithNextWindowFn(period_us))
-            | "PeriodWindows" >> beam.WindowInto(
+            | "PeriodWindows" >> WindowInto(
                 window.FixedWindows(seconds_of(spec.period)),
                 trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                 accumulation_mode=trigger.AccumulationMode.ACCUMULATING,

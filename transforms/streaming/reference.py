@@ -53,7 +53,7 @@ from models import streaming as model
 from models.config import RecsConfig
 from transforms.health import NAMESPACE
 from transforms.io import find_table, read_frame
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, WindowInto
 from transforms.warehouse import TableRef
 
 
@@ -470,5 +470,5 @@ def version_side_input(versions: Optional[beam.PCollection],
 def into_version_windows(source: Watched, label: str,
                          pcoll: beam.PCollection) -> beam.PCollection:
     """A global-window collection in the versions' fixed windows, so it can read them."""
-    return pcoll | label >> beam.WindowInto(beam.window.FixedWindows(source.refresh_seconds))
+    return pcoll | label >> WindowInto(beam.window.FixedWindows(source.refresh_seconds))
 

@@ -29,7 +29,7 @@ from models.recommend_handler import UnionRerankHandler, handler_for
 from models.config import RecsConfig
 from models.streaming import RefreshRequest, WindowSpec
 from transforms.health import Tag, count
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, MapFn, WindowInto
 from transforms.streaming.popularity import WindowPopularity
 from transforms.streaming.reference import (RANKER_VERSION_ARG, Reference, cached,
                                             version_side_input)
@@ -102,7 +102,7 @@ class TouchedUsers(beam.PTransform):
 
     def expand(self, inputs: Tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
         events, notices = inputs
-        touches = events | "UserOfEvent" >> beam.Map(event_touch).with_output_types(Touch)
+        touches = events | "UserOfEvent" >> beam.ParDo(MapFn(event_touch)).with_output_types(Touch)
         return ((touches, notices)
                 | "FlattenTouches" >> beam.Flatten()
                 | "UserSignals" >> beam.ParDo(UserSignalsFn(self._config)))
@@ -387,19 +387,19 @@ class RefreshRecommendations(beam.PTransform):
 
     def expand(self, requests: beam.PCollection) -> Refreshed:
         out = (requests
-               | "ShardByUser" >> beam.Map(
-                   lambda kv, n: (shard_of_user(kv[0], n), kv), self._num_shards
+               | "ShardByUser" >> beam.ParDo(MapFn(
+                   lambda kv, n: (shard_of_user(kv[0], n), kv)), self._num_shards
                ).with_output_types(Tuple[int, Tuple[str, RefreshRequest]])
                | "GatherPeriod" >> beam.ParDo(GatherPeriodFn(self._spec.period)).with_outputs(
                    Tag.COUNTS.value, main=Tag.ROWS.value))
         periods = (out[Tag.ROWS.value]
-                   | "ShardPeriodPanes" >> beam.WindowInto(
+                   | "ShardPeriodPanes" >> WindowInto(
                        window.GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterCount(1)),
                        accumulation_mode=trigger.AccumulationMode.DISCARDING,
                        timestamp_combiner=window.TimestampCombiner.OUTPUT_AT_EARLIEST)
                    | "GatherShard" >> beam.GroupByKey()
-                   | "AtPeriodEnd" >> beam.Map(at_period_end)
-                   | "RefreshPeriods" >> beam.WindowInto(
+                   | "AtPeriodEnd" >> beam.ParDo(MapFn(at_period_end))
+                   | "RefreshPeriods" >> WindowInto(
                        window.FixedWindows(seconds_of(self._spec.period))))
         side = [beam.pvalue.AsSingleton(self._popularity, default_value=None)]
         fn = RefreshShardFn
@@ -411,9 +411,9 @@ class RefreshRecommendations(beam.PTransform):
                self._clock, self._ranker), *side, **version_side_input(self._versions),
             **version_side_input(self._ranker_versions, RANKER_VERSION_ARG)).with_outputs(
             Tag.DEAD_LETTER.value, Tag.COUNTS.value, main=Tag.ROWS.value)
-        counts = ((out[Tag.COUNTS.value] | "HeldCountsToGlobalWindow" >> beam.WindowInto(
+        counts = ((out[Tag.COUNTS.value] | "HeldCountsToGlobalWindow" >> WindowInto(
                       window.GlobalWindows()),
-                   scored[Tag.COUNTS.value] | "RefreshCountsToGlobalWindow" >> beam.WindowInto(
+                   scored[Tag.COUNTS.value] | "RefreshCountsToGlobalWindow" >> WindowInto(
                       window.GlobalWindows()))
                   | "FlattenRefreshCounts" >> beam.Flatten())
         return Refreshed(scored[Tag.ROWS.value], scored[Tag.DEAD_LETTER.value], counts)

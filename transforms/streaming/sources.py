@@ -26,7 +26,7 @@ from models.ranker import RankerModel, refusal
 from models.streaming import WindowSpec
 from transforms.health import NAMESPACE
 from transforms.ranker import load_model, resolve_model_path
-from transforms.signatures import CachedSignatures
+from transforms.signatures import CachedSignatures, MapFn, WindowInto
 from transforms.streaming.reference import ReferenceVersion, Watched, WatchedVersions
 from transforms.streaming.refusals import Record
 from transforms.streaming.windows import seconds_of
@@ -139,11 +139,12 @@ class WindowOrderLines(beam.PTransform):
 
     def expand(self, orders: beam.PCollection) -> beam.PCollection:
         return (orders
-                | "LineOfOrder" >> beam.Map(line_of).with_output_types(Tuple[LineKey, LineCell])
-                | "SourcePeriods" >> beam.WindowInto(window.FixedWindows(
+                | "LineOfOrder" >> beam.ParDo(MapFn(line_of)).with_output_types(
+                    Tuple[LineKey, LineCell])
+                | "SourcePeriods" >> WindowInto(window.FixedWindows(
                     seconds_of(self._spec.period)))
                 | "LinesPerPeriod" >> beam.CombineGlobally(EarliestLinesFn()).without_defaults()
-                | "SourceWindows" >> beam.WindowInto(window.SlidingWindows(
+                | "SourceWindows" >> WindowInto(window.SlidingWindows(
                     seconds_of(self._spec.size), seconds_of(self._spec.period)))
                 | "LinesPerWindow" >> beam.CombineGlobally(MergeLineMapsFn()).without_defaults()
                 | "AtWindowEnd" >> beam.ParDo(_AtWindowEnd()))

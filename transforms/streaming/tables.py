@@ -22,7 +22,7 @@ from models.recommend import rec_columns
 from transforms import schemas
 from transforms.bigquery_io import INSERT_BATCH_ROWS, INSERT_RETRY_SECONDS, InsertRows
 from transforms.campaign import BANDIT_STATE
-from transforms.signatures import MapFn
+from transforms.signatures import FlatMapFn, MapFn
 from transforms.streaming.refusals import dead_letter
 from transforms.streaming.windows import MICROS
 
@@ -99,4 +99,4 @@ class WriteRows(beam.PTransform):
 
 def frames_to_rows(label: str, frames: beam.PCollection) -> beam.PCollection:
     """Frames → JSON-safe dict rows."""
-    return frames | label >> beam.FlatMap(model.json_safe_rows)
+    return frames | label >> beam.ParDo(FlatMapFn(model.json_safe_rows))

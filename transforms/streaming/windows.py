@@ -7,13 +7,13 @@ the same period boundaries of one `models.streaming.WindowSpec`.
 from __future__ import annotations
 
 
-import apache_beam as beam
 import pandas as pd
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from models.streaming import WindowSpec
+from transforms.signatures import WindowInto
 
 MICROS = 1_000_000      # microseconds per second (Beam timestamps count microseconds)
 
@@ -38,20 +38,20 @@ def sliding_windows(spec: WindowSpec) -> window.SlidingWindows:
     return window.SlidingWindows(seconds_of(spec.size), seconds_of(spec.period))
 
 
-def windowed(spec: WindowSpec, accumulation: trigger.AccumulationMode) -> beam.WindowInto:
+def windowed(spec: WindowSpec, accumulation: trigger.AccumulationMode) -> WindowInto:
     """Sliding windows that fire once when the watermark passes their end, then once per late pane.
 
     Elements within ``spec.lateness`` after the end still count (each late
     pane restates or adds to the window); later ones are dropped by the
     runner, which is why `LateDataAudit` counts what was seen beside it.
     """
-    return beam.WindowInto(sliding_windows(spec),
+    return WindowInto(sliding_windows(spec),
                            trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                            accumulation_mode=accumulation,
                            allowed_lateness=duration_of(spec.lateness))
 
 
-def period_buckets(spec: WindowSpec) -> beam.WindowInto:
+def period_buckets(spec: WindowSpec) -> WindowInto:
     """Fixed windows of one period, where elements are pre-summed before sliding.
 
     Sliding windows start every period, so every instant of one period lies in
@@ -62,7 +62,7 @@ def period_buckets(spec: WindowSpec) -> beam.WindowInto:
     drops what a window would keep, and its panes discard: a late pane carries
     only the new elements, which the sliding stage then adds or drops per window.
     """
-    return beam.WindowInto(window.FixedWindows(seconds_of(spec.period)),
+    return WindowInto(window.FixedWindows(seconds_of(spec.period)),
                            trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                            accumulation_mode=trigger.AccumulationMode.DISCARDING,
                            allowed_lateness=duration_of(spec.size + spec.lateness))
@@ -75,7 +75,7 @@ def in_global_window(value, at: Timestamp) -> WindowedValue:
 
 def to_global_window(label: str, pcoll: beam.PCollection) -> beam.PCollection:
     """Re-window into the global window so side outputs of any windowing can be flattened."""
-    return pcoll | label >> beam.WindowInto(window.GlobalWindows())
+    return pcoll | label >> WindowInto(window.GlobalWindows())
 
 
 def period_end_of(at: Timestamp, period_us: int) -> int:
