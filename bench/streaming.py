@@ -7,7 +7,10 @@
     python bench/streaming.py --skip_freshness     # throughput only (no emulators needed)
 
 Freshness: the Pub/Sub emulator and bqemulator start, `pipelines.streaming_refresh`
-runs on the DirectRunner (60-second windows every 2 s), background traffic (product
+runs on the DirectRunner in its own process, started as a user starts it
+(60-second windows every 2 s; its CPU and memory are that process's, read from
+/proc; the orders wait until it has written its first health counters),
+background traffic (product
 views and e-mail sends, as a live shop has) keeps both subscriptions busy (an
 idle subscription's pull waits 30 s on the DirectRunner), and ``--orders``
 order events, each for a different user, are published at a scenario's rate
@@ -92,20 +95,73 @@ def _world(directory: str, preset: str) -> str:
 
 # --- freshness ------------------------------------------------------------------------------------
 
-def _rss_mib() -> float:
-    """Resident memory of this process (the job runs in it; the emulators do not)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+def _proc_rss_mib(pid: int) -> float:
+    """Resident memory of one process (the job's), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:      # the job has stopped
+        pass
     return float("nan")
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process and its reaped children, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    # Fields after the command: state is [0], utime [11], stime [12], cutime [13], cstime [14].
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_job(argv, job_root: str, log_path: str) -> subprocess.Popen:
+    """The streaming job as its own process, started as a user starts it (``python -m``).
+
+    The harness (publishers, the BigQuery poller, the samplers) runs in this
+    process; with the job in-process they shared its interpreter lock, and a
+    py-spy profile put about a fifth of the process's samples in the harness.
+    ``job_root`` is the checkout whose job runs (another worktree, to compare
+    two versions of the job under the same harness in the same hour).
+    """
+    env = {**os.environ, "PYTHONPATH": job_root}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.streaming_refresh", *argv],
+                                cwd=job_root, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop_job(job: subprocess.Popen) -> None:
+    job.terminate()
+    try:
+        job.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
+
+
+def _wait_until_live(client, project: str, job: subprocess.Popen, timeout: float) -> float:
+    """Seconds until the job writes its first health counters (it is reading both streams)."""
+    started = time.monotonic()
+    sql = f"SELECT COUNT(*) AS n FROM `{project}.bench.streaming_health`"
+    while time.monotonic() - started < timeout:
+        if job.poll() is not None:
+            raise SystemExit(f"the streaming job exited with {job.returncode} before it was live")
+        try:
+            if next(iter(client.query(sql).result()))["n"]:
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 (tables not created yet, or the emulator busy)
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the streaming job wrote no health counters in {timeout:.0f} s")
 
 
 def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
               period_seconds: int) -> Dict:
     from google.cloud import pubsub_v1
 
-    from pipelines import streaming_refresh as job
     from tests.emulators import bigquery_emulator, create_streams, pubsub_emulator
     from transforms import bigquery
 
@@ -135,11 +191,12 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
                 "--reference_refresh_seconds=30", "--insert_batch_size=100",
                 f"--ranking_refresh={ranking}",
                 f"--num_shards={args.num_shards}"]
-        started = time.monotonic()
         load_before = list(os.getloadavg())
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        launched = job.launch(argv)
-        client = bigquery.client(bqe.project)
+        log_path = os.path.join(ROOT, "bench", "work", "streaming_job.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        started = time.monotonic()
+        launched = _start_job(argv, args.job_root, log_path)
+        client = bigquery.client(bqe.project, f"http://{bqe.host}")
         stop = threading.Event()
 
         background_sent = [0]
@@ -172,12 +229,14 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
 
         def sample_memory():
             while not stop.is_set():
-                memory.append((round(time.monotonic() - started, 1), round(_rss_mib(), 1)))
+                memory.append((round(time.monotonic() - started, 1),
+                               round(_proc_rss_mib(launched.pid), 1)))
                 stop.wait(5.0)
 
         threading.Thread(target=background, name="background-traffic", daemon=True).start()
         threading.Thread(target=sample_memory, name="memory", daemon=True).start()
-        time.sleep(args.warmup)             # reference data loaded, first windows closed
+        live_after = _wait_until_live(client, bqe.project, launched, args.live_timeout)
+        time.sleep(args.warmup)             # first windows closed
         published: Dict[str, float] = {}
         seen: Dict[str, float] = {}
 
@@ -214,9 +273,9 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
         while time.monotonic() < deadline and not set(buyers) <= set(seen):
             time.sleep(0.5)
         stop.set()
-        launched.result.cancel()
-        usage_after = resource.getrusage(resource.RUSAGE_SELF)
+        job_cpu = _proc_cpu_seconds(launched.pid)
         wall_seconds = time.monotonic() - started
+        _stop_job(launched)
         latencies = sorted(seen[u] - published[u] for u in buyers if u in seen)
         per_minute = {}
         for user in buyers:
@@ -240,10 +299,13 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
         "seconds_max": round(max(latencies), 2) if latencies else None,
         "seconds_mean": round(statistics.fmean(latencies), 2) if latencies else None,
         "target_p50_seconds": 5, "target_p95_seconds": 8, "run_seconds": round(wall_seconds, 1),
-        # The job runs in this process (the emulators do not): its CPU beside the wall time,
-        # and the machine's load around the run (a shared, noisy 2-core machine).
-        "cpu_seconds": round((usage_after.ru_utime - usage_before.ru_utime)
-                             + (usage_after.ru_stime - usage_before.ru_stime), 1),
+        # The job's own process (not the harness, not the emulators): its CPU beside the
+        # wall time from its start, and the machine's load around the run (shared, noisy).
+        "cpu_seconds": round(job_cpu, 1),
+        "job": "own process (python -m pipelines.streaming_refresh)",
+        "job_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.job_root,
+                                     capture_output=True, text=True).stdout.strip(),
+        "live_after_seconds": round(live_after, 1),
         "loadavg_before_after": [load_before, list(os.getloadavg())],
         "publishing_seconds": round(publishing_seconds, 1),
         "events_published_per_second_measured": round(
@@ -727,7 +789,13 @@ def main(argv=None) -> int:
                              "[:period seconds (default --period_seconds)]], comma-separated.")
     parser.add_argument("--window_seconds", type=int, default=60)
     parser.add_argument("--period_seconds", type=int, default=2)
-    parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=8.0,
+                        help="Seconds between the job's first health counters and the orders.")
+    parser.add_argument("--live_timeout", type=float, default=180.0,
+                        help="Seconds the job may take to write its first health counters.")
+    parser.add_argument("--job_root", default=ROOT,
+                        help="Checkout whose streaming job runs (default: this one); another "
+                             "worktree compares two versions of the job under one harness.")
     parser.add_argument("--num_shards", type=int, default=2,
                         help="Refresh shards (the DirectRunner runs them one after another).")
     parser.add_argument("--drain_seconds", type=float, default=60.0)
