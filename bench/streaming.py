@@ -60,7 +60,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -338,11 +338,19 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
 
 # --- throughput -------------------------------------------------------------------------------------
 
-def _records(n_orders: int, n_treatments: int, days: float, world: str):
-    """Timestamped order and treatment records over `days`, users and SKUs from the world."""
+def _records(n_orders: int, n_treatments: int, days: float, world: str,
+             pool: Optional[Tuple[int, int]] = None):
+    """Timestamped order and treatment records over `days`, users and SKUs from the world.
+
+    ``pool = (users, skus)`` draws orders from that many of the world's users
+    and SKUs only, so the window's cells (level x segment x SKU) are all
+    present already at N events and 2N adds none (see `throughput`).
+    """
     rng = np.random.default_rng(11)
     users = pd.read_json(os.path.join(world, "users.jsonl"), lines=True)["user_id"].to_numpy()
     skus = pd.read_json(os.path.join(world, "catalog.jsonl"), lines=True)["sku"].to_numpy()
+    if pool is not None:
+        users, skus = users[:pool[0]], skus[:pool[1]]
     start = pd.Timestamp("2026-03-01", tz="UTC").value // 1000
     span = int(days * 86_400 * 1_000_000)
     orders = []
@@ -506,6 +514,44 @@ def sdk_per_element(n: int, modes) -> Dict:
     return out
 
 
+def _cells_of(orders, reference, config=DEFAULT_CONFIG) -> int:
+    """Distinct (level, segment, sku) cells the orders' lines make (`SegmentWeights`' keys)."""
+    from models import stream_popularity as cells
+    segments = cells.segments_by_user(reference.current().users, config)
+    return len({key for r in orders for key, _ in cells.line_cells(
+        segments.get(r["user_id"]), r["sku"], r["event_time_us"], 1, config)})
+
+
+def saturated_cells(args, world: str, reference, spec) -> Dict:
+    """The production-window core when N events already fill every cell 2N events fill.
+
+    In the default runs the 2N events bring new (level, segment, sku) cells,
+    so the marginal cost holds each window's per-cell work, fired in every
+    one of the 168 windows an element lies in, on top of the per-event work.
+    In a shop's stream a window's cells are bounded by catalogue x segments
+    and fill within hours; past that, more events only add to existing cells.
+    Here orders come from ``--saturated_pool`` users and SKUs, so both runs
+    have the same cells and the marginal is the per-event work alone (the
+    SDK worker in its own process, as Dataflow runs it).
+    """
+    n_users, n_skus = (int(x) for x in args.saturated_pool.split(":"))
+    n_orders, n_treatments = args.throughput_orders, args.throughput_treatments
+    small = _records(n_orders, n_treatments, args.throughput_days, world, (n_users, n_skus))
+    large = _records(2 * n_orders, 2 * n_treatments, args.throughput_days, world,
+                     (n_users, n_skus))
+    n = n_orders + n_treatments
+    load = list(os.getloadavg())
+    first = _timed(_core(*small, spec, reference), mode="subprocess_sdk")
+    second = _timed(_core(*large, spec, reference), mode="subprocess_sdk")
+    row = {"pool_users_skus": [n_users, n_skus],
+           "cells_n_2n": [_cells_of(small[0], reference), _cells_of(large[0], reference)],
+           "mode": "subprocess_sdk", "run_n": first, "run_2n": second,
+           **_marginal(first, second, n),
+           "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
+    print("saturated_cells", json.dumps(row), flush=True)
+    return row
+
+
 def throughput(args) -> Dict:
     """Marginal events/s per core: the same span run with N and 2N events.
 
@@ -555,6 +601,8 @@ def throughput(args) -> Dict:
                    "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
             out["windows"][name][mode] = row
             print(name, mode, json.dumps(row), flush=True)
+    out["windows"]["production_7d_every_1h"]["saturated_cells"] = saturated_cells(
+        args, world, reference, specs[0][1])
     orders = small[0]
     messages = [PubsubMessage(json.dumps({
         "event_id": r["event_id"] if i % 20 else f"O{i - 1}",   # 5% redelivered copies
@@ -816,6 +864,8 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput_orders", type=int, default=1_000)
     parser.add_argument("--throughput_treatments", type=int, default=4_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--saturated_pool", default="10:10",
+                        help="users:SKUs the orders of the saturated-cells run come from.")
     parser.add_argument("--isolated_elements", type=int, default=20_000,
                         help="Elements of the isolated per-element cost runs (N and 2N).")
     parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
