@@ -7,7 +7,10 @@
     python bench/streaming.py --skip_freshness     # throughput only (no emulators needed)
 
 Freshness: the Pub/Sub emulator and bqemulator start, `pipelines.streaming_refresh`
-runs on the DirectRunner (60-second windows every 2 s), background traffic (product
+runs on the DirectRunner in its own process, started as a user starts it
+(60-second windows every 2 s; its CPU and memory are that process's, read from
+/proc; the orders wait until it has written its first health counters),
+background traffic (product
 views and e-mail sends, as a live shop has) keeps both subscriptions busy (an
 idle subscription's pull waits 30 s on the DirectRunner), and ``--orders``
 order events, each for a different user, are published at a scenario's rate
@@ -20,7 +23,10 @@ production (a 2-second period compresses an hour), so ranking-change
 refreshes weigh far more here than they would live. The freshness of one order is
 the wall time from its publish call returning to the first
 ``recommendation_updates`` row of its user with reason ``order`` being
-returned by a query (polled every 0.25 s); p50, p95 and max are reported.
+returned by a query (polled every 0.25 s); p50, p95 and max are reported, and
+the same less each order's wait for the end of its refresh period in event time
+(``seconds_after_period_end_*``): the part processing can shorten, where the
+wait itself (half a period on average) only a shorter period can.
 
 Throughput: the same windowed composites the job runs (rolling popularity, the
 bandit state, both late-data audits) over bounded, timestamped input with one
@@ -54,7 +60,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -92,20 +98,73 @@ def _world(directory: str, preset: str) -> str:
 
 # --- freshness ------------------------------------------------------------------------------------
 
-def _rss_mib() -> float:
-    """Resident memory of this process (the job runs in it; the emulators do not)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+def _proc_rss_mib(pid: int) -> float:
+    """Resident memory of one process (the job's), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:      # the job has stopped
+        pass
     return float("nan")
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process and its reaped children, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    # Fields after the command: state is [0], utime [11], stime [12], cutime [13], cstime [14].
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_job(argv, job_root: str, log_path: str) -> subprocess.Popen:
+    """The streaming job as its own process, started as a user starts it (``python -m``).
+
+    The harness (publishers, the BigQuery poller, the samplers) runs in this
+    process; with the job in-process they shared its interpreter lock, and a
+    py-spy profile put about a fifth of the process's samples in the harness.
+    ``job_root`` is the checkout whose job runs (another worktree, to compare
+    two versions of the job under the same harness in the same hour).
+    """
+    env = {**os.environ, "PYTHONPATH": job_root}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.streaming_refresh", *argv],
+                                cwd=job_root, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop_job(job: subprocess.Popen) -> None:
+    job.terminate()
+    try:
+        job.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
+
+
+def _wait_until_live(client, project: str, job: subprocess.Popen, timeout: float) -> float:
+    """Seconds until the job writes its first health counters (it is reading both streams)."""
+    started = time.monotonic()
+    sql = f"SELECT COUNT(*) AS n FROM `{project}.bench.streaming_health`"
+    while time.monotonic() - started < timeout:
+        if job.poll() is not None:
+            raise SystemExit(f"the streaming job exited with {job.returncode} before it was live")
+        try:
+            if next(iter(client.query(sql).result()))["n"]:
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 (tables not created yet, or the emulator busy)
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the streaming job wrote no health counters in {timeout:.0f} s")
 
 
 def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
               period_seconds: int) -> Dict:
     from google.cloud import pubsub_v1
 
-    from pipelines import streaming_refresh as job
     from tests.emulators import bigquery_emulator, create_streams, pubsub_emulator
     from transforms import bigquery
 
@@ -135,11 +194,12 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
                 "--reference_refresh_seconds=30", "--insert_batch_size=100",
                 f"--ranking_refresh={ranking}",
                 f"--num_shards={args.num_shards}"]
-        started = time.monotonic()
         load_before = list(os.getloadavg())
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        launched = job.launch(argv)
-        client = bigquery.client(bqe.project)
+        log_path = os.path.join(ROOT, "bench", "work", "streaming_job.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        started = time.monotonic()
+        launched = _start_job(argv, args.job_root, log_path)
+        client = bigquery.client(bqe.project, f"http://{bqe.host}")
         stop = threading.Event()
 
         background_sent = [0]
@@ -172,14 +232,17 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
 
         def sample_memory():
             while not stop.is_set():
-                memory.append((round(time.monotonic() - started, 1), round(_rss_mib(), 1)))
+                memory.append((round(time.monotonic() - started, 1),
+                               round(_proc_rss_mib(launched.pid), 1)))
                 stop.wait(5.0)
 
         threading.Thread(target=background, name="background-traffic", daemon=True).start()
         threading.Thread(target=sample_memory, name="memory", daemon=True).start()
-        time.sleep(args.warmup)             # reference data loaded, first windows closed
+        live_after = _wait_until_live(client, bqe.project, launched, args.live_timeout)
+        time.sleep(args.warmup)             # first windows closed
         published: Dict[str, float] = {}
         seen: Dict[str, float] = {}
+        period_wait: Dict[str, float] = {}   # seconds from the order's time to its period's end
 
         def poll():
             sql = (f"SELECT DISTINCT user_id FROM `{bqe.project}.bench.recommendation_updates` "
@@ -206,6 +269,9 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
             publisher.publish(paths["events"][0], json.dumps(record).encode(),
                               event_time=event_time).result()
             published[user] = time.monotonic()
+            # The order's refresh period ends at the next multiple of the period (event time).
+            at = pd.Timestamp(event_time).value / 1e9
+            period_wait[user] = (at // period_seconds + 1) * period_seconds - at
             due += 1.0 / rate
             time.sleep(max(0.0, due - time.monotonic()))
         publishing_seconds = time.monotonic() - publishing_started
@@ -214,10 +280,13 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
         while time.monotonic() < deadline and not set(buyers) <= set(seen):
             time.sleep(0.5)
         stop.set()
-        launched.result.cancel()
-        usage_after = resource.getrusage(resource.RUSAGE_SELF)
+        job_cpu = _proc_cpu_seconds(launched.pid)
         wall_seconds = time.monotonic() - started
+        _stop_job(launched)
         latencies = sorted(seen[u] - published[u] for u in buyers if u in seen)
+        # What the job took once the order's refresh period had ended in event time: the
+        # latency less the wait for the period's end, which no processing can shorten.
+        after_end = sorted(seen[u] - published[u] - period_wait[u] for u in buyers if u in seen)
         per_minute = {}
         for user in buyers:
             if user in seen:
@@ -240,10 +309,17 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
         "seconds_max": round(max(latencies), 2) if latencies else None,
         "seconds_mean": round(statistics.fmean(latencies), 2) if latencies else None,
         "target_p50_seconds": 5, "target_p95_seconds": 8, "run_seconds": round(wall_seconds, 1),
-        # The job runs in this process (the emulators do not): its CPU beside the wall time,
-        # and the machine's load around the run (a shared, noisy 2-core machine).
-        "cpu_seconds": round((usage_after.ru_utime - usage_before.ru_utime)
-                             + (usage_after.ru_stime - usage_before.ru_stime), 1),
+        "seconds_after_period_end_p50": round(float(np.percentile(after_end, 50)), 2)
+        if after_end else None,
+        "seconds_after_period_end_p95": round(float(np.percentile(after_end, 95)), 2)
+        if after_end else None,
+        # The job's own process (not the harness, not the emulators): its CPU beside the
+        # wall time from its start, and the machine's load around the run (shared, noisy).
+        "cpu_seconds": round(job_cpu, 1),
+        "job": "own process (python -m pipelines.streaming_refresh)",
+        "job_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.job_root,
+                                     capture_output=True, text=True).stdout.strip(),
+        "live_after_seconds": round(live_after, 1),
         "loadavg_before_after": [load_before, list(os.getloadavg())],
         "publishing_seconds": round(publishing_seconds, 1),
         "events_published_per_second_measured": round(
@@ -262,11 +338,19 @@ def freshness(args, rate: float, traffic: float, ranking: str, orders: int,
 
 # --- throughput -------------------------------------------------------------------------------------
 
-def _records(n_orders: int, n_treatments: int, days: float, world: str):
-    """Timestamped order and treatment records over `days`, users and SKUs from the world."""
+def _records(n_orders: int, n_treatments: int, days: float, world: str,
+             pool: Optional[Tuple[int, int]] = None):
+    """Timestamped order and treatment records over `days`, users and SKUs from the world.
+
+    ``pool = (users, skus)`` draws orders from that many of the world's users
+    and SKUs only, so the window's cells (level x segment x SKU) are all
+    present already at N events and 2N adds none (see `throughput`).
+    """
     rng = np.random.default_rng(11)
     users = pd.read_json(os.path.join(world, "users.jsonl"), lines=True)["user_id"].to_numpy()
     skus = pd.read_json(os.path.join(world, "catalog.jsonl"), lines=True)["sku"].to_numpy()
+    if pool is not None:
+        users, skus = users[:pool[0]], skus[:pool[1]]
     start = pd.Timestamp("2026-03-01", tz="UTC").value // 1000
     span = int(days * 86_400 * 1_000_000)
     orders = []
@@ -430,6 +514,44 @@ def sdk_per_element(n: int, modes) -> Dict:
     return out
 
 
+def _cells_of(orders, reference, config=DEFAULT_CONFIG) -> int:
+    """Distinct (level, segment, sku) cells the orders' lines make (`SegmentWeights`' keys)."""
+    from models import stream_popularity as cells
+    segments = cells.segments_by_user(reference.current().users, config)
+    return len({key for r in orders for key, _ in cells.line_cells(
+        segments.get(r["user_id"]), r["sku"], r["event_time_us"], 1, config)})
+
+
+def saturated_cells(args, world: str, reference, spec) -> Dict:
+    """The production-window core when N events already fill every cell 2N events fill.
+
+    In the default runs the 2N events bring new (level, segment, sku) cells,
+    so the marginal cost holds each window's per-cell work, fired in every
+    one of the 168 windows an element lies in, on top of the per-event work.
+    In a shop's stream a window's cells are bounded by catalogue x segments
+    and fill within hours; past that, more events only add to existing cells.
+    Here orders come from ``--saturated_pool`` users and SKUs, so both runs
+    have the same cells and the marginal is the per-event work alone (the
+    SDK worker in its own process, as Dataflow runs it).
+    """
+    n_users, n_skus = (int(x) for x in args.saturated_pool.split(":"))
+    n_orders, n_treatments = args.throughput_orders, args.throughput_treatments
+    small = _records(n_orders, n_treatments, args.throughput_days, world, (n_users, n_skus))
+    large = _records(2 * n_orders, 2 * n_treatments, args.throughput_days, world,
+                     (n_users, n_skus))
+    n = n_orders + n_treatments
+    load = list(os.getloadavg())
+    first = _timed(_core(*small, spec, reference), mode="subprocess_sdk")
+    second = _timed(_core(*large, spec, reference), mode="subprocess_sdk")
+    row = {"pool_users_skus": [n_users, n_skus],
+           "cells_n_2n": [_cells_of(small[0], reference), _cells_of(large[0], reference)],
+           "mode": "subprocess_sdk", "run_n": first, "run_2n": second,
+           **_marginal(first, second, n),
+           "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
+    print("saturated_cells", json.dumps(row), flush=True)
+    return row
+
+
 def throughput(args) -> Dict:
     """Marginal events/s per core: the same span run with N and 2N events.
 
@@ -479,6 +601,8 @@ def throughput(args) -> Dict:
                    "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
             out["windows"][name][mode] = row
             print(name, mode, json.dumps(row), flush=True)
+    out["windows"]["production_7d_every_1h"]["saturated_cells"] = saturated_cells(
+        args, world, reference, specs[0][1])
     orders = small[0]
     messages = [PubsubMessage(json.dumps({
         "event_id": r["event_id"] if i % 20 else f"O{i - 1}",   # 5% redelivered copies
@@ -727,13 +851,21 @@ def main(argv=None) -> int:
                              "[:period seconds (default --period_seconds)]], comma-separated.")
     parser.add_argument("--window_seconds", type=int, default=60)
     parser.add_argument("--period_seconds", type=int, default=2)
-    parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=8.0,
+                        help="Seconds between the job's first health counters and the orders.")
+    parser.add_argument("--live_timeout", type=float, default=180.0,
+                        help="Seconds the job may take to write its first health counters.")
+    parser.add_argument("--job_root", default=ROOT,
+                        help="Checkout whose streaming job runs (default: this one); another "
+                             "worktree compares two versions of the job under one harness.")
     parser.add_argument("--num_shards", type=int, default=2,
                         help="Refresh shards (the DirectRunner runs them one after another).")
     parser.add_argument("--drain_seconds", type=float, default=60.0)
     parser.add_argument("--throughput_orders", type=int, default=1_000)
     parser.add_argument("--throughput_treatments", type=int, default=4_000)
     parser.add_argument("--throughput_days", type=float, default=0.25)
+    parser.add_argument("--saturated_pool", default="10:10",
+                        help="users:SKUs the orders of the saturated-cells run come from.")
     parser.add_argument("--isolated_elements", type=int, default=20_000,
                         help="Elements of the isolated per-element cost runs (N and 2N).")
     parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
