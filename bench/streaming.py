@@ -866,6 +866,9 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput_days", type=float, default=0.25)
     parser.add_argument("--saturated_pool", default="10:10",
                         help="users:SKUs the orders of the saturated-cells run come from.")
+    parser.add_argument("--saturated_cells_only", action="store_true",
+                        help="Measure only the saturated-cells core (with --skip_throughput), "
+                             "into the results' top-level `saturated_cells`.")
     parser.add_argument("--isolated_elements", type=int, default=20_000,
                         help="Elements of the isolated per-element cost runs (N and 2N).")
     parser.add_argument("--throughput_modes", default=",".join(THROUGHPUT_MODES),
@@ -913,6 +916,17 @@ def main(argv=None) -> int:
                 "measured_at": previous.get("measured_at"),
                 "commit": previous.get("code", {}).get("commit"), **earlier}
         print(json.dumps(result["throughput"], indent=1), flush=True)
+    if args.saturated_cells_only:
+        world = _world(os.path.join(ROOT, "bench", "work", f"streaming_{args.preset}_world"),
+                       args.preset)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        reference = FileReference(world, DEFAULT_CONFIG, 3600, "events")
+        reference.current()
+        result["saturated_cells"] = {
+            "commit": result["code"]["commit"], "measured_at": _now_iso(),
+            **saturated_cells(args, world, reference, model.WindowSpec.of_seconds(
+                7 * 86_400, 3_600, 6 * 3_600))}
     if args.reference_delivery_cost:
         result["reference_delivery"] = {"commit": result["code"]["commit"],
                                         **reference_delivery(args)}
