@@ -6,7 +6,7 @@ the same period boundaries of one `models.streaming.WindowSpec`.
 """
 from __future__ import annotations
 
-
+import apache_beam as beam
 import pandas as pd
 from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Duration, Timestamp
@@ -46,9 +46,9 @@ def windowed(spec: WindowSpec, accumulation: trigger.AccumulationMode) -> Window
     runner, which is why `LateDataAudit` counts what was seen beside it.
     """
     return WindowInto(sliding_windows(spec),
-                           trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                           accumulation_mode=accumulation,
-                           allowed_lateness=duration_of(spec.lateness))
+                      trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                      accumulation_mode=accumulation,
+                      allowed_lateness=duration_of(spec.lateness))
 
 
 def period_buckets(spec: WindowSpec) -> WindowInto:
@@ -63,9 +63,9 @@ def period_buckets(spec: WindowSpec) -> WindowInto:
     only the new elements, which the sliding stage then adds or drops per window.
     """
     return WindowInto(window.FixedWindows(seconds_of(spec.period)),
-                           trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                           accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                           allowed_lateness=duration_of(spec.size + spec.lateness))
+                      trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                      accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                      allowed_lateness=duration_of(spec.size + spec.lateness))
 
 
 def in_global_window(value, at: Timestamp) -> WindowedValue:
