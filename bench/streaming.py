@@ -699,15 +699,17 @@ def bundle_overhead(args) -> Dict:
     A TestStream releases ``--bundle_keys`` elements one bundle each (each with
     its own key and watermark step, as a live stream's pulls and keyed steps
     produce them) into a stateful step and then five steps of one kind; the CPU
-    of a run without those five steps is subtracted. Kinds: Beam's ``Map``, the
+    of a run without those five steps is subtracted
+    (`bench.streaming_bundles.cpu_per_bundle_step`, which times the run
+    without the runner-API round trip, as the job runs locally). Kinds: Beam's ``Map``, the
     same function as `transforms.signatures.MapFn` (signatures read once per
     class), Beam's ``WindowInto``, and the stateful step itself with and without
     `CachedSignatures`.
     """
     from apache_beam.coders import PickleCoder
-    from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+    from bench.streaming_bundles import cpu_per_bundle_step
     from transforms.signatures import CachedSignatures, MapFn
 
     class PerKeyFn(beam.DoFn):
@@ -730,35 +732,7 @@ def bundle_overhead(args) -> Dict:
                  beam.window.GlobalWindows()),
              "stateful_plain": lambda pc, i: pc | f"S{i}" >> beam.ParDo(PerKeyFn()),
              "stateful_cached": lambda pc, i: pc | f"S{i}" >> beam.ParDo(CachedPerKeyFn())}
-    n, depth = args.bundle_keys, 5
-
-    def stream() -> TestStream:
-        events = TestStream()
-        for i in range(n):
-            events = events.add_elements([beam.window.TimestampedValue((i, i), i)]) \
-                .advance_watermark_to(i + 0.5)
-        return events.advance_watermark_to_infinity()
-
-    out = {"runner": "BundleBasedDirectRunner, streaming, TestStream", "bundles": n,
-           "steps": depth}
-    for kind, step in steps.items():
-        def build(p, step=step):
-            pc = p | stream() | "Keyed" >> beam.ParDo(CachedPerKeyFn())
-            for i in range(depth):
-                pc = step(pc, i)
-        options = PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"])
-        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        with beam.Pipeline(options=options) as p:
-            build(p)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        out[kind] = {"wall_seconds": round(time.perf_counter() - started, 2),
-                     "cpu_seconds": round(after.ru_utime - before.ru_utime
-                                          + after.ru_stime - before.ru_stime, 2)}
-    for kind in steps:
-        if kind != "none":
-            out[kind]["cpu_ms_per_bundle_step"] = round(
-                1000 * (out[kind]["cpu_seconds"] - out["none"]["cpu_seconds"]) / (n * depth), 2)
-    return out
+    return cpu_per_bundle_step(steps, CachedPerKeyFn, args.bundle_keys)
 
 
 def state_sizes(args) -> Dict:

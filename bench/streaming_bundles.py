@@ -146,12 +146,8 @@ def per_step(bundles: int, repeats: int) -> Dict:
     which shows what the round trip does to the job's WindowInto. Kinds are
     run in turn, ``repeats`` times, and each figure is the median.
     """
-    import statistics
-
     import apache_beam as beam
     from apache_beam.coders import PickleCoder
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
     sys.path.insert(0, ROOT)
@@ -179,7 +175,27 @@ def per_step(bundles: int, repeats: int) -> Dict:
              "beam_window_into": lambda pc, i: pc | f"S{i}" >> beam.WindowInto(glob()),
              "window_into_cached": lambda pc, i: pc | f"S{i}" >> WindowInto(glob()),
              "window_into_cached_round_trip": lambda pc, i: pc | f"S{i}" >> WindowInto(glob())}
-    depth = 5
+    return cpu_per_bundle_step(steps, PerKeyFn, bundles, 5, repeats)
+
+
+def cpu_per_bundle_step(steps, keyed_fn, bundles: int, depth: int = 5,
+                        repeats: int = 1) -> Dict:
+    """Median CPU (and wall) of each kind of step, and its CPU ms per bundle and step.
+
+    ``steps``: kind → ``(pcollection, i) → pcollection`` applying one step
+    labelled ``S{i}``, with a kind ``"none"`` (no step) as the baseline;
+    ``keyed_fn``: the stateful DoFn class every element passes first. A
+    TestStream releases ``bundles`` keyed elements one bundle each (own key
+    and watermark step) on the bundle-based DirectRunner; each run times the
+    pipeline's run only, without the runner-API round trip unless its kind
+    ends in ``round_trip``. Shared by `per_step` and `bench/streaming.py
+    --bundle_overhead`.
+    """
+    import statistics
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_stream import TestStream
 
     def stream() -> TestStream:
         events = TestStream()
@@ -194,7 +210,7 @@ def per_step(bundles: int, repeats: int) -> Dict:
         for kind, step in steps.items():
             options = PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"])
             p = beam.Pipeline(options=options)
-            pc = p | stream() | "Keyed" >> beam.ParDo(PerKeyFn())
+            pc = p | stream() | "Keyed" >> beam.ParDo(keyed_fn())
             for i in range(depth):
                 pc = step(pc, i)
             before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
